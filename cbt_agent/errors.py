@@ -1,0 +1,69 @@
+"""One exception tree for the agent. Every error maps onto a ZStack ErrorCode.
+
+`code` is the ZStack error code the API reports; `field` names the offending input when there is
+one, so a caller sees which parameter to fix.
+"""
+
+from __future__ import annotations
+
+
+class CbtError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    code = "SYS.1006"  # operation error
+    description = "An operation failed"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidArgument(CbtError):
+    """Bad input: the message names the field."""
+
+    code = "SYS.1007"
+    description = "One or more API argument is invalid"
+
+
+class NotFound(CbtError):
+    """A task, VM or volume that does not exist (reported as an invalid argument, as ZStack does)."""
+
+    code = "SYS.1007"
+    description = "One or more API argument is invalid"
+
+
+class OperationError(CbtError):
+    """The request is valid but cannot be done in the current state."""
+
+    code = "SYS.1006"
+    description = "An operation failed"
+
+
+class HypervisorError(CbtError):
+    """libvirt or QEMU refused or failed."""
+
+    code = "SYS.1006"
+    description = "An operation failed"
+
+
+class QmpCommandError(HypervisorError):
+    """A QMP command failed; carries what was sent and what came back."""
+
+    def __init__(self, command: str, arguments: object, reply: str) -> None:
+        super().__init__(f"QMP {command} failed: {reply} (arguments: {arguments})")
+        self.command = command
+        self.arguments = arguments
+        self.reply = reply
+
+
+class ConfigError(CbtError):
+    """The configuration file is invalid: names the key and the reason."""
+
+    code = "SYS.1007"
+    description = "Invalid configuration"
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config {key}: {reason}", field=key)
+        self.key = key
+        self.reason = reason
