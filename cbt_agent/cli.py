@@ -1,5 +1,215 @@
-"""Command line entry point (filled in below)."""
+"""`cbt-agent serve | status | tasks | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from cbt_agent import __version__
+from cbt_agent.config import Config, load_config
+from cbt_agent.errors import CbtError, ConfigError
 
 
-def main() -> int:
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config) if args.config else None)
+
+
+async def _serve(config: Config) -> None:
+    from aiohttp import web
+
+    from cbt_agent.api.app import make_app
+
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=logging.getLogger("cbt_agent.access"))
+    await runner.setup()  # opens the store, libvirt, and reconciles before listening
+    site = web.TCPSite(runner, config.api.host, config.api.port)
+    await site.start()
+    logging.getLogger("cbt_agent").info(
+        "cbt-agent %s listening on http://%s:%d (state %s)",
+        __version__,
+        config.api.host,
+        config.api.port,
+        config.state_dir,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("cbt_agent").info("stopping: finishing running operations")
+    await runner.cleanup()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(_serve(config))
     return 0
+
+
+def _open_store(config: Config) -> Any:
+    from cbt_agent.store import SyncStore
+
+    if not config.db_path.exists():
+        return None
+    return SyncStore(config.db_path, readonly=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every task from the database alone: works while the agent is down."""
+    config = _config(args)
+    store = _open_store(config)
+    rows: list[dict[str, Any]] = []
+    if store is not None:
+        for t in store.list_tasks():
+            cps = store.checkpoints(t.uuid)
+            host, port = store.nbd_endpoint(t.uuid)
+            rows.append(
+                {
+                    "uuid": t.uuid,
+                    "name": t.name,
+                    "vmInstanceUuid": t.vm_uuid,
+                    "status": t.status.value,
+                    "reason": t.reason,
+                    "lastOpDate": t.last_op_date.isoformat(timespec="seconds"),
+                    "checkpoints": len(cps),
+                    "latestCheckpoint": cps[-1].name if cps else None,
+                    "nbd": f"{host}:{port}" if port else None,
+                }
+            )
+        store.close()
+    if args.json:
+        print(json.dumps({"database": str(config.db_path), "tasks": rows}, indent=2))
+        return 0
+    print(f"database: {config.db_path}" + ("" if store else " (not created yet)"))
+    if not rows:
+        print("no CBT tasks")
+        return 0
+    print(f"{'TASK':32}  {'VM':32}  {'STATUS':8}  {'CKPTS':>5}  {'NBD':21}  REASON")
+    for r in rows:
+        print(
+            f"{r['uuid']:32}  {r['vmInstanceUuid']:32}  {r['status']:8}  {r['checkpoints']:>5}  "
+            f"{r['nbd'] or '-':21}  {r['reason'] or ''}"
+        )
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """One task with its checkpoints, exports and full status history."""
+    config = _config(args)
+    store = _open_store(config)
+    if store is None:
+        print(f"no database at {config.db_path}", file=sys.stderr)
+        return 1
+    try:
+        task = store.get_task(args.uuid)
+        history = store.history_rows(args.uuid)
+        if task is None and not history:
+            print(f"no task {args.uuid}", file=sys.stderr)
+            return 1
+        out: dict[str, Any] = {"uuid": args.uuid, "history": history}
+        if task is not None:
+            out.update(
+                name=task.name,
+                vmInstanceUuid=task.vm_uuid,
+                status=task.status.value,
+                reason=task.reason,
+                checkpoints=[
+                    {
+                        "name": c.name,
+                        "created": c.created.isoformat(timespec="seconds"),
+                        "volumes": sorted(c.volumes),
+                    }
+                    for c in store.checkpoints(task.uuid)
+                ],
+                exports=[
+                    {
+                        "volumeUuid": e.volume_uuid,
+                        "mode": e.mode,
+                        "since": e.since,
+                        "phase": e.phase,
+                        "scratch": e.scratch_path,
+                    }
+                    for e in store.exports(task.uuid)
+                ],
+            )
+        else:
+            out["status"] = "Deleted"
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"task {out['uuid']}  {out.get('name', '')}  VM {out.get('vmInstanceUuid', '-')}")
+    print(f"status: {out['status']}" + (f" ({out['reason']})" if out.get("reason") else ""))
+    for c in out.get("checkpoints", []):
+        print(f"  checkpoint {c['name']}  {c['created']}  disks: {len(c['volumes'])}")
+    for e in out.get("exports", []):
+        print(f"  export {e['volumeUuid']}  {e['mode']}  since {e['since'] or '-'}  {e['phase']}")
+    print("history:")
+    for h in history:
+        print(
+            f"  {h['at'][:19]}  {h['from_status'] or '-':>8} -> {h['to_status']:8}  {h['reason']}"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cbt_agent.demo import run_demo
+
+    return asyncio.run(run_demo(keep=args.keep))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbt-agent", description="Changed-block tracking for KVM")
+    p.add_argument("--version", action="version", version=f"cbt-agent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "--config",
+            "-c",
+            help="config file (default $CBT_AGENT_CONFIG or /etc/cbt-agent/config.toml)",
+        )
+        return sp
+
+    with_config(sub.add_parser("serve", help="run the agent")).set_defaults(fn=cmd_serve)
+    st = with_config(sub.add_parser("status", help="tasks from the database (agent may be down)"))
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+    tk = with_config(sub.add_parser("tasks", help="one task: checkpoints and status history"))
+    tk.add_argument("uuid")
+    tk.add_argument("--json", action="store_true")
+    tk.set_defaults(fn=cmd_tasks)
+    dm = sub.add_parser("demo", help="a throwaway VM through a full CBT cycle")
+    dm.add_argument("--keep", action="store_true", help="keep the work directory")
+    dm.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as e:
+        print(f"cbt-agent: invalid configuration: {e.message}", file=sys.stderr)
+        return 2
+    except CbtError as e:
+        print(f"cbt-agent: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,7 @@ class InvalidArgument(CbtError):
 
 
 class NotFound(CbtError):
-    """A task, VM or volume that does not exist (reported as an invalid argument, as ZStack does)."""
+    """A task, VM or volume that does not exist (an invalid argument, as in ZStack)."""
 
     code = "SYS.1007"
     description = "One or more API argument is invalid"

@@ -1,12 +1,39 @@
 """libvirt access: find a VM (domain name = vmInstanceUuid) and its disks (serial = volumeUuid).
 
-INTERFACE STUB: to be implemented. All blocking libvirt-python calls go through
-asyncio.to_thread (or libvirtaio), never on the event loop.
+All blocking libvirt-python calls go through asyncio.to_thread, never on the event loop.
+
+Facts this module relies on (verified on libvirt 9.0 / QEMU 7.2):
+- `qemuMonitorCommand(dom, json, 0)` returns the raw reply text; a QMP error comes back as
+  `{"error": {"class", "desc"}}` in that text, not as a libvirtError.
+- HMP `qemu-io` prints its result (including "write failed: ...") on QEMU's stdout, which is the
+  domain log file (`<qemu_log_dir>/<name>.log`), not the HMP reply: `qemu_io` reads the log.
+- `<source index='N'>` in the live XML is the index in libvirt's node names
+  `libvirt-N-format` / `libvirt-N-storage`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import libvirt
+import libvirt_qemu
+
+from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError
+
+T = TypeVar("T")
+
+DEFAULT_QEMU_RUN_DIR = "/run/libvirt/qemu"
+DEFAULT_QEMU_LOG_DIR = "/var/log/libvirt/qemu"
+
+# words that mark a failure in HMP / qemu-io output
+_ERROR_MARKERS = ("error", "failed", "not found", "unknown command", "invalid")
 
 
 @dataclass(frozen=True)
@@ -18,6 +45,18 @@ class DiskInfo:
     install_path: str  # <source file=...> (or dev/name for block/network disks)
     format: str  # <driver type=...>: "qcow2", "raw"
     bus: str  # "virtio", "scsi", ...
+    # <source index='N'> of a running domain: libvirt's node names are libvirt-N-format and
+    # libvirt-N-storage. None when the domain is not running (or libvirt gave no index).
+    source_index: int | None = None
+
+    @property
+    def qdev(self) -> str:
+        """The `qdev` that `query-block` reports for this disk ("" when not running)."""
+        if not self.alias:
+            return ""
+        if self.bus == "virtio":
+            return f"/machine/peripheral/{self.alias}/virtio-backend"
+        return f"/machine/peripheral/{self.alias}"
 
 
 @dataclass(frozen=True)
@@ -25,3 +64,276 @@ class VmInfo:
     vm_uuid: str  # domain name
     running: bool
     disks: tuple[DiskInfo, ...]
+    domain_uuid: str = ""  # libvirt <uuid> (dashed form of vm_uuid under ZStack)
+
+    def disk(self, volume_uuid: str) -> DiskInfo | None:
+        for d in self.disks:
+            if d.volume_uuid == volume_uuid:
+                return d
+        return None
+
+
+def parse_domain_xml(xml: str) -> VmInfo:
+    """VmInfo from a domain XML (live XML when running). Pure: used by find_vm and unit tests."""
+    root = ET.fromstring(xml)
+    name = (root.findtext("name") or "").strip()
+    domain_uuid = (root.findtext("uuid") or "").strip()
+    running = root.get("id") not in (None, "-1")
+    disks: list[DiskInfo] = []
+    devices = root.find("devices")
+    if devices is not None:
+        for disk in devices.findall("disk"):
+            if disk.get("device", "disk") != "disk":
+                continue
+            serial = (disk.findtext("serial") or "").strip()
+            if not serial:
+                continue
+            target = disk.find("target")
+            alias = disk.find("alias")
+            driver = disk.find("driver")
+            source = disk.find("source")
+            path = ""
+            index: int | None = None
+            if source is not None:
+                path = source.get("file") or source.get("dev") or source.get("name") or ""
+                idx = source.get("index")
+                if idx is not None and idx.isdigit():
+                    index = int(idx)
+            disks.append(
+                DiskInfo(
+                    volume_uuid=serial,
+                    alias=(alias.get("name", "") if alias is not None else ""),
+                    target=(target.get("dev", "") if target is not None else ""),
+                    device_id=len(disks),
+                    install_path=path,
+                    format=(driver.get("type", "") if driver is not None else ""),
+                    bus=(target.get("bus", "") if target is not None else ""),
+                    source_index=index,
+                )
+            )
+    return VmInfo(vm_uuid=name, running=running, disks=tuple(disks), domain_uuid=domain_uuid)
+
+
+def _looks_failed(output: str) -> bool:
+    low = output.lower()
+    return any(m in low for m in _ERROR_MARKERS)
+
+
+def _silence_libvirt_errors() -> None:
+    # libvirt's default handler prints every error on stderr ("libvirt: QEMU Driver error : ...");
+    # errors reach us as exceptions anyway.
+    def _ignore(_ctx: object, _err: object) -> None:
+        return None
+
+    libvirt.registerErrorHandler(_ignore, None)
+
+
+class Hypervisor:
+    """One libvirt connection; every call runs in a worker thread."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        qemu_run_dir: str = DEFAULT_QEMU_RUN_DIR,
+        qemu_log_dir: str = DEFAULT_QEMU_LOG_DIR,
+    ) -> None:
+        self.uri = uri
+        self.qemu_run_dir = Path(qemu_run_dir)
+        self.qemu_log_dir = Path(qemu_log_dir)
+        self._conn: Any = None
+        self._reopen_lock = asyncio.Lock()
+
+    # ---- connection -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        _silence_libvirt_errors()
+        self._conn = await self._call(libvirt.open, self.uri)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(conn.close)
+
+    async def __aenter__(self) -> Hypervisor:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def _connection(self) -> Any:
+        """The open connection; reopened once if libvirtd went away (e.g. was restarted)."""
+        if self._conn is None:
+            raise HypervisorError(f"libvirt connection to {self.uri} is not open")
+        if await asyncio.to_thread(self._alive, self._conn):
+            return self._conn
+        async with self._reopen_lock:
+            if not await asyncio.to_thread(self._alive, self._conn):
+                old, self._conn = self._conn, None
+                with contextlib.suppress(libvirt.libvirtError):
+                    await asyncio.to_thread(old.close)
+                self._conn = await self._call(libvirt.open, self.uri)
+        return self._conn
+
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    @staticmethod
+    async def _call(fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(str(e)) from e
+
+    async def _lookup(self, vm_uuid: str) -> Any | None:
+        conn = await self._connection()
+
+        def lookup() -> Any | None:
+            try:
+                return conn.lookupByName(vm_uuid)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+        return await self._call(lookup)
+
+    async def _domain(self, vm_uuid: str) -> Any:
+        dom = await self._lookup(vm_uuid)
+        if dom is None:
+            raise NotFound(f"VM {vm_uuid} not found on this host", field="vmInstanceUuid")
+        return dom
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    async def find_vm(self, vm_uuid: str) -> VmInfo | None:
+        """The domain named vm_uuid with its serial-carrying disks, or None if there is none."""
+        dom = await self._lookup(vm_uuid)
+        if dom is None:
+            return None
+
+        def xml() -> str | None:
+            try:
+                return cast(str, dom.XMLDesc(0))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # undefined meanwhile
+                    return None
+                raise
+
+        text = await self._call(xml)
+        return None if text is None else parse_domain_xml(text)
+
+    async def is_running(self, vm_uuid: str) -> bool:
+        dom = await self._lookup(vm_uuid)
+        if dom is None:
+            return False
+        return bool(await self._call(dom.isActive))
+
+    async def qemu_pid(self, vm_uuid: str) -> int | None:
+        """The QEMU process id of a running domain (libvirt's pidfile), None when not running."""
+        if not await self.is_running(vm_uuid):
+            return None
+        pidfile = self.qemu_run_dir / f"{vm_uuid}.pid"
+        try:
+            text = await asyncio.to_thread(pidfile.read_text)
+        except OSError:
+            return None
+        try:
+            pid = int(text.strip())
+        except ValueError:
+            return None
+        return pid if pid > 0 else None
+
+    # ---- monitor ----------------------------------------------------------------------------
+
+    async def qmp_passthrough(self, vm_uuid: str, command: dict[str, Any]) -> Any:
+        """Run one QMP command through libvirt; returns the "return" value."""
+        name = str(command.get("execute", ""))
+        arguments = command.get("arguments", {})
+        dom = await self._domain(vm_uuid)
+        text = await self._call(libvirt_qemu.qemuMonitorCommand, dom, json.dumps(command), 0)
+        try:
+            reply = json.loads(text)
+        except ValueError as e:
+            raise HypervisorError(f"QMP {name}: unparsable reply from libvirt: {text!r}") from e
+        if not isinstance(reply, dict):
+            raise HypervisorError(f"QMP {name}: unexpected reply from libvirt: {text!r}")
+        if "error" in reply:
+            err = reply["error"]
+            desc = err.get("desc", str(err)) if isinstance(err, dict) else str(err)
+            raise QmpCommandError(name, arguments, str(desc))
+        return reply.get("return")
+
+    async def hmp(self, vm_uuid: str, command_line: str) -> str:
+        """Run one HMP command through libvirt; returns its output.
+
+        Raises HypervisorError when the output reports an error. Note that `qemu-io` prints its
+        own result on QEMU's stdout (the domain log), not here: use `qemu_io` for writes.
+        """
+        dom = await self._domain(vm_uuid)
+        out = await self._call(
+            libvirt_qemu.qemuMonitorCommand,
+            dom,
+            command_line,
+            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+        )
+        out = str(out)
+        if out.strip() and (
+            _looks_failed(out) if command_line.lstrip().startswith("qemu-io") else _hmp_error(out)
+        ):
+            raise HypervisorError(f"HMP {command_line!r} failed: {out.strip()}")
+        return out
+
+    async def qemu_io(self, vm_uuid: str, qdev: str, command: str) -> str:
+        """Run `qemu-io -d <qdev> "<command>"` and return qemu-io's output.
+
+        qdev is a QOM path such as /machine/peripheral/virtio-disk0/virtio-backend (see
+        DiskInfo.qdev). qemu-io writes its result to QEMU's stdout, which libvirt sends to the
+        domain log: the output is taken from there, and an error in it raises HypervisorError.
+        """
+        if '"' in command:
+            raise ValueError("qemu-io command must not contain double quotes")
+        log = self.qemu_log_dir / f"{vm_uuid}.log"
+
+        def log_size() -> int | None:
+            try:
+                return log.stat().st_size
+            except OSError:
+                return None
+
+        def log_tail(offset: int) -> str:
+            with log.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", "replace")
+
+        before = await asyncio.to_thread(log_size)
+        out = await self.hmp(vm_uuid, f'qemu-io -d {qdev} "{command}"')
+        if before is None:
+            return out
+        printed = await asyncio.to_thread(log_tail, before)
+        if _looks_failed(printed):
+            raise HypervisorError(f"qemu-io {command!r} on {qdev} failed: {printed.strip()}")
+        return printed
+
+
+def _hmp_error(output: str) -> bool:
+    low = output.lower()
+    return any(
+        line.strip().startswith(("error", "unknown command")) for line in low.splitlines()
+    ) or ("could not" in low)
+
+
+__all__ = [
+    "DiskInfo",
+    "Hypervisor",
+    "VmInfo",
+    "parse_domain_xml",
+]

@@ -1,0 +1,331 @@
+"""The HTTP API: ZStack's CBT task REST surface on aiohttp.
+
+REST-layer faults answer at once in plain text (400 bad auth header, body not JSON, repeated
+X-Job-UUID; 404/405 routes). Everything past that runs as an api job: 202 with the job's
+location, then 202/200/503 on the location. An unknown session token is ZStack's ID.1001 (503).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from cbt_agent import __version__, commands
+from cbt_agent.api import zstack
+from cbt_agent.config import Config
+from cbt_agent.engine.checkpoints import StepHook
+from cbt_agent.engine.service import CbtService
+from cbt_agent.errors import CbtError, InvalidArgument
+from cbt_agent.hypervisor.libvirt import Hypervisor
+from cbt_agent.qemu.qmp import QmpRouter
+from cbt_agent.store import Store, SyncStore
+
+log = logging.getLogger(__name__)
+
+SERVICE: web.AppKey[CbtService] = web.AppKey("service", CbtService)
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+PREFIXES = ("/zstack/v1", "/v1")
+JOB_UUID = re.compile(r"^[0-9a-fA-F]{32}$")
+
+QUERY_FIELDS = {
+    "uuid": "str",
+    "name": "str",
+    "description": "str",
+    "status": "str",
+    "createDate": "date",
+    "lastOpDate": "date",
+    "resourceRefs.resourceUuid": "str",
+    "resourceRefs.resourceType": "str",
+    "resourceRefs.taskUuid": "str",
+    "resourceRefs.id": "int",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps(zstack.jsonable(body)),
+        content_type="application/json",
+    )
+
+
+def _error(exc: CbtError | dict[str, Any], status: int = 503) -> web.Response:
+    error = exc if isinstance(exc, dict) else zstack.error_from_exception(exc)
+    return _json({"error": error}, status)
+
+
+def _plain(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text, content_type="text/plain")
+
+
+def _with_schema(request: web.Request, body: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    if force or "X-JSON-Schema" in request.headers:
+        schema = zstack.schema_map(body, zstack.CBT_SCHEMA_CLASSES)
+        if schema:
+            return {**body, "schema": schema}
+    return body
+
+
+def _authenticate(request: web.Request) -> web.Response | None:
+    """None if the caller presents a known token; otherwise the reply to send."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return _plain(400, "missing header 'Authorization'")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme != "OAuth" or not token.strip():
+        return _plain(400, "Authorization header must be 'OAuth <session uuid>'")
+    token = token.strip()
+    known = False
+    for candidate in request.app[CONFIG].api.tokens:
+        # compare against every token so the time taken says nothing about which one matched
+        known |= hmac.compare_digest(candidate.encode(), token.encode())
+    if not known:
+        return _error(
+            zstack.error_code(
+                zstack.ID_SESSION_EXPIRED, "Session expired", "Session expired or unknown"
+            )
+        )
+    return None
+
+
+def _location(request: web.Request, job_uuid: str) -> str:
+    base = request.app[CONFIG].api.public_url or f"{request.scheme}://{request.host}"
+    return f"{base}/zstack/v1/api-jobs/{job_uuid}"
+
+
+async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return _plain(400, f"the request body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        return _plain(400, "the request body must be a JSON object")
+    return body
+
+
+async def _submit(
+    request: web.Request,
+    api: str,
+    build: Callable[[], Any],
+    run: Callable[[Any], Awaitable[dict[str, Any]]],
+    task_uuid: str | None = None,
+) -> web.Response:
+    """Start an asynchronous API: validation and work both happen inside the job."""
+    denied = _authenticate(request)
+    if denied is not None:
+        return denied
+    job_uuid = request.headers.get("X-Job-UUID")
+    if job_uuid is not None and not JOB_UUID.match(job_uuid):
+        return _plain(400, f"invalid X-Job-UUID[{job_uuid[:64]}]: must be 32 hex characters")
+    job_uuid = (job_uuid or zstack.new_uuid()).lower()
+
+    async def operation() -> dict[str, Any]:
+        return await run(build())
+
+    service = request.app[SERVICE]
+    want_schema = "X-JSON-Schema" in request.headers
+    if not await service.submit(job_uuid, api, operation, task_uuid, want_schema):
+        return _plain(400, f"Duplicate job uuid[{job_uuid}]")
+    return _json({"location": _location(request, job_uuid)}, 202)
+
+
+async def create_task(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    service = request.app[SERVICE]
+    return await _submit(
+        request, "CreateCbtTask", lambda: commands.create_task(body), service.create
+    )
+
+
+async def enable_task(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    uuid = request.match_info["uuid"]
+    service = request.app[SERVICE]
+    return await _submit(
+        request, "EnableCbtTask", lambda: commands.enable_task(uuid, body), service.enable, uuid
+    )
+
+
+async def disable_task(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    uuid = request.match_info["uuid"]
+    service = request.app[SERVICE]
+    return await _submit(
+        request, "DisableCbtTask", lambda: commands.disable_task(uuid, body), service.disable, uuid
+    )
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    uuid = request.match_info["uuid"]
+    service = request.app[SERVICE]
+
+    def build() -> commands.DeleteTask:
+        force = zstack.parse_bool_param("force", request.query.get("force"), False)
+        return commands.delete_task(uuid, force, request.query.get("deleteMode"))
+
+    return await _submit(request, "DeleteCbtTask", build, service.delete, uuid)
+
+
+async def query_tasks(request: web.Request) -> web.Response:
+    denied = _authenticate(request)
+    if denied is not None:
+        return denied
+    try:
+        conditions = zstack.parse_conditions(request.query.getall("q", []))
+    except zstack.QuerySyntaxError as e:
+        return _plain(400, str(e))
+    try:
+        uuid = request.match_info.get("uuid")
+        if uuid is not None:
+            conditions.append(zstack.Condition("uuid", "=", uuid))
+        q = request.query
+        limit = zstack.parse_int_param("limit", q.get("limit"), 1000)
+        start = zstack.parse_int_param("start", q.get("start"), 0)
+        count = zstack.parse_bool_param("count", q.get("count"), False)
+        with_count = zstack.parse_bool_param("replyWithCount", q.get("replyWithCount"), False)
+        fields = [f for f in (q.get("fields") or "").split(",") if f.strip()]
+        items = await request.app[SERVICE].inventories()
+        page, total = zstack.apply_query(
+            items,
+            conditions,
+            fields=QUERY_FIELDS,
+            sort=q.get("sort"),
+            start=start or 0,
+            limit=limit,
+        )
+    except CbtError as e:
+        return _error(e)
+    if count:
+        return _json({"total": total})
+    if fields:
+        unknown = [f for f in fields if f not in {k.split(".")[0] for k in QUERY_FIELDS}]
+        if unknown:
+            return _error(
+                InvalidArgument(f"unknown field {unknown[0]!r} in fields", field="fields")
+            )
+        page = [{k: v for k, v in inv.items() if k in fields} for inv in page]
+    body: dict[str, Any] = {"inventories": page}
+    if with_count:
+        body["total"] = total
+    return _json(_with_schema(request, body, force=True))
+
+
+async def api_job(request: web.Request) -> web.Response:
+    job_uuid = request.match_info["uuid"]
+    if not JOB_UUID.match(job_uuid):
+        return _plain(404, f"no job[uuid: {job_uuid[:64]}]")
+    job = await request.app[SERVICE].store.run(SyncStore.get_job, job_uuid.lower())
+    if job is None:
+        return _plain(404, f"no job[uuid: {job_uuid}]")
+    if job.state == "Running":
+        return _json({}, 202)
+    if job.error is not None:
+        return _json({"error": job.error}, 503)
+    result = job.result or {}
+    return _json(_with_schema(request, result, force=job.want_schema))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "version": __version__})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    denied = _authenticate(request)
+    if denied is not None:
+        return denied
+    service = request.app[SERVICE]
+    items = await service.inventories()
+    by_status: dict[str, int] = {}
+    for inv in items:
+        by_status[inv["status"]] = by_status.get(inv["status"], 0) + 1
+    running = len(await service.store.run(SyncStore.running_jobs))
+    lines = [
+        "# HELP cbt_agent_tasks CBT tasks by status.",
+        "# TYPE cbt_agent_tasks gauge",
+    ]
+    for status in ("Created", "Starting", "Running", "Stopped", "Failed"):
+        lines.append(f'cbt_agent_tasks{{status="{status}"}} {by_status.get(status, 0)}')
+    lines += [
+        "# HELP cbt_agent_jobs_running API jobs not finished yet.",
+        "# TYPE cbt_agent_jobs_running gauge",
+        f"cbt_agent_jobs_running {running}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+@web.middleware
+async def never_a_traceback(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Any unexpected error becomes a ZStack SYS.1000 body, logged here with its traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except CbtError as e:
+        return _error(e)
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(
+            zstack.error_code(zstack.SYS_INTERNAL, "An internal error happened", type(e).__name__)
+        )
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in PREFIXES:
+        app.router.add_post(f"{prefix}/cbt-task/create", create_task)
+        app.router.add_post(f"{prefix}/cbt-task/enable/{{uuid}}", enable_task)
+        app.router.add_post(f"{prefix}/cbt-task/disable/{{uuid}}", disable_task)
+        app.router.add_delete(f"{prefix}/cbt-task/{{uuid}}", delete_task)
+        app.router.add_get(f"{prefix}/cbt-task", query_tasks)
+        app.router.add_get(f"{prefix}/cbt-task/{{uuid}}", query_tasks)
+        app.router.add_get(f"{prefix}/api-jobs/{{uuid}}", api_job)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+
+def make_app(config: Config, *, step: StepHook | None = None) -> web.Application:
+    """The agent's aiohttp application: opens the store, libvirt and QMP on startup,
+    reconciles, and closes them on cleanup."""
+    app = web.Application(
+        client_max_size=config.api.max_body_bytes, middlewares=[never_a_traceback]
+    )
+    app[CONFIG] = config
+    add_routes(app)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        store = Store(config.db_path)
+        await store.open()
+        hypervisor = Hypervisor(config.libvirt_uri)
+        await hypervisor.open()
+        router = QmpRouter(config.qmp_socket_template, hypervisor)
+        service = CbtService(config, store, hypervisor, router, step=step)
+        app[SERVICE] = service
+        try:
+            from cbt_agent.engine.reconcile import reconcile
+
+            await reconcile(service)
+            yield
+        finally:
+            await service.drain()
+            await router.close()
+            await hypervisor.close()
+            await store.close()
+
+    app.cleanup_ctx.append(resources)
+    return app

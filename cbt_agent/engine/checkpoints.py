@@ -1,0 +1,384 @@
+"""Cutting checkpoints and exposing them: the Enable and Disable sequences against one VM.
+
+Every name QEMU will see (nodes, jobs, exports, bitmaps, the NBD port) is recorded in SQLite
+before the first command, so a crash at any point can be reconciled from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cbt_agent.config import Config
+from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError
+from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
+from cbt_agent.model import (
+    BitmapState,
+    DiskPlan,
+    bitmap_base64,
+    bitmap_from_extents,
+    changed_bytes,
+    checkpoint_name,
+    full_bitmap,
+    plan_disk,
+    retention_victims,
+    temp_bitmap_name,
+)
+from cbt_agent.qemu import blockdev
+from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.store import Store, SyncStore, VolumeExport
+
+log = logging.getLogger(__name__)
+
+# A test hook: called with a step name between the steps of Enable, Disable and Delete, so
+# fault-injection tests can kill the agent at each one. None in production.
+StepHook = Callable[[str], Awaitable[None]]
+
+
+def ours(task_uuid: str, bitmap: str) -> bool:
+    return bitmap.startswith(f"cbt-{task_uuid[:12]}-")
+
+
+def is_temp(task_uuid: str, bitmap: str) -> bool:
+    return bitmap.startswith(f"cbt-tmp-{task_uuid[:12]}-")
+
+
+def scratch_node_name(volume_uuid: str) -> str:
+    # node names: at most 31 characters, starting with a letter
+    return f"cbtsc-{volume_uuid[:24]}"
+
+
+@dataclass
+class EnableContext:
+    config: Config
+    store: Store
+    qmp: QmpChannel
+    vm: VmInfo
+    task_uuid: str
+    step: StepHook | None = None
+
+    async def at(self, name: str) -> None:
+        if self.step is not None:
+            await self.step(name)
+
+
+async def _run(*cmd: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise HypervisorError(f"{cmd[0]} failed: {(err or out).decode(errors='replace').strip()}")
+
+
+async def create_scratch(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size))
+    os.chmod(path, 0o600)  # holds guest data from before the checkpoint
+
+
+def _volume_info(
+    disk: DiskInfo, export: VolumeExport, host: str, port: int, bits: bytes, changed: int
+) -> dict[str, Any]:
+    context = f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else None
+    extension = {
+        "exportName": export.volume_uuid,
+        "dirtyBitmapContext": context,
+        "sinceBitmapName": export.since,
+        "reason": export.reason,
+        "granularity": export.granularity,
+        "size": export.size,
+        "changedBytes": changed,
+    }
+    return {
+        "volume": {
+            "volumeUuid": disk.volume_uuid,
+            "installPath": disk.install_path,
+            "deviceId": disk.device_id,
+            "deviceType": "file",
+            "format": disk.format,
+            "useVirtio": disk.bus == "virtio",
+        },
+        "mode": export.mode,
+        "bitmapName": export.checkpoint,
+        **extension,
+        "nbdServer": host,
+        "nbdPort": port,
+        "bitmapBase64": bitmap_base64(bits),
+        "target": export.scratch_path,
+        "scratchNodeName": export.scratch_node,
+        "metadata": json.dumps(extension, separators=(",", ":")),
+    }
+
+
+async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, Any]]:
+    """Cut a checkpoint on every disk of the VM and export each disk's point-in-time view with
+    the changes since `since_name` (None: the latest checkpoint). Returns VolumeCbtBackupInfos.
+    On failure everything made is removed again and the checkpoint chain stays whole."""
+    cfg, store, qmp, task_uuid = ctx.config, ctx.store, ctx.qmp, ctx.task_uuid
+    disks = list(ctx.vm.disks)
+    if not disks:
+        raise OperationError(f"VM [uuid: {ctx.vm.vm_uuid}] has no disk with a volume uuid (serial)")
+    devices = await blockdev.block_devices(qmp)
+    nodes = await blockdev.named_nodes(qmp)
+    plans: list[tuple[DiskInfo, blockdev.BlockDevice, DiskPlan, dict[str, BitmapState]]] = []
+    checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
+    removed = await store.run(SyncStore.removed_checkpoint_names, task_uuid)
+    for disk in disks:
+        dev = devices.get(disk.alias)
+        if dev is None or not dev.node_name:
+            raise HypervisorError(f"disk {disk.volume_uuid} ({disk.alias}) not found in QEMU")
+        if dev.driver == "copy-before-write":
+            raise OperationError(f"disk {disk.volume_uuid} is already being exported")
+        bitmaps = blockdev.bitmaps_of(nodes.get(dev.node_name))
+        plan = plan_disk(disk.volume_uuid, checkpoints, since_name, bitmaps, removed)
+        plans.append((disk, dev, plan, bitmaps))
+
+    # Bitmaps that cannot be trusted or were left behind: inconsistent ones (unclean shutdown)
+    # and temporary ones from an interrupted Enable.
+    for _disk, dev, _plan, bitmaps in plans:
+        for b in bitmaps.values():
+            if (ours(task_uuid, b.name) and b.inconsistent) or (
+                is_temp(task_uuid, b.name) and not b.busy
+            ):
+                log.warning(
+                    "removing bitmap %s on %s (%s)",
+                    b.name,
+                    dev.node_name,
+                    "inconsistent" if b.inconsistent else "left over",
+                )
+                await blockdev.remove_bitmap(qmp, dev.node_name, b.name)
+
+    seq = await store.run(SyncStore.next_checkpoint_seq, task_uuid)
+    new_name = checkpoint_name(task_uuid, seq)
+    tmp_name = temp_bitmap_name(task_uuid, seq)
+    exports: list[VolumeExport] = []
+    for disk, dev, plan, bitmaps in plans:
+        since_state = bitmaps.get(plan.merge[0]) if plan.merge else None
+        exports.append(
+            VolumeExport(
+                task_uuid=task_uuid,
+                volume_uuid=disk.volume_uuid,
+                checkpoint=new_name,
+                device_node=dev.node_name,
+                scratch_node=scratch_node_name(disk.volume_uuid),
+                scratch_path=str(cfg.scratch_dir / f"{task_uuid}-{disk.volume_uuid}.qcow2"),
+                job_id=f"cbtjob-{disk.volume_uuid}",
+                export_id=f"cbtexp-{disk.volume_uuid}",
+                temp_bitmap=tmp_name if plan.mode == "incremental" else None,
+                mode=plan.mode,
+                since=plan.since,
+                reason=plan.reason,
+                size=dev.virtual_size,
+                granularity=since_state.granularity if since_state else 65536,
+                phase="planned",
+            )
+        )
+
+    def record_plan(s: SyncStore) -> None:
+        with s._tx():
+            s.save_exports(exports, None, None)
+            s.add_checkpoint(task_uuid, seq, new_name, [e.volume_uuid for e in exports])
+
+    await store.run(record_plan)
+    await ctx.at("enable:planned")
+
+    committed = False
+    try:
+        for e in exports:
+            await create_scratch(Path(e.scratch_path), e.size)
+            await qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": e.scratch_node,
+                    "discard": "unmap",
+                    "file": {"driver": "file", "filename": e.scratch_path},
+                    "backing": e.device_node,
+                },
+            )
+        await ctx.at("enable:scratch")
+
+        actions: list[dict[str, Any]] = []
+        for e, (_disk, _dev, plan, _b) in zip(exports, plans, strict=True):
+            actions.append(
+                {
+                    "type": "blockdev-backup",
+                    "data": {
+                        "job-id": e.job_id,
+                        "device": e.device_node,
+                        "target": e.scratch_node,
+                        "sync": "none",
+                    },
+                }
+            )
+            if plan.freeze:
+                actions.append(
+                    {
+                        "type": "block-dirty-bitmap-disable",
+                        "data": {"node": e.device_node, "name": plan.freeze},
+                    }
+                )
+            actions.append(
+                {
+                    "type": "block-dirty-bitmap-add",
+                    "data": {"node": e.device_node, "name": new_name, "persistent": True},
+                }
+            )
+        await qmp.execute("transaction", {"actions": actions})
+        committed = True
+        await ctx.at("enable:checkpoint")
+
+        new_granularity: dict[str, int] = {}
+        after = await blockdev.named_nodes(qmp)
+        for e in exports:
+            state = blockdev.bitmaps_of(after.get(e.device_node)).get(new_name)
+            new_granularity[e.volume_uuid] = state.granularity if state else 65536
+
+        for e, (_disk, _dev, plan, _b) in zip(exports, plans, strict=True):
+            if e.temp_bitmap is None:
+                continue
+            await qmp.execute(
+                "block-dirty-bitmap-add",
+                {
+                    "node": e.device_node,
+                    "name": e.temp_bitmap,
+                    "granularity": e.granularity,
+                    "disabled": True,
+                    "persistent": False,
+                },
+            )
+            await qmp.execute(
+                "block-dirty-bitmap-merge",
+                {"node": e.device_node, "target": e.temp_bitmap, "bitmaps": list(plan.merge)},
+            )
+        exports = [
+            e
+            if e.temp_bitmap
+            else VolumeExport(**{**e.__dict__, "granularity": new_granularity[e.volume_uuid]})
+            for e in exports
+        ]
+        await ctx.at("enable:bitmaps")
+
+        used = await store.run(SyncStore.used_nbd_ports)
+        ports = [p for p in range(cfg.nbd.port_first, cfg.nbd.port_last + 1) if p not in used]
+        port = await blockdev.start_nbd_server(qmp, cfg.nbd.listen, ports)
+        await store.run(SyncStore.set_nbd, task_uuid, cfg.nbd.listen, port)
+        await ctx.at("enable:nbd-server")
+
+        for e in exports:
+            args: dict[str, Any] = {
+                "type": "nbd",
+                "id": e.export_id,
+                "node-name": e.scratch_node,
+                "name": e.volume_uuid,
+                "writable": False,
+            }
+            if e.temp_bitmap:
+                args["bitmaps"] = [{"node": e.device_node, "name": e.temp_bitmap}]
+            await qmp.execute("block-export-add", args)
+        await ctx.at("enable:exported")
+
+        infos: list[dict[str, Any]] = []
+        for e, (disk, _dev, _plan, _b) in zip(exports, plans, strict=True):
+            if e.temp_bitmap:
+                address = nbdio.NbdAddress(cfg.nbd.listen, port, None, e.volume_uuid)
+                extents = await asyncio.to_thread(
+                    nbdio.dirty_extents, address, f"qemu:dirty-bitmap:{e.temp_bitmap}"
+                )
+                bits = bitmap_from_extents(extents, e.size, e.granularity)
+                changed = changed_bytes(extents, e.size, e.granularity)
+            else:
+                bits = full_bitmap(e.size, e.granularity)
+                changed = e.size
+            infos.append(_volume_info(disk, e, cfg.nbd.listen, port, bits, changed))
+
+        def exported(s: SyncStore) -> None:
+            with s._tx():
+                s.save_exports(exports, cfg.nbd.listen, port)
+                s.set_export_phase(task_uuid, "exported")
+                s.sync_volume_refs(task_uuid, [d.volume_uuid for d in disks])
+
+        await store.run(exported)
+    except BaseException:
+        # Keep the new checkpoint if the transaction ran (the new bitmap records since then and
+        # the previous one is frozen: the chain is whole); otherwise forget it.
+        with contextlib.suppress(Exception):
+            await teardown_exports(ctx.config, store, qmp, task_uuid, force=True)
+        if not committed:
+            with contextlib.suppress(Exception):
+                await store.run(SyncStore.drop_checkpoint, task_uuid, new_name)
+        raise
+
+    await apply_retention(cfg, store, qmp, task_uuid, exports)
+    return infos
+
+
+async def apply_retention(
+    cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str, exports: list[VolumeExport]
+) -> None:
+    """Remove checkpoints beyond `[checkpoints] keep`, oldest first, from every disk."""
+    checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
+    for victim in retention_victims(checkpoints, cfg.checkpoints.keep):
+        for e in exports:
+            try:
+                await blockdev.remove_bitmap(qmp, e.device_node, victim.name)
+            except QmpCommandError as err:
+                log.warning(
+                    "retention: cannot remove %s on %s: %s", victim.name, e.device_node, err
+                )
+                return
+        await store.run(SyncStore.mark_checkpoint_removed, task_uuid, victim.name)
+        log.info("retention: removed checkpoint %s of task %s", victim.name, task_uuid)
+
+
+async def teardown_exports(
+    cfg: Config,
+    store: Store,
+    qmp: QmpChannel,
+    task_uuid: str,
+    *,
+    force: bool,
+    step: StepHook | None = None,
+) -> None:
+    """End a task's exports: NBD exports, the NBD server, fleecing jobs, scratch nodes and
+    files, temporary bitmaps. Idempotent: safe after a crash at any point of Enable or Disable."""
+    exports = await store.run(SyncStore.exports, task_uuid)
+    for e in exports:
+        await blockdev.delete_export(qmp, e.export_id, force=force)
+    if step:
+        await step("disable:exports")
+    await blockdev.stop_nbd_server(qmp)
+    for e in exports:
+        await blockdev.cancel_job(qmp, e.job_id)
+    if step:
+        await step("disable:jobs")
+    for e in exports:
+        await blockdev.delete_node(qmp, e.scratch_node)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(e.scratch_path)
+        if e.temp_bitmap:
+            await blockdev.remove_bitmap(qmp, e.device_node, e.temp_bitmap)
+    if step:
+        await step("disable:scratch")
+    await store.run(SyncStore.clear_exports, task_uuid)
+
+
+async def remove_task_bitmaps(qmp: QmpChannel, task_uuid: str) -> list[str]:
+    """Remove every bitmap of the task from every node of the VM; returns 'node/name' removed."""
+    removed: list[str] = []
+    for node_name, node in (await blockdev.named_nodes(qmp)).items():
+        for name in blockdev.bitmaps_of(node):
+            if not (ours(task_uuid, name) or is_temp(task_uuid, name)):
+                continue
+            if await blockdev.remove_bitmap(qmp, node_name, name):
+                removed.append(f"{node_name}/{name}")
+    return removed

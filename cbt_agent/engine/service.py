@@ -1,0 +1,316 @@
+"""The worker: CBT task operations, one at a time per VM, run as api jobs.
+
+Data flows one way: a validated command -> intent recorded in the store -> QEMU/libvirt ->
+outcome recorded -> the job's result. Handlers never talk to QEMU; this module does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from cbt_agent import commands
+from cbt_agent.config import Config
+from cbt_agent.engine import checkpoints
+from cbt_agent.engine.checkpoints import EnableContext, StepHook
+from cbt_agent.errors import CbtError, HypervisorError, NotFound, OperationError
+from cbt_agent.hypervisor.libvirt import Hypervisor, VmInfo
+from cbt_agent.model import CbtTask, TaskStatus
+from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
+from cbt_agent.store import ResourceRef, Store, SyncStore
+
+log = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+
+
+def inventory(task: CbtTask, refs: list[ResourceRef]) -> dict[str, Any]:
+    """CbtTaskInventory with datetimes (the API layer formats them the ZStack way)."""
+    inv: dict[str, Any] = {
+        "uuid": task.uuid,
+        "name": task.name,
+        "description": task.description,
+        "status": task.status.value,
+        "createDate": task.create_date,
+        "lastOpDate": task.last_op_date,
+        "resourceRefs": [
+            {
+                "id": r.id,
+                "taskUuid": r.task_uuid,
+                "resourceUuid": r.resource_uuid,
+                "resourceType": r.resource_type,
+                "createDate": r.create_date,
+                "lastOpDate": r.last_op_date,
+            }
+            for r in refs
+        ],
+    }
+    return inv
+
+
+class CbtService:
+    """Runs CreateCbtTask, EnableCbtTask, DisableCbtTask and DeleteCbtTask."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        hypervisor: Hypervisor,
+        qmp: QmpRouter,
+        step: StepHook | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.hypervisor = hypervisor
+        self.qmp = qmp
+        self.step = step
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._jobs: set[asyncio.Task[None]] = set()
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        job_uuid: str,
+        api: str,
+        operation: Callable[[], Awaitable[Result]],
+        task_uuid: str | None = None,
+        want_schema: bool = False,
+    ) -> bool:
+        """Record a job and run `operation` in the background; False if the job uuid is taken."""
+        if not await self.store.run(SyncStore.create_job, job_uuid, api, task_uuid, want_schema):
+            return False
+        job = asyncio.create_task(self._run_job(job_uuid, api, operation), name=f"job-{job_uuid}")
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+        return True
+
+    async def _run_job(
+        self, job_uuid: str, api: str, operation: Callable[[], Awaitable[Result]]
+    ) -> None:
+        from cbt_agent.api import zstack
+
+        try:
+            result = await operation()
+        except CbtError as e:
+            log.info("job %s %s failed: %s", job_uuid, api, e.message)
+            await self.store.run(
+                SyncStore.finish_job, job_uuid, error=zstack.error_from_exception(e)
+            )
+            return
+        except Exception as e:
+            log.exception("job %s %s failed unexpectedly", job_uuid, api)
+            error = zstack.error_code(
+                zstack.SYS_INTERNAL, "An internal error happened", f"{type(e).__name__}: {e}"
+            )
+            await self.store.run(SyncStore.finish_job, job_uuid, error=error)
+            return
+        await self.store.run(SyncStore.finish_job, job_uuid, result=zstack.jsonable(result))
+
+    async def drain(self) -> None:
+        """Wait for running jobs (graceful shutdown)."""
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    async def task_inventory(self, task_uuid: str) -> dict[str, Any]:
+        def read(s: SyncStore) -> dict[str, Any]:
+            return inventory(s.require_task(task_uuid), s.resource_refs(task_uuid))
+
+        return await self.store.run(read)
+
+    async def inventories(self) -> list[dict[str, Any]]:
+        def read(s: SyncStore) -> list[dict[str, Any]]:
+            return [inventory(t, s.resource_refs(t.uuid)) for t in s.list_tasks()]
+
+        return await self.store.run(read)
+
+    async def _running_vm(self, vm_uuid: str) -> VmInfo:
+        vm = await self.hypervisor.find_vm(vm_uuid)
+        if vm is None:
+            raise OperationError(f"VM [uuid: {vm_uuid}] is not found on this host")
+        if not vm.running:
+            raise OperationError(f"VM [uuid: {vm_uuid}] is not running")
+        return vm
+
+    async def _status(
+        self, task_uuid: str, status: TaskStatus, reason: str, *, operation: str | None = None
+    ) -> CbtTask:
+        return await self.store.run(
+            SyncStore.set_status, task_uuid, status, reason, operation=operation
+        )
+
+    async def _fail(self, task_uuid: str, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._status(task_uuid, TaskStatus.FAILED, reason[:2000])
+
+    # -- operations ------------------------------------------------------------------------------
+
+    async def create(self, cmd: commands.CreateTask) -> Result:
+        vm = await self.hypervisor.find_vm(cmd.vm_uuid)
+        if vm is None:
+            raise NotFound(
+                f"VM [uuid: {cmd.vm_uuid}] is not found on this host", field="vmInstanceUuid"
+            )
+        async with self._locks[cmd.vm_uuid]:
+            task = await self.store.run(
+                SyncStore.create_task,
+                cmd.resource_uuid or _new_uuid(),
+                cmd.name,
+                cmd.description,
+                cmd.vm_uuid,
+                [d.volume_uuid for d in vm.disks],
+            )
+        return {"inventory": await self.task_inventory(task.uuid)}
+
+    async def _vm_of(self, task_uuid: str) -> str:
+        return (await self.store.run(SyncStore.require_task, task_uuid)).vm_uuid
+
+    async def enable(self, cmd: commands.EnableTask) -> Result:
+        vm_uuid = await self._vm_of(cmd.task_uuid)
+        async with self._locks[vm_uuid]:
+            task = await self.store.run(SyncStore.require_task, cmd.task_uuid)
+            if task.status in (TaskStatus.RUNNING, TaskStatus.STARTING):
+                raise OperationError(
+                    f"CbtTask [uuid: {task.uuid}] has already enabled, please disable it"
+                )
+            vm = await self._running_vm(vm_uuid)
+            await self._status(
+                task.uuid, TaskStatus.STARTING, "enable requested", operation="enable"
+            )
+            try:
+                qmp = await self.qmp.channel(vm_uuid)
+                ctx = EnableContext(self.config, self.store, qmp, vm, task.uuid, self.step)
+                infos = await checkpoints.enable(ctx, cmd.bitmap_name)
+            except Exception as e:
+                await self._fail(task.uuid, f"enable failed: {_reason(e)}")
+                raise
+            modes = ", ".join(f"{i['volume']['volumeUuid'][:8]}={i['mode']}" for i in infos)
+            await self._status(
+                task.uuid,
+                TaskStatus.RUNNING,
+                f"checkpoint {infos[0]['bitmapName']} exported ({modes})",
+            )
+        return {"volumeCbtBackupInfos": infos}
+
+    async def _teardown(self, task: CbtTask, *, force: bool) -> None:
+        """End the task's exports, wherever the VM is. With the VM gone, only files remain."""
+        exports = await self.store.run(SyncStore.exports, task.uuid)
+        vm = await self.hypervisor.find_vm(task.vm_uuid)
+        if vm is not None and vm.running:
+            qmp = await self.qmp.channel(task.vm_uuid)
+            await checkpoints.teardown_exports(
+                self.config, self.store, qmp, task.uuid, force=force, step=self.step
+            )
+            return
+        # QEMU is gone: its exports, jobs and nodes went with it; scratch files did not.
+        for e in exports:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(os.unlink, e.scratch_path)
+        await self.store.run(SyncStore.clear_exports, task.uuid)
+
+    async def disable(self, cmd: commands.DisableTask) -> Result:
+        vm_uuid = await self._vm_of(cmd.task_uuid)
+        async with self._locks[vm_uuid]:
+            task = await self.store.run(SyncStore.require_task, cmd.task_uuid)
+            has_exports = bool(await self.store.run(SyncStore.exports, task.uuid))
+            if task.status in (TaskStatus.CREATED, TaskStatus.STOPPED) and not has_exports:
+                return {"inventory": await self.task_inventory(task.uuid)}
+            await self.store.run(
+                SyncStore.set_status,
+                task.uuid,
+                task.status,
+                task.reason or "",
+                operation="disable",
+            )
+            try:
+                await self._teardown(task, force=cmd.force)
+            except Exception as e:
+                await self._fail(task.uuid, f"disable failed: {_reason(e)}")
+                raise
+            reason = "disabled" + (" (forced)" if cmd.force else "")
+            await self._status(task.uuid, TaskStatus.STOPPED, reason)
+        return {"inventory": await self.task_inventory(task.uuid)}
+
+    async def delete(self, cmd: commands.DeleteTask) -> Result:
+        task = await self.store.run(SyncStore.get_task, cmd.task_uuid)
+        if task is None:
+            return {}  # deleting a missing task succeeds, as in ZStack
+        lenient = cmd.force or cmd.enforcing
+        async with self._locks[task.vm_uuid]:
+            task = await self.store.run(SyncStore.get_task, cmd.task_uuid)
+            if task is None:
+                return {}
+            try:
+                await self._teardown(task, force=True)
+                if self.step:
+                    await self.step("delete:disabled")
+                await self._remove_bitmaps(task)
+            except Exception as e:
+                if not lenient:
+                    await self._fail(task.uuid, f"delete failed: {_reason(e)}")
+                    raise
+                log.warning("delete of task %s: %s (forced: deleting anyway)", task.uuid, e)
+            await self.store.run(SyncStore.delete_task, task.uuid, "deleted")
+            await self.qmp.forget(task.vm_uuid)
+        return {}
+
+    async def _remove_bitmaps(self, task: CbtTask) -> None:
+        vm = await self.hypervisor.find_vm(task.vm_uuid)
+        if vm is None:
+            return  # the VM and its disks are gone from this host
+        if vm.running:
+            qmp: QmpChannel = await self.qmp.channel(task.vm_uuid)
+            removed = await checkpoints.remove_task_bitmaps(qmp, task.uuid)
+            log.info("task %s: removed bitmaps %s", task.uuid, removed)
+            return
+        # VM shut off: the bitmaps live in the qcow2 files; remove them there.
+        names = [c.name for c in await self.store.run(SyncStore.checkpoints, task.uuid)]
+        for disk in vm.disks:
+            if disk.format != "qcow2" or not os.path.isabs(disk.install_path):
+                continue
+            present = await _qcow2_bitmaps(disk.install_path)
+            for name in names:
+                if name in present:
+                    await _run("qemu-img", "bitmap", "--remove", disk.install_path, name)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, CbtError):
+        return e.message
+    return f"{type(e).__name__}: {e}"
+
+
+def _new_uuid() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+async def _run(*cmd: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise HypervisorError(f"{cmd[0]} {cmd[1]} failed: {err.decode(errors='replace').strip()}")
+    return out.decode()
+
+
+async def _qcow2_bitmaps(path: str) -> set[str]:
+    import json
+
+    info = json.loads(await _run("qemu-img", "info", "-U", "--output=json", path))
+    bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    return {str(b["name"]) for b in bitmaps}
+
+
+def parse_datetime(value: str) -> datetime:
+    return datetime.fromisoformat(value)

@@ -1,0 +1,242 @@
+"""QEMU block-layer steps used by checkpoints and exports, each one QMP command or a short poll.
+
+Waiting is done by polling query commands rather than by events, so the libvirt passthrough
+(which delivers no events) and the socket behave the same. Removal steps are idempotent: a thing
+already gone is success, so cleanup can be re-run after any crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cbt_agent.errors import HypervisorError, QmpCommandError
+from cbt_agent.model import BitmapState
+from cbt_agent.qemu.qmp import QmpChannel
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.02
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A guest disk as `query-block` shows it: its device alias and top format node."""
+
+    alias: str
+    node_name: str
+    driver: str
+    virtual_size: int
+    filename: str
+
+
+def _alias_of(entry: dict[str, Any]) -> str:
+    # libvirt >= 6 (-blockdev): qdev "/machine/peripheral/virtio-disk0/virtio-backend", device ""
+    qdev = str(entry.get("qdev") or "")
+    if qdev.startswith("/machine/peripheral/"):
+        return qdev.split("/")[3]
+    if qdev:
+        return qdev
+    device = str(entry.get("device") or "")
+    return device.removeprefix("drive-")
+
+
+async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
+    """Guest disks with a medium, by device alias. While a fleecing job runs the node shown is
+    the copy-before-write filter: callers use the node names recorded before the job."""
+    out: dict[str, BlockDevice] = {}
+    for entry in await qmp.execute("query-block"):
+        inserted = entry.get("inserted")
+        if not inserted:
+            continue
+        alias = _alias_of(entry)
+        image = inserted.get("image", {})
+        out[alias] = BlockDevice(
+            alias=alias,
+            node_name=str(inserted.get("node-name", "")),
+            driver=str(inserted.get("drv", "")),
+            virtual_size=int(image.get("virtual-size", 0)),
+            filename=str(inserted.get("file", "")),
+        )
+    return out
+
+
+async def named_nodes(qmp: QmpChannel) -> dict[str, dict[str, Any]]:
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    return {str(n["node-name"]): n for n in nodes}
+
+
+def bitmaps_of(node: dict[str, Any] | None) -> dict[str, BitmapState]:
+    """Named bitmaps of a node (anonymous ones, seen during jobs, are left out)."""
+    if not node:
+        return {}
+    out: dict[str, BitmapState] = {}
+    for b in node.get("dirty-bitmaps", []) or []:
+        name = b.get("name")
+        if not name:
+            continue
+        out[name] = BitmapState(
+            name=name,
+            recording=bool(b.get("recording", False)),
+            persistent=bool(b.get("persistent", False)),
+            inconsistent=bool(b.get("inconsistent", False)),
+            busy=bool(b.get("busy", False)),
+            granularity=int(b.get("granularity", 65536)),
+            count=int(b.get("count", 0)),
+        )
+    return out
+
+
+async def node_bitmaps(qmp: QmpChannel, node_name: str) -> dict[str, BitmapState]:
+    return bitmaps_of((await named_nodes(qmp)).get(node_name))
+
+
+def _gone(e: QmpCommandError, *needles: str) -> bool:
+    text = e.reply.lower()
+    return any(n in text for n in needles)
+
+
+async def remove_bitmap(qmp: QmpChannel, node: str, name: str) -> bool:
+    """Remove a bitmap; False if it was not there."""
+    try:
+        await qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+    except QmpCommandError as e:
+        if _gone(e, "dirty bitmap", "not found", "cannot find"):
+            return False
+        raise
+    return True
+
+
+async def wait_until(what: str, probe: Any, limit: float, interval: float = POLL_INTERVAL) -> None:
+    """Poll the async `probe()` until it returns True, or raise HypervisorError after timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not await probe():
+        if loop.time() > deadline:
+            raise HypervisorError(f"timed out after {limit:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def export_ids(qmp: QmpChannel) -> set[str]:
+    return {str(e["id"]) for e in await qmp.execute("query-block-exports")}
+
+
+async def delete_export(
+    qmp: QmpChannel, export_id: str, *, force: bool, grace: float = 3.0
+) -> None:
+    """Remove an NBD export and wait until QEMU has let go of it. Safe mode first (refused while
+    a client is connected); after `grace` seconds, or at once with `force`, hard mode."""
+    if export_id not in await export_ids(qmp):
+        return
+    mode = "hard" if force else "safe"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while True:
+        try:
+            await qmp.execute("block-export-del", {"id": export_id, "mode": mode})
+            break
+        except QmpCommandError as e:
+            if _gone(e, "not found", "cannot find"):
+                return
+            if mode == "safe" and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+                continue
+            if mode == "safe":
+                log.warning(
+                    "export %s still in use after %.0fs: removing it hard", export_id, grace
+                )
+                mode = "hard"
+                continue
+            raise
+
+    async def gone() -> bool:
+        return export_id not in await export_ids(qmp)
+
+    await wait_until(f"export {export_id} to be deleted", gone, 30)
+
+
+async def stop_nbd_server(qmp: QmpChannel) -> None:
+    try:
+        await qmp.execute("nbd-server-stop")
+    except QmpCommandError as e:
+        if not _gone(e, "not running", "no nbd server"):
+            raise
+
+
+async def job_ids(qmp: QmpChannel) -> set[str]:
+    return {str(j["id"]) for j in await qmp.execute("query-jobs")}
+
+
+async def cancel_job(qmp: QmpChannel, job_id: str) -> None:
+    """Cancel a block job and wait until it is gone (dismissed)."""
+    if job_id not in await job_ids(qmp):
+        return
+    try:
+        await qmp.execute("block-job-cancel", {"device": job_id, "force": True})
+    except QmpCommandError as e:
+        if not _gone(e, "not found", "no active block job", "cannot find"):
+            raise
+
+    async def gone() -> bool:
+        jobs = {str(j["id"]): j for j in await qmp.execute("query-jobs")}
+        job = jobs.get(job_id)
+        if job is None:
+            return True
+        if job.get("status") == "concluded":
+            await qmp.execute("job-dismiss", {"id": job_id})
+        return False
+
+    await wait_until(f"job {job_id} to end", gone, 30)
+
+
+async def delete_node(qmp: QmpChannel, node_name: str, limit: float = 10.0) -> None:
+    """blockdev-del a node, retrying while it is still in use (export or job winding down)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        if node_name not in await named_nodes(qmp):
+            return
+        try:
+            await qmp.execute("blockdev-del", {"node-name": node_name})
+            return
+        except QmpCommandError as e:
+            if _gone(e, "cannot find", "not found"):
+                return
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def start_nbd_server(
+    qmp: QmpChannel, host: str, ports: list[int], tls_creds: str | None = None
+) -> int:
+    """Start the VM's NBD server on the first free port of `ports`. A server left running by an
+    earlier, interrupted operation is stopped first (it would make every later start fail)."""
+    restarted = False
+    last: QmpCommandError | None = None
+    for port in ports:
+        args: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+        if tls_creds:
+            args["tls-creds"] = tls_creds
+        try:
+            await qmp.execute("nbd-server-start", args)
+            return port
+        except QmpCommandError as e:
+            last = e
+            if _gone(e, "already running") and not restarted:
+                log.warning("an NBD server was left running: stopping it")
+                await stop_nbd_server(qmp)
+                restarted = True
+                try:
+                    await qmp.execute("nbd-server-start", args)
+                    return port
+                except QmpCommandError as e2:
+                    last = e2
+            if _gone(last, "address already in use", "failed to bind", "in use"):
+                continue
+            raise
+    raise HypervisorError(
+        f"no free NBD port in the configured range ({last.reply if last else ''})"
+    )

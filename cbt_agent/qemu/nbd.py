@@ -1,0 +1,107 @@
+"""Reading an NBD export's maps with libnbd: dirty extents (a `qemu:dirty-bitmap:` context) and
+allocation (`base:allocation`). libnbd is blocking: callers run these in a thread."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import nbd
+
+from cbt_agent.errors import HypervisorError
+from cbt_agent.model import DirtyExtent, merge_extents
+
+# libnbd (and QEMU) refuse a block-status length of 2^32 or more: ask in 2 GiB steps.
+BLOCK_STATUS_CHUNK = 2 << 30
+
+STATE_HOLE = 1  # base:allocation: unallocated
+STATE_ZERO = 2  # base:allocation: reads as zero
+DIRTY = 1  # qemu:dirty-bitmap: the block is dirty
+
+
+@dataclass(frozen=True)
+class NbdAddress:
+    host: str | None
+    port: int | None
+    socket: str | None
+    export: str
+
+    def uri(self) -> str:
+        if self.socket:
+            return f"nbd+unix:///{self.export}?socket={self.socket}"
+        return f"nbd://{self.host}:{self.port}/{self.export}"
+
+
+def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
+    """An open libnbd handle on the export, with the given meta contexts asked for."""
+    h = nbd.NBD()
+    for ctx in contexts:
+        h.add_meta_context(ctx)
+    h.set_export_name(address.export)
+    try:
+        if address.socket:
+            h.connect_unix(address.socket)
+        else:
+            h.connect_tcp(address.host, str(address.port))
+    except nbd.Error as e:
+        h.close()
+        raise HypervisorError(f"NBD connect to {address.uri()} failed: {e}") from None
+    for ctx in contexts:
+        if not h.can_meta_context(ctx):
+            h.close()
+            raise HypervisorError(f"NBD export {address.uri()} does not offer context {ctx}")
+    return h
+
+
+def iter_extents(
+    h: Any, context: str, start: int = 0, length: int | None = None
+) -> Iterator[tuple[int, int, int]]:
+    """Yield (offset, length, flags) of `context` over [start, start+length), clipped to it."""
+    size = int(h.get_size())
+    end = size if length is None else min(size, start + length)
+    offset = start
+    while offset < end:
+        got: list[tuple[int, int, int]] = []
+
+        def callback(
+            metacontext: str,
+            base: int,
+            entries: list[int],
+            err: Any,
+            got: list[tuple[int, int, int]] = got,
+        ) -> int:
+            if metacontext != context:
+                return 0
+            pos = base
+            for i in range(0, len(entries) - 1, 2):
+                got.append((pos, entries[i], entries[i + 1]))
+                pos += entries[i]
+            return 0
+
+        h.block_status(min(BLOCK_STATUS_CHUNK, end - offset), offset, callback)
+        if not got:
+            raise HypervisorError(f"NBD server returned no {context} extents at {offset}")
+        for pos, n, flags in got:
+            if pos >= end:
+                break
+            n = min(n, end - pos)
+            if n > 0:
+                yield pos, n, flags
+            offset = pos + n
+
+
+def dirty_extents(
+    address: NbdAddress, context: str, start: int = 0, length: int | None = None
+) -> list[DirtyExtent]:
+    """The export's dirty and clean runs in [start, start+length), merged into maximal runs."""
+    h = connect(address, (context,))
+    try:
+        return merge_extents(
+            DirtyExtent(pos, n, bool(flags & DIRTY))
+            for pos, n, flags in iter_extents(h, context, start, length)
+        )
+    except nbd.Error as e:
+        raise HypervisorError(f"NBD block status on {address.uri()} failed: {e}") from None
+    finally:
+        h.close()

@@ -1,0 +1,146 @@
+"""QMP to a VM: ZStack's extra QMP socket through qemu.qmp, or libvirt's passthrough.
+
+The extra socket takes one client at a time (a second one hangs rather than being refused), so
+the agent holds one connection per VM and serialises commands on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
+
+from cbt_agent.errors import HypervisorError, QmpCommandError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 60.0
+
+
+class PassthroughTarget(Protocol):
+    async def qmp_passthrough(self, vm_uuid: str, command: dict[str, Any]) -> Any: ...
+
+
+class QmpChannel(Protocol):
+    """Something that runs a QMP command and returns its `return` value."""
+
+    kind: str
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+class SocketQmp:
+    """A held qemu.qmp connection to a VM's extra QMP socket."""
+
+    kind = "socket"
+
+    def __init__(self, vm_uuid: str, path: str) -> None:
+        self.vm_uuid = vm_uuid
+        self.path = path
+        self._client = QMPClient(f"cbt-{vm_uuid[:8]}")
+        self._lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        try:
+            await asyncio.wait_for(self._client.connect(self.path), CONNECT_TIMEOUT)
+        except (TimeoutError, ConnectError, OSError) as e:
+            await self._safe_disconnect()
+            raise HypervisorError(f"cannot connect to QMP socket {self.path}: {e}") from None
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate.name == "RUNNING"
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(
+                    self._client.execute(command, arguments), COMMAND_TIMEOUT
+                )
+            except ExecuteError as e:
+                raise QmpCommandError(command, dict(arguments or {}), str(e)) from None
+            except (ExecInterruptedError, StateError, ConnectionError, TimeoutError) as e:
+                raise HypervisorError(
+                    f"QMP {command} on {self.path} was interrupted: {e or type(e).__name__}"
+                ) from None
+
+    async def _safe_disconnect(self) -> None:
+        try:
+            await self._client.disconnect()
+        except Exception as e:  # the peer may be gone already: nothing left to close
+            log.debug("QMP disconnect from %s: %s", self.path, e)
+
+    async def close(self) -> None:
+        await self._safe_disconnect()
+
+
+class PassthroughQmp:
+    """QMP through libvirt's monitor (`qemuMonitorCommand`), when there is no extra socket."""
+
+    kind = "libvirt"
+
+    def __init__(self, vm_uuid: str, target: PassthroughTarget) -> None:
+        self.vm_uuid = vm_uuid
+        self._target = target
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = dict(arguments)
+        return await self._target.qmp_passthrough(self.vm_uuid, message)
+
+    async def close(self) -> None:
+        return None
+
+
+class QmpRouter:
+    """Gives each VM its QMP channel: the held socket connection when the socket exists,
+    otherwise libvirt's passthrough. A broken connection is dropped and made anew."""
+
+    def __init__(self, socket_template: str, passthrough: PassthroughTarget) -> None:
+        self.socket_template = socket_template
+        self._passthrough = passthrough
+        self._channels: dict[str, QmpChannel] = {}
+
+    def socket_path(self, vm_uuid: str) -> str:
+        return self.socket_template.format(vm_uuid=vm_uuid)
+
+    async def channel(self, vm_uuid: str) -> QmpChannel:
+        """The VM's channel. The caller holds the VM's operation lock."""
+        current = self._channels.get(vm_uuid)
+        if isinstance(current, SocketQmp) and current.connected:
+            return current
+        if current is not None:
+            await current.close()
+            del self._channels[vm_uuid]
+        path = self.socket_path(vm_uuid)
+        chan: QmpChannel
+        if await asyncio.to_thread(os.path.exists, path):
+            sock = SocketQmp(vm_uuid, path)
+            try:
+                await sock.connect()
+                chan = sock
+            except HypervisorError as e:
+                log.warning("VM %s: %s; using libvirt's QMP passthrough", vm_uuid, e)
+                chan = PassthroughQmp(vm_uuid, self._passthrough)
+        else:
+            chan = PassthroughQmp(vm_uuid, self._passthrough)
+        self._channels[vm_uuid] = chan
+        return chan
+
+    async def forget(self, vm_uuid: str) -> None:
+        """Drop a VM's channel (VM stopped or gone); the next call reconnects."""
+        chan = self._channels.pop(vm_uuid, None)
+        if chan is not None:
+            await chan.close()
+
+    async def close(self) -> None:
+        for vm_uuid in list(self._channels):
+            await self.forget(vm_uuid)
