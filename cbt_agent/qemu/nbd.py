@@ -33,6 +33,14 @@ class NbdAddress:
         return f"nbd://{self.host}:{self.port}/{self.export}"
 
 
+def close(h: Any) -> None:
+    """Disconnect politely; libnbd frees the handle when it is dropped."""
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
 def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
     """An open libnbd handle on the export, with the given meta contexts asked for."""
     h = nbd.NBD()
@@ -45,11 +53,10 @@ def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
         else:
             h.connect_tcp(address.host, str(address.port))
     except nbd.Error as e:
-        h.close()
         raise HypervisorError(f"NBD connect to {address.uri()} failed: {e}") from None
     for ctx in contexts:
         if not h.can_meta_context(ctx):
-            h.close()
+            close(h)
             raise HypervisorError(f"NBD export {address.uri()} does not offer context {ctx}")
     return h
 
@@ -104,4 +111,4 @@ def dirty_extents(
     except nbd.Error as e:
         raise HypervisorError(f"NBD block status on {address.uri()} failed: {e}") from None
     finally:
-        h.close()
+        close(h)
