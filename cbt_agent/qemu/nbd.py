@@ -3,6 +3,7 @@ allocation (`base:allocation`). libnbd is blocking: callers run these in a threa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +36,8 @@ class NbdAddress:
 
 def close(h: Any) -> None:
     """Disconnect politely; libnbd frees the handle when it is dropped."""
-    try:
+    with contextlib.suppress(nbd.Error):
         h.shutdown()
-    except nbd.Error:
-        pass
 
 
 def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
