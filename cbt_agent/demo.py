@@ -1,0 +1,305 @@
+"""`cbt-agent demo`: a throwaway TCG VM under libvirt, the agent as a real process, and a full
+CBT cycle over the HTTP API: Create, Enable (full), write, Disable, Enable (incremental), read
+the changes over NBD, Disable, Delete. Everything it starts it stops again, by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from xml.sax.saxutils import escape, quoteattr
+
+import aiohttp
+
+from cbt_agent.hypervisor.libvirt import Hypervisor
+from cbt_agent.qemu import nbd as nbdio
+
+URI = "qemu:///system"
+MIB = 1 << 20
+
+
+def throwaway_domain_xml(
+    vm_uuid: str,
+    disks: list[tuple[str, Path]],
+    qmp_socket: Path | None,
+    *,
+    memory_mib: int = 64,
+    description: str = "cbt-agent throwaway VM",
+) -> str:
+    """A ZStack-style TCG domain without an OS: name = vm uuid, disk serial = volume uuid,
+    optionally ZStack's extra QMP socket through <qemu:commandline>."""
+    parts = []
+    for i, (volume_uuid, path) in enumerate(disks):
+        parts.append(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file={quoteattr(str(path))}/>"
+            f"<target dev='vd{chr(ord('a') + i)}' bus='virtio'/>"
+            f"<serial>{volume_uuid}</serial></disk>"
+        )
+    cmdline = ""
+    if qmp_socket is not None:
+        arg = quoteattr(f"unix:{qmp_socket},server=on,wait=off")
+        cmdline = (
+            f"<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value={arg}/></qemu:commandline>"
+        )
+    return (
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+        f"<name>{vm_uuid}</name><uuid>{uuid.UUID(hex=vm_uuid)}</uuid>"
+        f"<description>{escape(description)}</description>"
+        f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+        "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
+        "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        f"{''.join(parts)}"
+        "<controller type='usb' model='none'/><memballoon model='none'/></devices>"
+        f"{cmdline}</domain>"
+    )
+
+
+async def _run(*cmd: str, show: bool = False) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=None if show else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {err.decode(errors='replace').strip()}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def step(n: int, text: str) -> None:
+    say(f"\n\033[1m[{n}] {text}\033[0m")
+
+
+class Api:
+    def __init__(self, base: str, token: str) -> None:
+        self.base = base
+        self.headers = {"Authorization": f"OAuth {token}"}
+        self.session = aiohttp.ClientSession()
+
+    async def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """An asynchronous ZStack API: 202 + location, then poll until 200 or 503."""
+        url = f"{self.base}/zstack/v1{path}"
+        async with self.session.request(method, url, json=body, headers=self.headers) as r:
+            reply = await r.json()
+            if r.status != 202:
+                raise RuntimeError(f"{method} {path}: HTTP {r.status} {reply}")
+        location = reply["location"]
+        say(f"    {method} {path} -> 202, polling {urlsplit(location).path}")
+        while True:
+            async with self.session.get(location, headers=self.headers) as r:
+                if r.status == 202:
+                    await asyncio.sleep(0.05)
+                    continue
+                result: dict[str, Any] = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"{method} {path} failed: {result}")
+                return result
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def _write(hv: Hypervisor, vm_uuid: str, alias: str, pattern: int, off: int, n: int) -> None:
+    await hv.hmp(
+        vm_uuid,
+        f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -P {pattern} {off} {n}"',
+    )
+
+
+def _show_infos(infos: list[dict[str, Any]]) -> None:
+    for i in infos:
+        vol = i["volume"]["volumeUuid"]
+        say(
+            f"    disk {vol[:8]}  mode={i['mode']:<11} checkpoint={i['bitmapName']}  "
+            f"nbd://{i['nbdServer']}:{i['nbdPort']}/{i['exportName'][:8]}…  "
+            f"changed={i['changedBytes'] // 1024} KiB of {i['size'] // MIB} MiB"
+        )
+        if i["mode"] == "full":
+            say(f"      reason: {i['reason']}")
+        else:
+            say(f"      since {i['sinceBitmapName']}, context {i['dirtyBitmapContext']}")
+
+
+async def run_demo(keep: bool = False) -> int:
+    work = Path(tempfile.mkdtemp(prefix="cbt-demo-", dir="/var/tmp"))
+    os.chmod(work, 0o700)
+    vm_uuid = uuid.uuid4().hex
+    disks = [(uuid.uuid4().hex, work / f"disk{i}.qcow2") for i in range(2)]
+    sizes = [64 * MIB, 32 * MIB]
+    sock = work / f"{vm_uuid}.sock"
+    hv = Hypervisor(URI)
+    agent: asyncio.subprocess.Process | None = None
+    api: Api | None = None
+    defined = False
+    try:
+        step(1, f"A throwaway VM {vm_uuid} (TCG, 2 virtio disks, ZStack's extra QMP socket)")
+        for (_vol, path), size in zip(disks, sizes, strict=True):
+            await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size))
+        await hv.open()
+        conn = await hv._connection()
+        await asyncio.to_thread(conn.defineXML, throwaway_domain_xml(vm_uuid, disks, sock))
+        defined = True
+        dom = await asyncio.to_thread(conn.lookupByName, vm_uuid)
+        await asyncio.to_thread(dom.create)
+        for vol, path in disks:
+            say(f"    disk serial (volumeUuid) {vol}  {path.name}")
+
+        step(2, "Start cbt-agent serve with a fresh config and token")
+        token = secrets.token_hex(16)
+        port = _free_port()
+        config = work / "config.toml"
+        config.write_text(
+            f'[api]\nlisten = "127.0.0.1:{port}"\ntokens = ["{token}"]\n'
+            f'[state]\ndir = "{work / "state"}"\n[libvirt]\nuri = "{URI}"\n'
+            f'[qmp]\nsocket_template = "{work}/{{vm_uuid}}.sock"\n'
+            f'[nbd]\nlisten = "127.0.0.1"\nport_range = "10501:10999"\n'
+        )
+        with (work / "agent.log").open("wb") as log:
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "cbt_agent",
+                "serve",
+                "--config",
+                str(config),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{port}"
+        api = Api(base, token)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                async with api.session.get(f"{base}/healthz") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if agent.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not start; see {work / 'agent.log'}")
+            await asyncio.sleep(0.1)
+        say(f"    agent pid {agent.pid} on {base}  (log {work / 'agent.log'})")
+
+        step(3, "CreateCbtTask")
+        inv = (
+            await api.call(
+                "POST", "/cbt-task/create", {"params": {"name": "demo", "vmInstanceUuid": vm_uuid}}
+            )
+        )["inventory"]
+        task = inv["uuid"]
+        say(f"    task {task} status={inv['status']} created {inv['createDate']}")
+        say(
+            "    refs: "
+            + ", ".join(f"{r['resourceType']}:{r['resourceUuid'][:8]}" for r in inv["resourceRefs"])
+        )
+
+        step(4, "The guest writes 1 MiB of 0xAA at 0 on disk 0, then EnableCbtTask (first: full)")
+        await _write(hv, vm_uuid, "virtio-disk0", 0xAA, 0, MIB)
+        infos = (await api.call("POST", f"/cbt-task/enable/{task}", {"params": {}}))[
+            "volumeCbtBackupInfos"
+        ]
+        _show_infos(infos)
+        first = infos[0]["bitmapName"]
+
+        step(5, "The guest overwrites 64 KiB with 0xBB; the export still shows the checkpoint")
+        await _write(hv, vm_uuid, "virtio-disk0", 0xBB, 0, 64 * 1024)
+        address = nbdio.NbdAddress("127.0.0.1", infos[0]["nbdPort"], None, disks[0][0])
+        h = await asyncio.to_thread(nbdio.connect, address)
+        data = await asyncio.to_thread(h.pread, 16, 0)
+        nbdio.close(h)
+        say(f"    NBD read at 0: {data.hex(' ')}  (0xAA: the data as of the checkpoint)")
+
+        step(6, "DisableCbtTask: export, fleecing job and scratch file removed; tracking goes on")
+        inv = (await api.call("POST", f"/cbt-task/disable/{task}", {"params": {"force": False}}))[
+            "inventory"
+        ]
+        say(f"    status={inv['status']}")
+
+        writes = [
+            (0, 0xC1, 5 * MIB, 64 * 1024),
+            (0, 0xC2, 20 * MIB + 4096, 100 * 1024),
+            (1, 0xC3, 7 * MIB, 512),
+        ]
+        step(7, "The guest writes 3 more times, then EnableCbtTask again (incremental)")
+        for disk, pattern, off, n in writes:
+            await _write(hv, vm_uuid, f"virtio-disk{disk}", pattern, off, n)
+            say(f"    wrote {n:>6} bytes of {pattern:#x} at {off:>9} on disk {disk}")
+        infos = (
+            await api.call("POST", f"/cbt-task/enable/{task}", {"params": {"bitmapName": first}})
+        )["volumeCbtBackupInfos"]
+        _show_infos(infos)
+
+        step(8, "The dirty extents over NBD (qemu:dirty-bitmap, libnbd block status)")
+        for i in infos:
+            a = nbdio.NbdAddress(i["nbdServer"], i["nbdPort"], None, i["exportName"])
+            extents = await asyncio.to_thread(nbdio.dirty_extents, a, i["dirtyBitmapContext"])
+            dirty = [(e.start, e.length) for e in extents if e.dirty]
+            say(
+                f"    disk {i['exportName'][:8]}: "
+                + ", ".join(f"[{s // 1024} KiB +{n // 1024} KiB]" for s, n in dirty)
+            )
+        say("    (the 64 KiB write before step 6 is in too: it came after the first checkpoint)")
+
+        step(9, "DisableCbtTask, DeleteCbtTask (bitmaps removed from every disk)")
+        await api.call("POST", f"/cbt-task/disable/{task}", {"params": {}})
+        await api.call("DELETE", f"/cbt-task/{task}?deleteMode=Permissive&force=false")
+        say("    deleted")
+
+        step(10, "cbt-agent tasks — straight from the database, as an operator would read it")
+        await _run(
+            sys.executable, "-m", "cbt_agent", "tasks", "--config", str(config), task, show=True
+        )
+        say("\n\033[1mDemo complete.\033[0m")
+        return 0
+    finally:
+        if api is not None:
+            await api.close()
+        if agent is not None:
+            if agent.returncode is None:
+                agent.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(agent.wait(), 15)
+            except TimeoutError:
+                agent.kill()
+                await agent.wait()
+        if defined:
+            conn = await hv._connection()
+            with contextlib.suppress(Exception):
+                dom = await asyncio.to_thread(conn.lookupByName, vm_uuid)
+                if await asyncio.to_thread(dom.isActive):
+                    await asyncio.to_thread(dom.destroy)
+                await asyncio.to_thread(dom.undefine)
+        await hv.close()
+        if keep:
+            say(f"(kept {work})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    sys.exit(asyncio.run(run_demo()))
+
+
+if __name__ == "__main__":
+    main()
