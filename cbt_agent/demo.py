@@ -121,9 +121,8 @@ class Api:
 
 
 async def _write(hv: Hypervisor, vm_uuid: str, alias: str, pattern: int, off: int, n: int) -> None:
-    await hv.hmp(
-        vm_uuid,
-        f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -P {pattern} {off} {n}"',
+    await hv.qemu_io(
+        vm_uuid, f"/machine/peripheral/{alias}/virtio-backend", f"write -P {pattern} {off} {n}"
     )
 
 
@@ -157,7 +156,7 @@ async def run_demo(keep: bool = False) -> int:
         for (_vol, path), size in zip(disks, sizes, strict=True):
             await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size))
         await hv.open()
-        conn = await hv._connection()
+        conn = await hv.connection()
         await asyncio.to_thread(conn.defineXML, throwaway_domain_xml(vm_uuid, disks, sock))
         defined = True
         dom = await asyncio.to_thread(conn.lookupByName, vm_uuid)
@@ -284,7 +283,7 @@ async def run_demo(keep: bool = False) -> int:
                 agent.kill()
                 await agent.wait()
         if defined:
-            conn = await hv._connection()
+            conn = await hv.connection()
             with contextlib.suppress(Exception):
                 dom = await asyncio.to_thread(conn.lookupByName, vm_uuid)
                 if await asyncio.to_thread(dom.isActive):

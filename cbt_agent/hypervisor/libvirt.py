@@ -165,7 +165,7 @@ class Hypervisor:
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
 
-    async def _connection(self) -> Any:
+    async def connection(self) -> Any:
         """The open connection; reopened once if libvirtd went away (e.g. was restarted)."""
         if self._conn is None:
             raise HypervisorError(f"libvirt connection to {self.uri} is not open")
@@ -194,7 +194,7 @@ class Hypervisor:
             raise HypervisorError(str(e)) from e
 
     async def _lookup(self, vm_uuid: str) -> Any | None:
-        conn = await self._connection()
+        conn = await self.connection()
 
         def lookup() -> Any | None:
             try:
