@@ -189,10 +189,10 @@ async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, A
             s.add_checkpoint(task_uuid, seq, new_name, [e.volume_uuid for e in exports])
 
     await store.run(record_plan)
-    await ctx.at("enable:planned")
 
     committed = False
     try:
+        await ctx.at("enable:planned")
         for e in exports:
             await create_scratch(Path(e.scratch_path), e.size)
             await qmp.execute(

@@ -1,0 +1,408 @@
+"""Checkpoints and exports on the real stack: libvirt TCG VMs, QEMU 7.2, libnbd, SQLite.
+
+Each test drives CbtService (the worker behind the API) and checks through NBD what a backup
+client would see: the point-in-time data, the exact dirty clusters, and that nothing is left
+behind in QEMU or on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stack
+
+from cbt_agent import commands
+from cbt_agent.config import Config, parse_config
+from cbt_agent.engine.service import CbtService
+from cbt_agent.errors import CbtError
+from cbt_agent.hypervisor.libvirt import Hypervisor
+from cbt_agent.model import DirtyExtent, TaskStatus, bitmap_from_extents
+from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.qemu.qmp import QmpRouter
+from cbt_agent.store import Store, SyncStore
+
+pytestmark = pytest.mark.stack
+
+KIB = 1024
+MIB = 1 << 20
+G = 64 * KIB  # bitmap granularity = qcow2 cluster size
+
+
+class Agent:
+    """The worker with its store, libvirt and QMP, as the app builds it."""
+
+    def __init__(self, config: Config, step: Callable[[str], Awaitable[None]] | None) -> None:
+        self.config = config
+        self.store = Store(config.db_path)
+        self.hv = Hypervisor(config.libvirt_uri)
+        self.router = QmpRouter(config.qmp_socket_template, self.hv)
+        self.service = CbtService(config, self.store, self.hv, self.router, step=step)
+        self.fail_at: str | None = None
+
+    async def open(self) -> None:
+        await self.store.open()
+        await self.hv.open()
+
+    async def close(self) -> None:
+        await self.router.close()
+        await self.hv.close()
+        await self.store.close()
+
+    async def create(self, vm: stack.TestVm) -> str:
+        cmd = commands.create_task({"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid}})
+        return str((await self.service.create(cmd))["inventory"]["uuid"])
+
+    async def enable(self, task: str, since: str | None = None) -> list[dict[str, Any]]:
+        body = {"params": {"bitmapName": since}} if since else {}
+        result = await self.service.enable(commands.enable_task(task, body))
+        return list(result["volumeCbtBackupInfos"])
+
+    async def disable(self, task: str, force: bool = False) -> None:
+        await self.service.disable(commands.disable_task(task, {"params": {"force": force}}))
+
+    async def history(self, task: str) -> list[tuple[str | None, str]]:
+        rows = await self.store.run(SyncStore.history_rows, task)
+        return [(r["from_status"], r["to_status"]) for r in rows]
+
+
+@pytest.fixture
+async def make_agent(
+    tmp_path: Path, qmp_socket_template: str
+) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
+    agents: list[Agent] = []
+
+    async def make(keep: int = 16, step: Callable[[str], Awaitable[None]] | None = None) -> Agent:
+        config = parse_config(
+            {
+                "api": {"tokens": ["t"]},
+                "state": {"dir": str(tmp_path / "state")},
+                "libvirt": {"uri": stack.LIBVIRT_URI},
+                "qmp": {"socket_template": qmp_socket_template},
+                "nbd": {"listen": "127.0.0.1", "port_range": "11500:11599"},
+                "checkpoints": {"keep": keep},
+            }
+        )
+        agent = Agent(config, step)
+        await agent.open()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        await agent.close()
+
+
+def by_volume(infos: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {i["volume"]["volumeUuid"]: i for i in infos}
+
+
+def address(info: dict[str, Any]) -> nbdio.NbdAddress:
+    return nbdio.NbdAddress(info["nbdServer"], info["nbdPort"], None, info["exportName"])
+
+
+def read_export(info: dict[str, Any], offset: int, length: int) -> bytes:
+    h = nbdio.connect(address(info))
+    try:
+        return bytes(h.pread(length, offset))
+    finally:
+        nbdio.close(h)
+
+
+def dirty_runs(info: dict[str, Any]) -> list[tuple[int, int]]:
+    extents = nbdio.dirty_extents(address(info), info["dirtyBitmapContext"])
+    return [(e.start, e.length) for e in extents if e.dirty]
+
+
+def expected_runs(writes: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The cluster-aligned, merged runs a set of (offset, length) writes dirties."""
+    clusters: set[int] = set()
+    for off, n in writes:
+        clusters.update(range(off // G, (off + n - 1) // G + 1))
+    runs: list[tuple[int, int]] = []
+    for c in sorted(clusters):
+        if runs and runs[-1][0] + runs[-1][1] == c * G:
+            runs[-1] = (runs[-1][0], runs[-1][1] + G)
+        else:
+            runs.append((c * G, G))
+    return [(s, min(n, size - s)) for s, n in runs]
+
+
+def qemu_state(vm: stack.TestVm) -> dict[str, Any]:
+    return {
+        "exports": vm.qmp("query-block-exports"),
+        "jobs": vm.qmp("query-jobs"),
+        "scratch": [
+            n["node-name"]
+            for n in vm.qmp("query-named-block-nodes", {"flat": True})
+            if n["node-name"].startswith("cbtsc-")
+        ],
+    }
+
+
+def bitmap_names(vm: stack.TestVm, volume_uuid: str) -> list[str]:
+    return sorted(b["name"] for b in vm.bitmaps(volume_uuid))
+
+
+async def test_full_then_incremental_exact_extents_and_data(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[64, 32])
+    (v0, _, size0), (v1, _, size1) = vm.volumes
+    agent = await make_agent()
+    task = await agent.create(vm)
+    await vm.write(v0, 0, MIB, 0xAA)
+    await vm.write(v1, 3 * MIB, 128 * KIB, 0xAB)
+
+    full = by_volume(await agent.enable(task))
+    assert {i["mode"] for i in full.values()} == {"full"}
+    assert full[v0]["reason"] == "first checkpoint of this disk: no earlier change tracking"
+    assert full[v0]["bitmapName"] == full[v1]["bitmapName"]
+    assert (full[v0]["size"], full[v1]["size"]) == (size0, size1)
+    assert full[v0]["changedBytes"] == size0 and full[v0]["dirtyBitmapContext"] is None
+    assert base64.b64decode(full[v1]["bitmapBase64"]) == b"\xff" * (size1 // G // 8)
+    first = full[v0]["bitmapName"]
+    # The export is the disk as of Enable: a guest write afterwards does not show in it.
+    await vm.write(v0, 0, 64 * KIB, 0xBB)
+    assert read_export(full[v0], 0, 128 * KIB) == b"\xaa" * (128 * KIB)
+    assert read_export(full[v0], MIB, 64 * KIB) == bytes(64 * KIB)
+    assert read_export(full[v1], 3 * MIB, 128 * KIB) == b"\xab" * (128 * KIB)
+    await agent.disable(task)
+    assert os.listdir(agent.config.scratch_dir) == []
+    assert qemu_state(vm) == {"exports": [], "jobs": [], "scratch": []}
+
+    writes0 = [(5 * MIB + 100, 1000), (20 * MIB + 4096, 100 * KIB), (63 * MIB, MIB)]
+    writes1 = [(7 * MIB, 512), (7 * MIB + 512, 512), (31 * MIB + 65535, 2)]
+    for off, n in writes0:
+        await vm.write(v0, off, n, 0xC0)
+    for off, n in writes1:
+        await vm.write(v1, off, n, 0xC1)
+    inc = by_volume(await agent.enable(task))
+    assert {i["mode"] for i in inc.values()} == {"incremental"}
+    assert inc[v0]["sinceBitmapName"] == first and inc[v0]["reason"] is None
+    assert inc[v0]["bitmapName"] != first
+    # exactly the written clusters, including the 0xBB write made while the first export was open
+    want0 = expected_runs([(0, 64 * KIB), *writes0], size0)
+    want1 = expected_runs(writes1, size1)
+    assert dirty_runs(inc[v0]) == want0
+    assert dirty_runs(inc[v1]) == want1
+    assert want1 == [(7 * MIB, G), (31 * MIB, 2 * G)]
+    for vol, want in ((v0, want0), (v1, want1)):
+        extents = [DirtyExtent(s, n, True) for s, n in want]
+        size = inc[vol]["size"]
+        assert base64.b64decode(inc[vol]["bitmapBase64"]) == bitmap_from_extents(extents, size, G)
+        assert inc[vol]["changedBytes"] == sum(n for _, n in want)
+    # and the data there is what was written
+    assert read_export(inc[v0], 0, 64 * KIB) == b"\xbb" * (64 * KIB)
+    assert read_export(inc[v0], 5 * MIB + 100, 1000) == b"\xc0" * 1000
+    assert read_export(inc[v0], 5 * MIB, 100) == bytes(100)
+    assert read_export(inc[v1], 7 * MIB, 1024) == b"\xc1" * 1024
+    await agent.disable(task)
+    assert await agent.history(task) == [
+        (None, "Created"),
+        ("Created", "Starting"),
+        ("Starting", "Running"),
+        ("Running", "Stopped"),
+        ("Stopped", "Starting"),
+        ("Starting", "Running"),
+        ("Running", "Stopped"),
+    ]
+
+
+async def test_changes_since_an_older_checkpoint_are_the_union(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[16])
+    v0, _, size = vm.volumes[0]
+    agent = await make_agent()
+    task = await agent.create(vm)
+    names = []
+    writes = [(1 * MIB, 4096), (2 * MIB, 4096), (3 * MIB, 4096)]
+    for off, n in writes:
+        infos = await agent.enable(task)
+        names.append(infos[0]["bitmapName"])
+        await agent.disable(task)
+        await vm.write(v0, off, n, 0x11)
+    since_first = (await agent.enable(task, since=names[0]))[0]
+    assert since_first["mode"] == "incremental" and since_first["sinceBitmapName"] == names[0]
+    assert dirty_runs(since_first) == expected_runs(writes, size)
+    await agent.disable(task)
+    # the default is "since the latest checkpoint": only what came after the one just cut
+    await vm.write(v0, 9 * MIB, 10, 0x22)
+    latest = (await agent.enable(task))[0]
+    assert dirty_runs(latest) == [(9 * MIB, G)]
+    await agent.disable(task)
+    unknown = (await agent.enable(task, since="cbt-nosuch-000001"))[0]
+    assert unknown["mode"] == "full"
+    assert unknown["reason"] == "checkpoint cbt-nosuch-000001 is unknown to this task"
+    await agent.disable(task)
+
+
+async def test_libvirt_passthrough_when_there_is_no_extra_socket(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[16, 16], extra_qmp=False)
+    (v0, _, _), (v1, _, _) = vm.volumes
+    agent = await make_agent()
+    task = await agent.create(vm)
+    await agent.enable(task)
+    assert (await agent.router.channel(vm.vm_uuid)).kind == "libvirt"
+    await agent.disable(task)
+    await vm.write(v1, 4 * MIB, 70 * KIB, 0x33)
+    inc = by_volume(await agent.enable(task))
+    assert dirty_runs(inc[v1]) == [(4 * MIB, 2 * G)]
+    assert dirty_runs(inc[v0]) == []
+    assert inc[v0]["changedBytes"] == 0
+    assert read_export(inc[v1], 4 * MIB, 70 * KIB) == b"\x33" * (70 * KIB)
+    await agent.disable(task)
+    assert qemu_state(vm) == {"exports": [], "jobs": [], "scratch": []}
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("step", "checkpoint_kept"),
+    [
+        ("enable:planned", False),
+        ("enable:scratch", False),
+        ("enable:checkpoint", True),
+        ("enable:bitmaps", True),
+        ("enable:nbd-server", True),
+        ("enable:exported", True),
+    ],
+)
+async def test_failed_enable_leaves_nothing_and_loses_no_write(
+    vm_factory: Callable[..., stack.TestVm],
+    make_agent: Callable[..., Awaitable[Agent]],
+    step: str,
+    checkpoint_kept: bool,
+) -> None:
+    vm = vm_factory(disks_mib=[16, 16])
+    (v0, _, _), (v1, _, _) = vm.volumes
+    fail_at: list[str] = []
+
+    async def hook(name: str) -> None:
+        if fail_at and name == fail_at[0]:
+            raise Boom(f"injected at {name}")
+
+    agent = await make_agent(step=hook)
+    task = await agent.create(vm)
+    first = (await agent.enable(task))[0]["bitmapName"]
+    await agent.disable(task)
+    await vm.write(v0, 1 * MIB, 4096, 0x44)  # before the failed Enable
+
+    fail_at.append(step)
+    with pytest.raises(Boom):
+        await agent.enable(task)
+    fail_at.clear()
+    t = await agent.store.run(SyncStore.require_task, task)
+    assert t.status is TaskStatus.FAILED and t.reason == f"enable failed: Boom: injected at {step}"
+    assert os.listdir(agent.config.scratch_dir) == []
+    assert qemu_state(vm) == {"exports": [], "jobs": [], "scratch": []}
+    names = [c.name for c in await agent.store.run(SyncStore.checkpoints, task)]
+    assert len(names) == (2 if checkpoint_kept else 1)
+    for vol in (v0, v1):
+        assert bitmap_names(vm, vol) == names  # no temporary bitmap, nothing stray
+
+    await vm.write(v0, 2 * MIB, 4096, 0x55)  # after the failed Enable
+    inc = by_volume(await agent.enable(task, since=first))
+    assert inc[v0]["mode"] == "incremental"
+    assert dirty_runs(inc[v0]) == [(1 * MIB, G), (2 * MIB, G)]
+    assert dirty_runs(inc[v1]) == []
+    await agent.disable(task)
+    assert (None, "Created") in await agent.history(task)
+    assert ("Starting", "Failed") in await agent.history(task)
+
+
+async def test_retention_removes_oldest_and_reports_it(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[16])
+    v0 = vm.volumes[0].volume_uuid
+    agent = await make_agent(keep=2)
+    task = await agent.create(vm)
+    names = []
+    for i in range(4):
+        names.append((await agent.enable(task))[0]["bitmapName"])
+        await agent.disable(task)
+        await vm.write(v0, i * MIB, 512, 0x66)
+    assert bitmap_names(vm, v0) == names[2:]
+    assert [c.name for c in await agent.store.run(SyncStore.checkpoints, task)] == names[2:]
+    old = (await agent.enable(task, since=names[0]))[0]
+    assert old["mode"] == "full"
+    assert old["reason"] == f"checkpoint {names[0]} was removed by retention"
+    await agent.disable(task)
+
+
+async def test_enable_refused_while_running_and_disable_is_idempotent(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[16])
+    agent = await make_agent()
+    task = await agent.create(vm)
+    await agent.disable(task)  # nothing to disable: stays Created
+    assert (await agent.store.run(SyncStore.require_task, task)).status is TaskStatus.CREATED
+    await agent.enable(task)
+    with pytest.raises(CbtError, match="has already enabled, please disable it"):
+        await agent.enable(task)
+    assert (await agent.store.run(SyncStore.require_task, task)).status is TaskStatus.RUNNING
+    await agent.disable(task)
+    await agent.disable(task)
+    assert await agent.history(task) == [
+        (None, "Created"),
+        ("Created", "Starting"),
+        ("Starting", "Running"),
+        ("Running", "Stopped"),
+    ]
+
+
+async def test_disable_force_with_a_client_connected(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[16])
+    agent = await make_agent()
+    task = await agent.create(vm)
+    info = (await agent.enable(task))[0]
+    client = await asyncio.to_thread(nbdio.connect, address(info))
+    try:
+        await agent.disable(task, force=True)
+        assert qemu_state(vm) == {"exports": [], "jobs": [], "scratch": []}
+    finally:
+        nbdio.close(client)
+
+
+async def test_delete_removes_bitmaps_running_and_shut_off(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    running = vm_factory(disks_mib=[16, 16])
+    stopped = vm_factory(disks_mib=[16])
+    agent = await make_agent()
+    t1 = await agent.create(running)
+    t2 = await agent.create(stopped)
+    await agent.enable(t1)  # left Running: Delete disables first
+    await agent.enable(t2)
+    await agent.disable(t2)
+    await asyncio.to_thread(stopped.shutdown)  # clean quit: the bitmap is saved in the qcow2
+    await agent.service.delete(commands.delete_task(t1, False, None))
+    await agent.service.delete(commands.delete_task(t2, False, None))
+    for vol in running.volumes:
+        assert bitmap_names(running, vol.volume_uuid) == []
+    assert qemu_state(running) == {"exports": [], "jobs": [], "scratch": []}
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img",
+        "info",
+        "--output=json",
+        str(stopped.volumes[0].path),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert b'"bitmaps"' not in out
+    assert await agent.store.run(SyncStore.list_tasks) == []
+    assert (await agent.history(t1))[-1] == ("Running", "Deleted")
