@@ -1,0 +1,184 @@
+"""The agent as a real process: `cbt-agent serve`, `status` and `tasks` with the agent down,
+and restarts (SIGTERM and SIGKILL) that keep a live export usable. Each test stops the agent it
+started, by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import stack
+
+from cbt_agent.qemu import nbd as nbdio
+
+pytestmark = pytest.mark.stack
+
+TOKEN = "e2e-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, port: int, state: Path, qmp_template: str) -> None:
+    path.write_text(
+        f'[api]\nlisten = "127.0.0.1:{port}"\ntokens = ["{TOKEN}"]\n'
+        f'[state]\ndir = "{state}"\n[libvirt]\nuri = "{stack.LIBVIRT_URI}"\n'
+        f'[qmp]\nsocket_template = "{qmp_template}"\n'
+        '[nbd]\nlisten = "127.0.0.1"\nport_range = "11700:11799"\n'
+    )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cbt_agent", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+class AgentProcess:
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.session = aiohttp.ClientSession(headers={"Authorization": f"OAuth {TOKEN}"})
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cbt_agent",
+            "serve",
+            "--config",
+            str(self.config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(300):
+            try:
+                async with self.session.get(f"{self.base}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert self.proc.returncode is None, "agent exited at start"
+            await asyncio.sleep(0.05)
+        raise AssertionError("agent did not answer /healthz")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            os.kill(self.proc.pid, sig)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        self.proc = None
+        return code
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.session.request(method, f"{self.base}/zstack/v1{path}", json=body) as r:
+            assert r.status == 202, await r.text()
+            location = (await r.json())["location"]
+        while True:
+            async with self.session.get(location) as r:
+                if r.status != 202:
+                    return r.status, await r.json()
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def agent_factory(
+    tmp_path: Path, qmp_socket_template: str
+) -> AsyncIterator[Callable[[], AgentProcess]]:
+    made: list[AgentProcess] = []
+    port = free_port()
+    config = tmp_path / "config.toml"
+    write_config(config, port, tmp_path / "state", qmp_socket_template)
+
+    def make() -> AgentProcess:
+        agent = AgentProcess(config, port)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        if agent.proc is not None:
+            await agent.stop(signal.SIGKILL)
+        await agent.session.close()
+
+
+def test_bad_config_is_refused_with_key_and_reason(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[api]\nlisten = "127.0.0.1:7090"\ntokens = ["t"]\n[nbd]\nport_range = "9:1"\n'
+    )
+    result = cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "cbt-agent: invalid configuration: config nbd.port_range: '9:1' is not FIRST:LAST "
+        "within 1-65535"
+    )
+    assert "Traceback" not in result.stderr
+
+
+async def test_status_without_agent_and_restarts_keep_exports(
+    vm_factory: Callable[..., stack.TestVm], agent_factory: Callable[[], AgentProcess]
+) -> None:
+    vm = vm_factory(disks_mib=[16])
+    vol = vm.volumes[0].volume_uuid
+    agent = agent_factory()
+    await agent.start()
+    status, body = await agent.call(
+        "POST", "/cbt-task/create", {"params": {"name": "e2e", "vmInstanceUuid": vm.vm_uuid}}
+    )
+    assert status == 200
+    task = body["inventory"]["uuid"]
+    await vm.write(vol, 0, 4096, 0x77)
+    status, body = await agent.call("POST", f"/cbt-task/enable/{task}", {"params": {}})
+    assert status == 200
+    info = body["volumeCbtBackupInfos"][0]
+    assert await agent.stop(signal.SIGTERM) == 0
+
+    # The operator's view with the agent down: straight from SQLite.
+    out = cli("status", "--config", str(agent.config), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["tasks"]
+    assert [(r["uuid"], r["status"], r["checkpoints"]) for r in rows] == [(task, "Running", 1)]
+    assert rows[0]["nbd"] == f"127.0.0.1:{info['nbdPort']}"
+    out = cli("tasks", "--config", str(agent.config), task, "--json")
+    history = json.loads(out.stdout)["history"]
+    assert [(h["from_status"], h["to_status"]) for h in history] == [
+        (None, "Created"),
+        ("Created", "Starting"),
+        ("Starting", "Running"),
+    ]
+    text = cli("status", "--config", str(agent.config)).stdout
+    assert task in text and "Running" in text
+
+    # Restarted (after SIGTERM, then after SIGKILL): the export survived in QEMU and stays usable.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        await agent.start()
+        async with agent.session.get(f"{agent.base}/zstack/v1/cbt-task/{task}") as r:
+            assert (await r.json())["inventories"][0]["status"] == "Running"
+        h = await asyncio.to_thread(
+            nbdio.connect, nbdio.NbdAddress("127.0.0.1", info["nbdPort"], None, vol)
+        )
+        assert bytes(h.pread(4096, 0)) == b"\x77" * 4096
+        nbdio.close(h)
+        code = await agent.stop(sig)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+
+    await agent.start()
+    status, body = await agent.call("POST", f"/cbt-task/disable/{task}", {"params": {}})
+    assert (status, body["inventory"]["status"]) == (200, "Stopped")
+    assert vm.qmp("query-block-exports") == []
+    await agent.stop()
