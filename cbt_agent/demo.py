@@ -63,7 +63,12 @@ def throwaway_domain_xml(
         "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
         "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
         f"{''.join(parts)}"
-        "<controller type='usb' model='none'/><memballoon model='none'/></devices>"
+        "<controller type='usb' model='none'/><memballoon model='none'/>"
+        # a PCIe root port per disk, and two spare: q35 hot-plugs a disk only into a free one
+        "<controller type='pci' index='0' model='pcie-root'/>"
+        + "<controller type='pci' model='pcie-root-port'/>"
+        * (len(disks) + 2)
+        + "</devices>"
         f"{cmdline}</domain>"
     )
 

@@ -71,6 +71,10 @@ class Checkpoint:
     name: str
     volumes: frozenset[str]
     created: datetime
+    sizes: tuple[tuple[str, int], ...] = ()  # (volume uuid, virtual size) when it was cut
+
+    def size_of(self, volume_uuid: str) -> int | None:
+        return dict(self.sizes).get(volume_uuid)
 
 
 def checkpoint_name(task_uuid: str, seq: int) -> str:
@@ -111,6 +115,7 @@ FULL_FIRST = "first checkpoint of this disk: no earlier change tracking"
 FULL_UNKNOWN = "checkpoint {name} is unknown to this task"
 FULL_REMOVED = "checkpoint {name} was removed by retention"
 FULL_NEW_DISK = "disk was added after checkpoint {name}"
+FULL_RESIZED = "disk was resized since checkpoint {name} ({old} -> {new} bytes)"
 FULL_MISSING = "bitmap {bitmap} is missing on this disk (change tracking lost)"
 FULL_INCONSISTENT = "change tracking lost after unclean shutdown (bitmap {bitmap} inconsistent)"
 
@@ -121,6 +126,7 @@ def plan_disk(
     since_name: str | None,
     bitmaps: dict[str, BitmapState],
     removed_names: Iterable[str] = (),
+    size: int | None = None,
 ) -> DiskPlan:
     """Decide full or incremental for one disk, and which bitmaps make the change set.
 
@@ -153,6 +159,9 @@ def plan_disk(
     for cp in chain:
         if volume_uuid not in cp.volumes:
             return full(FULL_NEW_DISK.format(name=cp.name))
+        old = cp.size_of(volume_uuid)
+        if size is not None and old is not None and old != size:
+            return full(FULL_RESIZED.format(name=cp.name, old=old, new=size))
         state = bitmaps.get(cp.name)
         if state is None:
             return full(FULL_MISSING.format(bitmap=cp.name))

@@ -103,6 +103,7 @@ _MIGRATIONS: list[list[str]] = [
         """CREATE TABLE checkpoints (
             task_uuid TEXT NOT NULL REFERENCES tasks(uuid) ON DELETE CASCADE,
             seq INTEGER NOT NULL, name TEXT NOT NULL UNIQUE, volumes TEXT NOT NULL,
+            sizes TEXT NOT NULL DEFAULT '{}',
             created TEXT NOT NULL, removed TEXT,
             PRIMARY KEY (task_uuid, seq))""",
         """CREATE TABLE exports (
@@ -400,6 +401,7 @@ class SyncStore:
             name=r["name"],
             volumes=frozenset(json.loads(r["volumes"])),
             created=_dt(r["created"]),
+            sizes=tuple(sorted(json.loads(r["sizes"]).items())),
         )
 
     def checkpoints(self, task_uuid: str) -> list[Checkpoint]:
@@ -431,13 +433,16 @@ class SyncStore:
             self.db.execute("UPDATE tasks SET next_seq = ? WHERE uuid = ?", (seq + 1, task_uuid))
         return seq
 
-    def add_checkpoint(self, task_uuid: str, seq: int, name: str, volumes: list[str]) -> None:
+    def add_checkpoint(
+        self, task_uuid: str, seq: int, name: str, volumes: list[str], sizes: dict[str, int]
+    ) -> None:
         self.db.table("checkpoints").insert(
             {
                 "task_uuid": task_uuid,
                 "seq": seq,
                 "name": name,
                 "volumes": json.dumps(sorted(volumes)),
+                "sizes": json.dumps(sizes, sort_keys=True),
                 "created": _ts(utcnow()),
                 "removed": None,
             }

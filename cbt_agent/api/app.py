@@ -227,6 +227,30 @@ async def query_tasks(request: web.Request) -> web.Response:
     return _json(_with_schema(request, body, force=True))
 
 
+MAX_AREAS = 10_000  # changed areas in one reply: a 1 TiB disk never builds a giant body
+
+
+async def changed_areas(request: web.Request) -> web.Response:
+    """Extension: the changed areas of one disk of a Running task (QueryChangedDiskAreas)."""
+    denied = _authenticate(request)
+    if denied is not None:
+        return denied
+    q = request.query
+    try:
+        task_uuid = commands.require_uuid(request.match_info["uuid"], "uuid")
+        volume_uuid = commands.require_uuid(request.match_info["volumeUuid"], "volumeUuid")
+        start = zstack.parse_int_param("startOffset", q.get("startOffset"), 0) or 0
+        length = zstack.parse_int_param("length", q.get("length"), None, minimum=1)
+        limit = zstack.parse_int_param("limit", q.get("limit"), MAX_AREAS, minimum=1)
+        assert limit is not None
+        body = await request.app[SERVICE].changed_areas(
+            task_uuid, volume_uuid, start, length, min(limit, MAX_AREAS)
+        )
+    except CbtError as e:
+        return _error(e)
+    return _json(body)
+
+
 async def api_job(request: web.Request) -> web.Response:
     job_uuid = request.match_info["uuid"]
     if not JOB_UUID.match(job_uuid):
@@ -291,10 +315,15 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/cbt-task/create", create_task)
         app.router.add_post(f"{prefix}/cbt-task/enable/{{uuid}}", enable_task)
         app.router.add_post(f"{prefix}/cbt-task/disable/{{uuid}}", disable_task)
-        app.router.add_delete(f"{prefix}/cbt-task/{{uuid}}", delete_task)
+        # "create" is CreateCbtTask's path, not a task uuid: GET/DELETE on it are a 405
+        task = f"{prefix}/cbt-task/{{uuid:(?!create$)[^/]+}}"
+        app.router.add_delete(task, delete_task)
         app.router.add_get(f"{prefix}/cbt-task", query_tasks)
-        app.router.add_get(f"{prefix}/cbt-task/{{uuid}}", query_tasks)
+        app.router.add_get(task, query_tasks)
         app.router.add_get(f"{prefix}/api-jobs/{{uuid}}", api_job)
+        app.router.add_get(
+            f"{prefix}/cbt-task/{{uuid}}/volumes/{{volumeUuid}}/changed-areas", changed_areas
+        )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 

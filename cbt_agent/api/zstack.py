@@ -605,4 +605,4 @@ def jsonable(value: Any) -> Any:
 
 
 # Extension fields whose null is meaningful (VolumeCbtBackupInfo: "null for full").
-KEEP_NULL: Final = frozenset({"sinceBitmapName", "reason", "dirtyBitmapContext"})
+KEEP_NULL: Final = frozenset({"sinceBitmapName", "reason", "dirtyBitmapContext", "nextOffset"})

@@ -139,7 +139,9 @@ async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, A
         if dev.driver == "copy-before-write":
             raise OperationError(f"disk {disk.volume_uuid} is already being exported")
         bitmaps = blockdev.bitmaps_of(nodes.get(dev.node_name))
-        plan = plan_disk(disk.volume_uuid, checkpoints, since_name, bitmaps, removed)
+        plan = plan_disk(
+            disk.volume_uuid, checkpoints, since_name, bitmaps, removed, dev.virtual_size
+        )
         plans.append((disk, dev, plan, bitmaps))
 
     # Bitmaps that cannot be trusted or were left behind: inconsistent ones (unclean shutdown)
@@ -186,7 +188,13 @@ async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, A
     def record_plan(s: SyncStore) -> None:
         with s._tx():
             s.save_exports(exports, None, None)
-            s.add_checkpoint(task_uuid, seq, new_name, [e.volume_uuid for e in exports])
+            s.add_checkpoint(
+                task_uuid,
+                seq,
+                new_name,
+                [e.volume_uuid for e in exports],
+                {e.volume_uuid: e.size for e in exports},
+            )
 
     await store.run(record_plan)
 

@@ -19,9 +19,10 @@ from cbt_agent import commands
 from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext, StepHook
-from cbt_agent.errors import CbtError, HypervisorError, NotFound, OperationError
+from cbt_agent.errors import CbtError, HypervisorError, InvalidArgument, NotFound, OperationError
 from cbt_agent.hypervisor.libvirt import Hypervisor, VmInfo
 from cbt_agent.model import CbtTask, TaskStatus
+from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.store import ResourceRef, Store, SyncStore
 
@@ -261,6 +262,47 @@ class CbtService:
             await self.store.run(SyncStore.delete_task, task.uuid, "deleted")
             await self.qmp.forget(task.vm_uuid)
         return {}
+
+    async def changed_areas(
+        self, task_uuid: str, volume_uuid: str, start: int, length: int | None, limit: int
+    ) -> Result:
+        """The changed areas of one disk of a Running task's current checkpoint (VMware
+        QueryChangedDiskAreas): maximal runs, at most `limit` a page; `nextOffset` continues."""
+        task = await self.store.run(SyncStore.require_task, task_uuid)
+        if task.status is not TaskStatus.RUNNING:
+            raise OperationError(
+                f"CbtTask [uuid: {task_uuid}] is {task.status}: changed areas need a Running task"
+            )
+        exports = {e.volume_uuid: e for e in await self.store.run(SyncStore.exports, task_uuid)}
+        export = exports.get(volume_uuid)
+        if export is None:
+            raise NotFound(
+                f"volume [uuid: {volume_uuid}] is not exported by CbtTask [uuid: {task_uuid}]",
+                field="volumeUuid",
+            )
+        if start >= export.size:
+            raise InvalidArgument(
+                f"startOffset {start} is beyond the disk's size {export.size}",
+                field="startOffset",
+            )
+        host, port = await self.store.run(SyncStore.nbd_endpoint, task_uuid)
+        address = nbdio.NbdAddress(host, port, None, volume_uuid)
+        context = (
+            f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else "base:allocation"
+        )
+        page = await asyncio.to_thread(nbdio.changed_areas, address, context, start, length, limit)
+        return {
+            "volumeUuid": volume_uuid,
+            "size": export.size,
+            "granularity": export.granularity,
+            "mode": export.mode,
+            "bitmapName": export.checkpoint,
+            "sinceBitmapName": export.since,
+            "startOffset": start,
+            "length": page.end - start,
+            "changedAreas": [{"start": s, "length": n} for s, n in page.areas],
+            "nextOffset": None if page.done else page.end,
+        }
 
     async def _remove_bitmaps(self, task: CbtTask) -> None:
         vm = await self.hypervisor.find_vm(task.vm_uuid)

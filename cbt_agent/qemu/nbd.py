@@ -111,3 +111,49 @@ def dirty_extents(
         raise HypervisorError(f"NBD block status on {address.uri()} failed: {e}") from None
     finally:
         close(h)
+
+
+@dataclass(frozen=True)
+class ChangedAreas:
+    areas: list[tuple[int, int]]  # (start, length), maximal runs, sorted
+    end: int  # where this page stops: the next page starts here
+    done: bool  # the requested range is covered
+
+
+def changed_areas(
+    address: NbdAddress,
+    context: str,
+    start: int,
+    length: int | None,
+    max_areas: int,
+) -> ChangedAreas:
+    """The changed runs in [start, start+length): with a `qemu:dirty-bitmap:` context the dirty
+    ones; with `base:allocation` (a full) the ones that do not read as zero.
+
+    Stops after `max_areas` runs, at the end of a run, so runs are never split across pages.
+    """
+    h = connect(address, (context,))
+    try:
+        size = int(h.get_size())
+        end = size if length is None else min(size, start + length)
+
+        def changed(flags: int) -> bool:
+            if context == "base:allocation":
+                return not flags & STATE_ZERO
+            return bool(flags & DIRTY)
+
+        areas: list[tuple[int, int]] = []
+        for pos, n, flags in iter_extents(h, context, start, end - start):
+            if not changed(flags):
+                if len(areas) >= max_areas:
+                    return ChangedAreas(areas, pos, False)
+                continue
+            if areas and areas[-1][0] + areas[-1][1] == pos:
+                areas[-1] = (areas[-1][0], areas[-1][1] + n)
+            else:
+                areas.append((pos, n))
+        return ChangedAreas(areas, end, True)
+    except nbd.Error as e:
+        raise HypervisorError(f"NBD block status on {address.uri()} failed: {e}") from None
+    finally:
+        close(h)

@@ -406,3 +406,112 @@ async def test_delete_removes_bitmaps_running_and_shut_off(
     assert b'"bitmaps"' not in out
     assert await agent.store.run(SyncStore.list_tasks) == []
     assert (await agent.history(t1))[-1] == ("Running", "Deleted")
+
+
+async def test_changed_areas_pages_equal_a_direct_nbd_read(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[64])
+    v0, _, size = vm.volumes[0]
+    agent = await make_agent()
+    task = await agent.create(vm)
+    full = (await agent.enable(task))[0]
+    # a full: the areas that hold data (base:allocation), here none yet
+    page = await agent.service.changed_areas(task, v0, 0, None, 100)
+    assert (page["mode"], page["changedAreas"], page["nextOffset"]) == ("full", [], None)
+    assert page["bitmapName"] == full["bitmapName"]
+    await agent.disable(task)
+    writes = [(i * 3 * MIB + 777, 10 * KIB) for i in range(7)] + [(40 * MIB, 300 * KIB)]
+    for off, n in writes:
+        await vm.write(v0, off, n, 0x5A)
+    info = (await agent.enable(task))[0]
+    direct = dirty_runs(info)
+    assert direct == expected_runs(writes, size)
+    whole = await agent.service.changed_areas(task, v0, 0, None, 10_000)
+    assert [(a["start"], a["length"]) for a in whole["changedAreas"]] == direct
+    assert (whole["startOffset"], whole["length"], whole["nextOffset"]) == (0, size, None)
+    # paged two at a time: the pages join up to the same runs, none split across pages
+    got: list[tuple[int, int]] = []
+    offset: int | None = 0
+    pages = 0
+    while offset is not None:
+        page = await agent.service.changed_areas(task, v0, offset, None, 2)
+        assert len(page["changedAreas"]) <= 2
+        got += [(a["start"], a["length"]) for a in page["changedAreas"]]
+        assert page["startOffset"] + page["length"] == (page["nextOffset"] or size)
+        offset = page["nextOffset"]
+        pages += 1
+    assert got == direct and pages == 5  # the last page finds no more
+    # a window: only what lies inside it, clipped
+    window = await agent.service.changed_areas(task, v0, 40 * MIB + G, G, 10)
+    assert window["changedAreas"] == [{"start": 40 * MIB + G, "length": G}]
+    with pytest.raises(CbtError, match="beyond the disk's size"):
+        await agent.service.changed_areas(task, v0, size, None, 10)
+    await agent.disable(task)
+    with pytest.raises(CbtError, match="need a Running task"):
+        await agent.service.changed_areas(task, v0, 0, None, 10)
+
+
+async def test_disks_added_resized_and_removed(
+    vm_factory: Callable[..., stack.TestVm],
+    make_agent: Callable[..., Awaitable[Agent]],
+    tmp_path: Path,
+) -> None:
+    vm = vm_factory(disks_mib=[16, 16])
+    (v0, _, _), (v1, _, _) = vm.volumes
+    agent = await make_agent()
+    task = await agent.create(vm)
+    first = (await agent.enable(task))[0]["bitmapName"]
+    await agent.disable(task)
+
+    # hot-plug a third disk, grow the second
+    v2 = "ab" * 16
+    path = tmp_path / "hotplug.qcow2"
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "create", "-q", "-f", "qcow2", str(path), "8M"
+    )
+    assert await proc.wait() == 0
+    xml = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{path}'/><target dev='vdc' bus='virtio'/><serial>{v2}</serial></disk>"
+    )
+    live_and_config = 3  # VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG
+    await asyncio.to_thread(vm.domain().attachDeviceFlags, xml, live_and_config)
+    vm.volumes.append(stack.TestVolume(v2, path, 8 * MIB))
+    vm.qmp("block_resize", {"node-name": vm.node_name(v1), "size": 32 * MIB})
+    await vm.write(v0, MIB, 512, 0x01)
+    infos = by_volume(await agent.enable(task))
+    assert infos[v0]["mode"] == "incremental" and dirty_runs(infos[v0]) == [(MIB, G)]
+    assert infos[v1]["mode"] == "full"
+    assert infos[v1]["reason"] == (
+        f"disk was resized since checkpoint {first} ({16 * MIB} -> {32 * MIB} bytes)"
+    )
+    assert infos[v2]["mode"] == "full"
+    assert infos[v2]["reason"] == f"disk was added after checkpoint {first}"
+    refs = await agent.store.run(SyncStore.resource_refs, task)
+    assert sorted(r.resource_uuid for r in refs if r.resource_type == "VolumeVO") == sorted(
+        [v0, v1, v2]
+    )
+    second = infos[v0]["bitmapName"]
+    await agent.disable(task)
+
+    # the new disk is tracked from its first checkpoint on. Remove the first disk from the
+    # definition, shut the VM down cleanly (bitmaps are saved in the qcow2) and start it again.
+    await vm.write(v2, 2 * MIB, 512, 0x02)
+    disk0 = vm.domain().XMLDesc(0).split("<disk ")[1].split("</disk>")[0]
+    assert v0 in disk0
+    config_only = 2  # VIR_DOMAIN_AFFECT_CONFIG: a guest without an OS never acks a hot-unplug
+    await asyncio.to_thread(
+        vm.domain().detachDeviceFlags, "<disk " + disk0 + "</disk>", config_only
+    )
+    await asyncio.to_thread(vm.shutdown)
+    await asyncio.to_thread(vm.start)
+    infos = by_volume(await agent.enable(task))
+    assert sorted(infos) == sorted([v1, v2])
+    assert infos[v2]["mode"] == "incremental" and infos[v2]["sinceBitmapName"] == second
+    assert dirty_runs(infos[v2]) == [(2 * MIB, G)]
+    refs = await agent.store.run(SyncStore.resource_refs, task)
+    assert sorted(r.resource_uuid for r in refs if r.resource_type == "VolumeVO") == sorted(
+        [v1, v2]
+    )
+    await agent.disable(task)

@@ -127,6 +127,15 @@ def test_disk_added_after_checkpoint_is_full() -> None:
     assert plan.freeze == cps[1].name
 
 
+def test_resized_disk_is_full_with_both_sizes() -> None:
+    c = Checkpoint(TASK, 1, checkpoint_name(TASK, 1), frozenset({"v1"}), NOW, (("v1", 1 << 20),))
+    bitmaps = {c.name: bm(c.name, recording=True)}
+    plan = plan_disk("v1", [c], None, bitmaps, size=2 << 20)
+    assert plan.mode == "full"
+    assert plan.reason == f"disk was resized since checkpoint {c.name} (1048576 -> 2097152 bytes)"
+    assert plan_disk("v1", [c], None, bitmaps, size=1 << 20).mode == "incremental"
+
+
 def test_merge_extents_joins_adjacent_runs_of_same_kind() -> None:
     merged = merge_extents(
         [

@@ -84,10 +84,10 @@ def test_every_transition_is_a_row_and_bad_ones_are_refused(store: SyncStore) ->
 def test_checkpoint_seq_is_never_reused(store: SyncStore) -> None:
     store.create_task(TASK, "n", None, VM, [])
     assert [store.next_checkpoint_seq(TASK) for _ in range(3)] == [1, 2, 3]
-    store.add_checkpoint(TASK, 1, "c1", ["v1"])
-    store.add_checkpoint(TASK, 2, "c2", ["v1"])
+    store.add_checkpoint(TASK, 1, "c1", ["v1"], {"v1": 1 << 20})
+    store.add_checkpoint(TASK, 2, "c2", ["v1"], {"v1": 2 << 20})
     store.mark_checkpoint_removed(TASK, "c1")
-    assert [c.name for c in store.checkpoints(TASK)] == ["c2"]
+    assert [(c.name, c.size_of("v1")) for c in store.checkpoints(TASK)] == [("c2", 2 << 20)]
     assert store.removed_checkpoint_names(TASK) == ["c1"]
 
 
