@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,12 +21,30 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config) if args.config else None)
 
 
+CRASH_AT_ENV = "CBT_AGENT_CRASH_AT"
+
+
+def _crash_hook() -> Any:
+    """For fault-injection tests only: with CBT_AGENT_CRASH_AT=<step> the agent kills itself
+    with SIGKILL when an operation reaches that step (see engine.checkpoints.StepHook)."""
+    at = os.environ.get(CRASH_AT_ENV)
+    if not at:
+        return None
+
+    async def hook(step: str) -> None:
+        if step == at:
+            logging.getLogger("cbt_agent").warning("%s=%s: SIGKILL now", CRASH_AT_ENV, at)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
 async def _serve(config: Config) -> None:
     from aiohttp import web
 
     from cbt_agent.api.app import make_app
 
-    app = make_app(config)
+    app = make_app(config, step=_crash_hook())
     runner = web.AppRunner(app, access_log=logging.getLogger("cbt_agent.access"))
     await runner.setup()  # opens the store, libvirt, and reconciles before listening
     site = web.TCPSite(runner, config.api.host, config.api.port)

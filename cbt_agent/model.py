@@ -56,6 +56,7 @@ class CbtTask:
     create_date: datetime
     last_op_date: datetime
     reason: str | None = None  # why the last transition happened (kept for Failed)
+    operation: str | None = None  # enable | disable | delete while one is in flight
 
 
 @dataclass(frozen=True)

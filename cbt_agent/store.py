@@ -185,6 +185,7 @@ class SyncStore:
             create_date=_dt(row["create_date"]),
             last_op_date=_dt(row["last_op_date"]),
             reason=row["reason"],
+            operation=row["operation"],
         )
 
     def _row(self, sql: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
@@ -305,6 +306,10 @@ class SyncStore:
                 (new.value, reason, now, operation, task_uuid),
             )
         return self.require_task(task_uuid)
+
+    def set_operation(self, task_uuid: str, operation: str | None) -> None:
+        """Record the operation about to touch QEMU (the intent), or clear it."""
+        self.db.execute("UPDATE tasks SET operation = ? WHERE uuid = ?", (operation, task_uuid))
 
     def delete_task(self, task_uuid: str, reason: str) -> None:
         """Remove the task and what hangs off it; its transition history stays, ending 'Deleted'."""

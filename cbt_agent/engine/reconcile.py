@@ -14,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 from cbt_agent.api import zstack
-from cbt_agent.engine import checkpoints
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
 from cbt_agent.qemu import blockdev
@@ -58,48 +56,49 @@ async def _reconcile_task(service: object, task: CbtTask) -> None:
 
     assert isinstance(service, CbtService)
     store = service.store
-    exports = await store.run(SyncStore.exports, task.uuid)
-    if task.status not in (TaskStatus.STARTING, TaskStatus.RUNNING) and not exports:
-        return
-    vm = await service.hypervisor.find_vm(task.vm_uuid)
-    running = vm is not None and vm.running
-    if task.status is TaskStatus.RUNNING and running and exports:
-        qmp = await service.qmp.channel(task.vm_uuid)
-        live = await blockdev.export_ids(qmp)
-        if all(e.phase == "exported" and e.export_id in live for e in exports):
-            log.info("task %s: exports alive, stays Running", task.uuid)
-            return
-    if running:
-        qmp = await service.qmp.channel(task.vm_uuid)
-        if task.status is TaskStatus.STARTING and exports:
-            names = {e.checkpoint for e in exports}
-            nodes = await blockdev.named_nodes(qmp)
-            made = any(
-                name in blockdev.bitmaps_of(nodes.get(e.device_node))
-                for e in exports
-                for name in names
+    async with service.vm_lock(task.vm_uuid):
+        if task.operation == "delete":
+            await service.finish_delete(
+                task, lenient=True, reason="interrupted delete finished at agent start"
             )
-            if not made:
-                for name in names:
+            log.warning("task %s: interrupted delete finished", task.uuid)
+            return
+        if task.operation == "disable":
+            await service.finish_disable(task, "interrupted disable finished at agent start")
+            log.warning("task %s: interrupted disable finished", task.uuid)
+            return
+        exports = await store.run(SyncStore.exports, task.uuid)
+        if task.status not in (TaskStatus.STARTING, TaskStatus.RUNNING) and not exports:
+            return
+        vm = await service.hypervisor.find_vm(task.vm_uuid)
+        running = vm is not None and vm.running
+        if task.status is TaskStatus.RUNNING and running and exports:
+            qmp = await service.qmp.channel(task.vm_uuid)
+            live = await blockdev.export_ids(qmp)
+            if all(e.phase == "exported" and e.export_id in live for e in exports):
+                log.info("task %s: exports alive, stays Running", task.uuid)
+                return
+        if task.status is TaskStatus.STARTING and exports and running:
+            # The checkpoint stays in the chain if its bitmap reached QEMU (the transaction ran:
+            # the new bitmap records, the previous one is frozen); otherwise it never existed.
+            qmp = await service.qmp.channel(task.vm_uuid)
+            nodes = await blockdev.named_nodes(qmp)
+            for name in {e.checkpoint for e in exports}:
+                if not any(name in blockdev.bitmaps_of(nodes.get(e.device_node)) for e in exports):
                     await store.run(SyncStore.drop_checkpoint, task.uuid, name)
-        await checkpoints.teardown_exports(service.config, store, qmp, task.uuid, force=True)
-    else:
-        if task.status is TaskStatus.STARTING and exports:
-            # QEMU is gone: a runtime bitmap never reached the qcow2. Verified at next Enable.
-            pass
-        for e in exports:
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(os.unlink, e.scratch_path)
-        await store.run(SyncStore.clear_exports, task.uuid)
-    if task.status is TaskStatus.STARTING:
-        status, reason = TaskStatus.FAILED, "enable interrupted by an agent restart: rolled back"
-    elif task.status is TaskStatus.RUNNING:
-        where = "VM not running" if not running else "export no longer in QEMU"
-        status, reason = TaskStatus.STOPPED, f"export lost while the agent was down ({where})"
-    else:
-        status, reason = task.status, "interrupted disable finished at agent start"
-    await store.run(SyncStore.set_status, task.uuid, status, reason)
-    log.warning("task %s: %s -> %s (%s)", task.uuid, task.status, status, reason)
+        if task.status is TaskStatus.STARTING:
+            status, reason = (
+                TaskStatus.FAILED,
+                "enable interrupted by an agent restart: rolled back",
+            )
+        elif task.status is TaskStatus.RUNNING:
+            where = "export no longer in QEMU" if running else "VM not running"
+            status, reason = TaskStatus.STOPPED, f"export lost while the agent was down ({where})"
+        else:
+            status, reason = task.status, "leftover export removed at agent start"
+        await service._teardown(task, force=True)
+        await store.run(SyncStore.set_status, task.uuid, status, reason)
+        log.warning("task %s: %s -> %s (%s)", task.uuid, task.status, status, reason)
 
 
 async def _remove_orphan_scratch(service: object) -> None:

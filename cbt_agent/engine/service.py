@@ -224,13 +224,7 @@ class CbtService:
             has_exports = bool(await self.store.run(SyncStore.exports, task.uuid))
             if task.status in (TaskStatus.CREATED, TaskStatus.STOPPED) and not has_exports:
                 return {"inventory": await self.task_inventory(task.uuid)}
-            await self.store.run(
-                SyncStore.set_status,
-                task.uuid,
-                task.status,
-                task.reason or "",
-                operation="disable",
-            )
+            await self.store.run(SyncStore.set_operation, task.uuid, "disable")
             try:
                 await self._teardown(task, force=cmd.force)
             except Exception as e:
@@ -249,19 +243,34 @@ class CbtService:
             task = await self.store.run(SyncStore.get_task, cmd.task_uuid)
             if task is None:
                 return {}
-            try:
-                await self._teardown(task, force=True)
-                if self.step:
-                    await self.step("delete:disabled")
-                await self._remove_bitmaps(task)
-            except Exception as e:
-                if not lenient:
-                    await self._fail(task.uuid, f"delete failed: {_reason(e)}")
-                    raise
-                log.warning("delete of task %s: %s (forced: deleting anyway)", task.uuid, e)
-            await self.store.run(SyncStore.delete_task, task.uuid, "deleted")
-            await self.qmp.forget(task.vm_uuid)
+            await self.store.run(SyncStore.set_operation, task.uuid, "delete")
+            await self.finish_delete(task, lenient=lenient, reason="deleted")
         return {}
+
+    async def finish_delete(self, task: CbtTask, *, lenient: bool, reason: str) -> None:
+        """Disable, remove every bitmap of the task, forget it. The caller holds the VM lock."""
+        try:
+            await self._teardown(task, force=True)
+            if self.step:
+                await self.step("delete:disabled")
+            await self._remove_bitmaps(task)
+            if self.step:
+                await self.step("delete:bitmaps")
+        except Exception as e:
+            if not lenient:
+                await self._fail(task.uuid, f"delete failed: {_reason(e)}")
+                raise
+            log.warning("delete of task %s: %s (forced: deleting anyway)", task.uuid, e)
+        await self.store.run(SyncStore.delete_task, task.uuid, reason)
+        await self.qmp.forget(task.vm_uuid)
+
+    async def finish_disable(self, task: CbtTask, reason: str) -> None:
+        """End the exports and land in Stopped. The caller holds the VM lock."""
+        await self._teardown(task, force=True)
+        await self._status(task.uuid, TaskStatus.STOPPED, reason)
+
+    def vm_lock(self, vm_uuid: str) -> asyncio.Lock:
+        return self._locks[vm_uuid]
 
     async def changed_areas(
         self, task_uuid: str, volume_uuid: str, start: int, length: int | None, limit: int

@@ -1,0 +1,197 @@
+"""The agent's CBT task API as the backup client sees it (aiohttp, ZStack conventions).
+
+Create, Enable and Disable answer 202 with a `location` that is polled until 200 (the result)
+or 503 (`{"error": ErrorCode}`); queries answer 200 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from cbt_agent.client.errors import ApiError, BackupError
+
+API_PREFIX = "/zstack/v1"
+POLL_INTERVAL = 0.05
+JOB_TIMEOUT = 600.0  # an Enable of many large disks still finishes in seconds
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    uuid: str
+    status: str
+
+
+@dataclass(frozen=True)
+class VolumeBackupInfo:
+    """The fields of one VolumeCbtBackupInfo the client uses."""
+
+    volume_uuid: str
+    mode: str
+    bitmap_name: str
+    since: str | None
+    reason: str | None
+    nbd_server: str | None
+    nbd_port: int | None
+    nbd_socket: str | None
+    export_name: str
+    dirty_context: str | None
+    granularity: int
+    size: int
+    changed_bytes: int | None
+    bitmap_b64: str | None
+
+    @classmethod
+    def from_reply(cls, d: dict[str, Any]) -> VolumeBackupInfo:
+        try:
+            volume = d["volume"]["volumeUuid"]
+            port = d.get("nbdPort")
+            return cls(
+                volume_uuid=str(volume),
+                mode=str(d["mode"]),
+                bitmap_name=str(d["bitmapName"]),
+                since=d.get("sinceBitmapName"),
+                reason=d.get("reason"),
+                nbd_server=d.get("nbdServer"),
+                nbd_port=int(port) if port is not None else None,
+                nbd_socket=d.get("nbdSocket"),
+                export_name=str(d.get("exportName") or volume),
+                dirty_context=d.get("dirtyBitmapContext"),
+                granularity=int(d.get("granularity") or 65536),
+                size=int(d["size"]),
+                changed_bytes=d.get("changedBytes"),
+                bitmap_b64=d.get("bitmapBase64"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BackupError(f"malformed VolumeCbtBackupInfo from the agent ({e!r}): {d}") from e
+
+
+def _base_url(url: str) -> str:
+    url = url.rstrip("/")
+    for suffix in (API_PREFIX, "/v1"):
+        if url.endswith(suffix):
+            return url[: -len(suffix)]
+    return url
+
+
+def _error_message(what: str, status: int, body: Any) -> ApiError:
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        text = err.get("details") or err.get("description") or str(err)
+        return ApiError(
+            f"{what} failed: {text} [{err.get('code')}]", status=status, error_code=err.get("code")
+        )
+    return ApiError(f"{what} failed: HTTP {status} {body}", status=status)
+
+
+class CbtApi:
+    """A session on one agent. Use as `async with CbtApi(url, token) as api:`."""
+
+    def __init__(self, url: str, token: str, *, job_timeout: float = JOB_TIMEOUT) -> None:
+        self.base = _base_url(url)
+        self.token = token
+        self.job_timeout = job_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> CbtApi:
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"OAuth {self.token}"},
+            timeout=aiohttp.ClientTimeout(total=60),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("CbtApi used outside `async with`")
+        return self._session
+
+    async def _request(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+        try:
+            async with self.session.request(method, url, json=body) as r:
+                try:
+                    data = await r.json(content_type=None)
+                except ValueError:
+                    data = await r.text()
+                return r.status, data
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise BackupError(f"cannot reach the agent at {self.base}: {e or type(e).__name__}")
+
+    async def call(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """An asynchronous API: 202 + location, polled until 200 (returned) or an error."""
+        status, reply = await self._request(method, f"{self.base}{API_PREFIX}{path}", body)
+        if status != 202 or not isinstance(reply, dict) or "location" not in reply:
+            raise _error_message(what, status, reply)
+        location = str(reply["location"])
+        deadline = time.monotonic() + self.job_timeout
+        while True:
+            status, result = await self._request("GET", location)
+            if status == 200 and isinstance(result, dict):
+                return result
+            if status != 202:
+                raise _error_message(what, status, result)
+            if time.monotonic() > deadline:
+                raise ApiError(f"{what}: no result after {self.job_timeout:.0f} s", status=202)
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def find_task(self, vm_uuid: str) -> TaskRef | None:
+        """The CBT task of the VM (one per VM), or None."""
+        url = f"{self.base}{API_PREFIX}/cbt-task"
+        params = {"q": f"resourceRefs.resourceUuid={vm_uuid}"}
+        try:
+            async with self.session.get(url, params=params) as r:
+                status = r.status
+                reply = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise BackupError(f"cannot reach the agent at {self.base}: {e or type(e).__name__}")
+        if status != 200:
+            raise _error_message("QueryCbtTask", status, reply)
+        tasks = reply.get("inventories") or []
+        if not tasks:
+            return None
+        return TaskRef(str(tasks[0]["uuid"]), str(tasks[0]["status"]))
+
+    async def create_task(self, vm_uuid: str, name: str) -> TaskRef:
+        reply = await self.call(
+            "CreateCbtTask",
+            "POST",
+            "/cbt-task/create",
+            {"params": {"name": name, "vmInstanceUuid": vm_uuid}},
+        )
+        inv = reply["inventory"]
+        return TaskRef(str(inv["uuid"]), str(inv["status"]))
+
+    async def enable(self, task_uuid: str, bitmap_name: str | None) -> list[VolumeBackupInfo]:
+        params = {} if bitmap_name is None else {"bitmapName": bitmap_name}
+        reply = await self.call(
+            "EnableCbtTask", "POST", f"/cbt-task/enable/{task_uuid}", {"params": params}
+        )
+        infos = reply.get("volumeCbtBackupInfos")
+        if not isinstance(infos, list) or not infos:
+            raise BackupError(f"EnableCbtTask returned no volumeCbtBackupInfos: {reply}")
+        return [VolumeBackupInfo.from_reply(i) for i in infos]
+
+    async def disable(self, task_uuid: str, *, force: bool) -> TaskRef:
+        reply = await self.call(
+            "DisableCbtTask",
+            "POST",
+            f"/cbt-task/disable/{task_uuid}",
+            {"params": {"force": force}},
+        )
+        inv = reply["inventory"]
+        return TaskRef(str(inv["uuid"]), str(inv["status"]))

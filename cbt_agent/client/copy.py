@@ -1,0 +1,167 @@
+"""Copying an export's clusters into the file being written, over two libnbd handles.
+
+Blocking (libnbd): run it in a thread. Both handles are driven asynchronously from one loop:
+up to `MAX_IN_FLIGHT` requests (reads on the export, then writes on the target), each with a
+buffer from a pool that lives as long as the process: libnbd 1.14's Python binding never frees
+a buffer handed to `aio_pread`, so buffers are reused, never dropped.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import nbd
+
+from cbt_agent.client.chain import FULL
+from cbt_agent.client.errors import BackupError
+from cbt_agent.client.extents import cluster_runs
+from cbt_agent.qemu import nbd as nbdio
+
+MAX_IN_FLIGHT = 16
+ALLOCATION = "base:allocation"
+WAIT_SLICE = 0.5  # seconds: how often a blocked loop looks at the stop flag
+
+
+class CopyInterrupted(BackupError):
+    """The copy was asked to stop (the backup is being cancelled)."""
+
+
+class BufferPool:
+    """nbd.Buffer objects by size, reused forever (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[Any]] = {}
+        self.allocated = 0  # bytes
+
+    def take(self, size: int) -> Any:
+        free = self._free.setdefault(size, [])
+        if free:
+            return free.pop()
+        self.allocated += size
+        return nbd.Buffer(size)
+
+    def give(self, buf: Any, size: int) -> None:
+        self._free[size].append(buf)
+
+
+POOL = BufferPool()
+
+
+def open_source(address: nbdio.NbdAddress, context: str) -> Any:
+    """A libnbd handle on the export with `context` negotiated."""
+    return nbdio.connect(address, (context,))
+
+
+def open_target(socket_path: Path) -> Any:
+    h = nbd.NBD()
+    try:
+        h.connect_unix(str(socket_path))
+    except nbd.Error as e:
+        raise BackupError(f"NBD connect to qemu-nbd at {socket_path} failed: {e}") from None
+    return h
+
+
+def source_runs(h: Any, mode: str, context: str, granularity: int) -> list[tuple[int, int]]:
+    """The cluster runs to copy: allocated non-zero extents for a full, dirty ones otherwise."""
+    size = int(h.get_size())
+    try:
+        if mode == FULL:
+            ranges = [
+                (pos, n)
+                for pos, n, flags in nbdio.iter_extents(h, context)
+                if not flags & nbdio.STATE_ZERO
+            ]
+        else:
+            ranges = [
+                (pos, n) for pos, n, flags in nbdio.iter_extents(h, context) if flags & nbdio.DIRTY
+            ]
+    except nbd.Error as e:
+        raise BackupError(f"NBD block status ({context}) failed: {e}") from None
+    return cluster_runs(ranges, granularity, size)
+
+
+def _wait(handles: list[Any]) -> None:
+    """Block until one handle can make progress (or WAIT_SLICE passes), then let it."""
+    readers, writers, by_fd = [], [], {}
+    for h in handles:
+        fd = h.aio_get_fd()
+        direction = h.aio_get_direction()
+        by_fd[fd] = h
+        if direction & nbd.AIO_DIRECTION_READ:
+            readers.append(fd)
+        if direction & nbd.AIO_DIRECTION_WRITE:
+            writers.append(fd)
+    r, w, _ = select.select(readers, writers, [], WAIT_SLICE)
+    for fd in r:
+        by_fd[fd].aio_notify_read()
+    for fd in w:
+        by_fd[fd].aio_notify_write()
+
+
+def copy_requests(
+    src: Any,
+    dst: Any,
+    reqs: Iterable[tuple[int, int]],
+    *,
+    keep_zero: bool,
+    on_done: Callable[[int], None],
+    stop: threading.Event,
+    pool: BufferPool = POOL,
+    max_in_flight: int = MAX_IN_FLIGHT,
+) -> None:
+    """Copy every (offset, length) of `reqs` from `src` to `dst` at the same offset.
+
+    A read that returns only zeroes is written as a write-zeroes when `keep_zero` (it must
+    shadow an older backing file) and skipped otherwise (a standalone file reads zero there).
+    `on_done(length)` runs after each request is stored. Raises CopyInterrupted when `stop` is
+    set, nbd.Error when a request fails.
+    """
+    pending = iter(reqs)
+    reads: deque[tuple[int, Any, int, int]] = deque()
+    writes: deque[tuple[int, Any | None, int]] = deque()
+    can_zero = bool(dst.can_zero())
+    exhausted = False
+    while True:
+        if stop.is_set():
+            raise CopyInterrupted("copy interrupted")
+        while not exhausted and len(reads) + len(writes) < max_in_flight:
+            req = next(pending, None)
+            if req is None:
+                exhausted = True
+                break
+            offset, length = req
+            buf = pool.take(length)
+            reads.append((src.aio_pread(buf, offset), buf, offset, length))
+        while reads and src.aio_command_completed(reads[0][0]):
+            _, buf, offset, length = reads.popleft()
+            if not buf.is_zero():
+                writes.append((dst.aio_pwrite(buf, offset), buf, length))
+            elif not keep_zero:
+                pool.give(buf, length)
+                on_done(length)
+            elif can_zero:
+                pool.give(buf, length)
+                writes.append((dst.aio_zero(length, offset), None, length))
+            else:
+                writes.append((dst.aio_pwrite(buf, offset), buf, length))
+        while writes and dst.aio_command_completed(writes[0][0]):
+            _, buf, length = writes.popleft()
+            if buf is not None:
+                pool.give(buf, length)
+            on_done(length)
+        if exhausted and not reads and not writes:
+            return
+        busy = [h for h, q in ((src, reads), (dst, writes)) if q]
+        if busy:
+            _wait(busy)
+
+
+def finish_target(dst: Any) -> None:
+    """Flush the target (qemu-nbd fsyncs the file) and disconnect; qemu-nbd then exits."""
+    dst.flush()
+    dst.shutdown()

@@ -1,0 +1,143 @@
+"""The write side of a backup: the qcow2 file being written (`X.part`), served by a qemu-nbd
+this process starts and stops by pid; plus the file tools (checksum, atomic replace)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+from cbt_agent.client.errors import BackupError
+
+QCOW2_MIN_CLUSTER = 512
+QCOW2_MAX_CLUSTER = 2 << 20
+
+
+async def run_tool(*cmd: str) -> str:
+    """Run qemu-img & co.; BackupError with its stderr when it fails."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    except OSError as e:
+        raise BackupError(f"cannot run {cmd[0]}: {e}") from None
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        text = (err or out).decode(errors="replace").strip()
+        raise BackupError(f"{cmd[0]} {cmd[1]} failed: {text}")
+    return out.decode(errors="replace")
+
+
+def cluster_size(granularity: int) -> int:
+    """The qcow2 cluster size matching the tracking granularity (within qcow2's limits)."""
+    return min(max(granularity, QCOW2_MIN_CLUSTER), QCOW2_MAX_CLUSTER)
+
+
+async def create_image(path: Path, size: int, granularity: int, backing: str | None) -> None:
+    """A new qcow2 at `path`; `backing` is a base name in the same directory (the chain stays
+    movable), so an incremental reads everything it does not hold from the previous file."""
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    cmd += ["-o", f"cluster_size={cluster_size(granularity)}"]
+    if backing is not None:
+        cmd += ["-b", backing, "-F", "qcow2"]
+    await run_tool(*cmd, str(path), str(size))
+    os.chmod(path, 0o600)  # guest data
+
+
+class QemuNbd:
+    """`qemu-nbd -f qcow2 --cache=writeback -k SOCK FILE`: one client, exits when it leaves."""
+
+    def __init__(self, image: Path, socket_path: Path) -> None:
+        self.image = image
+        self.socket_path = socket_path
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            "qemu-nbd",
+            "-f",
+            "qcow2",
+            "--cache=writeback",
+            "-k",
+            str(self.socket_path),
+            str(self.image),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.socket_path.exists():
+            if self.proc.returncode is not None:
+                raise BackupError(f"qemu-nbd on {self.image.name} exited: {await self._stderr()}")
+            if time.monotonic() > deadline:
+                await self.stop()
+                raise BackupError(f"qemu-nbd on {self.image.name} did not start in {timeout} s")
+            await asyncio.sleep(0.005)
+
+    async def _stderr(self) -> str:
+        assert self.proc is not None and self.proc.stderr is not None
+        with contextlib.suppress(Exception):
+            return (await self.proc.stderr.read()).decode(errors="replace").strip()
+        return ""
+
+    async def wait_exit(self, timeout: float = 30.0) -> None:
+        """After the client's NBD shutdown: qemu-nbd closes the image and exits 0."""
+        assert self.proc is not None
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            await self.stop()
+            raise BackupError(f"qemu-nbd on {self.image.name} did not exit after the copy")
+        if code != 0:
+            raise BackupError(f"qemu-nbd on {self.image.name} failed ({code}): {await self._stderr()}")
+        self.proc = None
+
+    async def stop(self) -> None:
+        """Stop it by pid if it still runs (after a failure): SIGTERM, then SIGKILL."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, part_suffix: str) -> None:
+    """Replace `path` with `data`: write `path<part_suffix>`, fsync, rename, fsync the dir."""
+    tmp = path.with_name(path.name + part_suffix)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
