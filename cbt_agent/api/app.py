@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from cbt_agent import __version__, commands
-from cbt_agent.api import zstack
+from cbt_agent.api import openapi, zstack
 from cbt_agent.config import Config
 from cbt_agent.engine.checkpoints import StepHook
 from cbt_agent.engine.service import CbtService
@@ -114,6 +114,14 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     return body
 
 
+async def _authenticated_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """The caller is checked before the body is looked at: an unknown caller learns nothing."""
+    denied = _authenticate(request)
+    if denied is not None:
+        return denied
+    return await _body(request)
+
+
 async def _submit(
     request: web.Request,
     api: str,
@@ -141,7 +149,7 @@ async def _submit(
 
 
 async def create_task(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await _authenticated_body(request)
     if isinstance(body, web.Response):
         return body
     service = request.app[SERVICE]
@@ -151,7 +159,7 @@ async def create_task(request: web.Request) -> web.Response:
 
 
 async def enable_task(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await _authenticated_body(request)
     if isinstance(body, web.Response):
         return body
     uuid = request.match_info["uuid"]
@@ -162,7 +170,7 @@ async def enable_task(request: web.Request) -> web.Response:
 
 
 async def disable_task(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await _authenticated_body(request)
     if isinstance(body, web.Response):
         return body
     uuid = request.match_info["uuid"]
@@ -266,6 +274,12 @@ async def api_job(request: web.Request) -> web.Response:
     return _json(_with_schema(request, result, force=job.want_schema))
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI document of the prefix asked for (no auth)."""
+    prefix = request.path.removesuffix("/openapi.json")
+    return web.json_response(openapi.openapi_document(prefix))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok", "version": __version__})
 
@@ -324,6 +338,7 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(
             f"{prefix}/cbt-task/{{uuid}}/volumes/{{volumeUuid}}/changed-areas", changed_areas
         )
+        app.router.add_get(f"{prefix}/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 

@@ -158,7 +158,8 @@ class CbtService:
         vm = await self.hypervisor.find_vm(cmd.vm_uuid)
         if vm is None:
             raise NotFound(
-                f"VM [uuid: {cmd.vm_uuid}] is not found on this host", field="vmInstanceUuid"
+                f"vmInstanceUuid: VM [uuid: {cmd.vm_uuid}] is not found on this host",
+                field="vmInstanceUuid",
             )
         async with self._locks[cmd.vm_uuid]:
             task = await self.store.run(
@@ -251,6 +252,10 @@ class CbtService:
         """Disable, remove every bitmap of the task, forget it. The caller holds the VM lock."""
         try:
             await self._teardown(task, force=True)
+            if task.status in (TaskStatus.RUNNING, TaskStatus.STARTING):
+                await self._status(
+                    task.uuid, TaskStatus.STOPPED, "disabled before delete", operation="delete"
+                )
             if self.step:
                 await self.step("delete:disabled")
             await self._remove_bitmaps(task)

@@ -821,8 +821,8 @@ async def test_delete(api: Api, vm_factory: Callable[..., stack.TestVm]) -> None
     for vol in vm.volumes:
         assert cbt_bitmaps(vm, vol.volume_uuid) == []
     assert not any(is_file(i["target"]) for i in infos)
-    assert api.history(task) == ["Created", "Starting", "Running", "Deleted"]
-    assert no_task_rows(api.counts()) == {**no_task_rows(EMPTY), "transitions": 4}
+    assert api.history(task) == ["Created", "Starting", "Running", "Stopped", "Deleted"]
+    assert no_task_rows(api.counts()) == {**no_task_rows(EMPTY), "transitions": 5}
 
     r = await api.call("DELETE", f"{P}/cbt-task/{task}?deleteMode=Enforcing")
     assert (r.status, r.body) == (200, {})

@@ -405,7 +405,9 @@ async def test_delete_removes_bitmaps_running_and_shut_off(
     out, _ = await proc.communicate()
     assert b'"bitmaps"' not in out
     assert await agent.store.run(SyncStore.list_tasks) == []
-    assert (await agent.history(t1))[-1] == ("Running", "Deleted")
+    assert (await agent.history(t1))[-2:] == [("Running", "Stopped"), ("Stopped", "Deleted")]
+    rows = await agent.store.run(SyncStore.history_rows, t1)
+    assert rows[-2]["reason"] == "disabled before delete"
 
 
 async def test_changed_areas_pages_equal_a_direct_nbd_read(
