@@ -673,10 +673,11 @@ async def test_body_not_json(api: Api) -> None:
             headers={"Content-Type": "application/json"},
         )
         assert_plain(r, 400, "the request body")
+    # the caller is checked before the body: an unknown token learns nothing about it
     r = await api.request(
         "POST", f"{P}/cbt-task/enable/{'a' * 32}", data=b"nope", token="unknown-token"
     )
-    assert_plain(r, 400, "not valid JSON")
+    assert (r.status, r.body["error"]["code"]) == (503, "ID.1001")
     r = await api.request("POST", f"{P}/cbt-task/disable/{'a' * 32}", data=b"{")
     assert_plain(r, 400, "not valid JSON")
     assert api.counts() == EMPTY
