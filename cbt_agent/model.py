@@ -115,6 +115,7 @@ class DiskPlan:
 FULL_FIRST = "first checkpoint of this disk: no earlier change tracking"
 FULL_UNKNOWN = "checkpoint {name} is unknown to this task"
 FULL_REMOVED = "checkpoint {name} was removed by retention"
+TRACKING_LOST = "change tracking lost after unclean shutdown"
 FULL_NEW_DISK = "disk was added after checkpoint {name}"
 FULL_RESIZED = "disk was resized since checkpoint {name} ({old} -> {new} bytes)"
 FULL_MISSING = "bitmap {bitmap} is missing on this disk (change tracking lost)"

@@ -93,7 +93,8 @@ _MIGRATIONS: list[list[str]] = [
             vm_uuid TEXT NOT NULL UNIQUE, status TEXT NOT NULL, reason TEXT,
             create_date TEXT NOT NULL, last_op_date TEXT NOT NULL,
             next_seq INTEGER NOT NULL DEFAULT 1,
-            nbd_host TEXT, nbd_port INTEGER, operation TEXT)""",
+            nbd_host TEXT, nbd_port INTEGER, operation TEXT,
+            tracking_lost TEXT)""",
         """CREATE TABLE resource_refs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             task_uuid TEXT NOT NULL REFERENCES tasks(uuid) ON DELETE CASCADE,
@@ -306,6 +307,14 @@ class SyncStore:
                 (new.value, reason, now, operation, task_uuid),
             )
         return self.require_task(task_uuid)
+
+    def tracking_lost(self, task_uuid: str) -> str | None:
+        row = self._row("SELECT tracking_lost FROM tasks WHERE uuid = ?", (task_uuid,))
+        return None if row is None else row["tracking_lost"]
+
+    def set_tracking_lost(self, task_uuid: str, reason: str | None) -> None:
+        """Mark (or clear) that the task's bitmaps can no longer be trusted, and why."""
+        self.db.execute("UPDATE tasks SET tracking_lost = ? WHERE uuid = ?", (reason, task_uuid))
 
     def set_operation(self, task_uuid: str, operation: str | None) -> None:
         """Record the operation about to touch QEMU (the intent), or clear it."""

@@ -364,6 +364,7 @@ def make_app(config: Config, *, step: StepHook | None = None) -> web.Application
             from cbt_agent.engine.reconcile import reconcile
 
             await reconcile(service)
+            await hypervisor.watch(service.on_vm_event)
             yield
         finally:
             await service.drain()

@@ -20,6 +20,7 @@ from cbt_agent.config import Config
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.model import (
+    TRACKING_LOST,
     BitmapState,
     DiskPlan,
     bitmap_base64,
@@ -119,7 +120,17 @@ def _volume_info(
     }
 
 
-async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, Any]]:
+async def enable_dirty_bitmap_migration(qmp: QmpChannel) -> None:
+    """Persistent bitmaps follow the VM in a live migration only with this capability on."""
+    await qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "dirty-bitmaps", "state": True}]},
+    )
+
+
+async def enable(
+    ctx: EnableContext, since_name: str | None, lost: str | None = None
+) -> list[dict[str, Any]]:
     """Cut a checkpoint on every disk of the VM and export each disk's point-in-time view with
     the changes since `since_name` (None: the latest checkpoint). Returns VolumeCbtBackupInfos.
     On failure everything made is removed again and the checkpoint chain stays whole."""
@@ -142,6 +153,9 @@ async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, A
         plan = plan_disk(
             disk.volume_uuid, checkpoints, since_name, bitmaps, removed, dev.virtual_size
         )
+        if lost is not None:
+            # every bitmap of the task is suspect: no incremental until a new full
+            plan = DiskPlan(disk.volume_uuid, "full", None, (), lost, plan.freeze)
         plans.append((disk, dev, plan, bitmaps))
 
     # Bitmaps that cannot be trusted or were left behind: inconsistent ones (unclean shutdown)
@@ -243,6 +257,7 @@ async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, A
             )
         await qmp.execute("transaction", {"actions": actions})
         committed = True
+        await enable_dirty_bitmap_migration(qmp)
         await ctx.at("enable:checkpoint")
 
         new_granularity: dict[str, int] = {}
@@ -326,8 +341,42 @@ async def enable(ctx: EnableContext, since_name: str | None) -> list[dict[str, A
                 await store.run(SyncStore.drop_checkpoint, task_uuid, new_name)
         raise
 
+    if lost is not None:
+        # a fresh chain starts here; the checkpoints before it cannot give changes any more
+        for old in checkpoints:
+            await store.run(SyncStore.mark_checkpoint_removed, task_uuid, old.name)
+        await store.run(SyncStore.set_tracking_lost, task_uuid, None)
     await apply_retention(cfg, store, qmp, task_uuid, exports)
     return infos
+
+
+async def verify_checkpoints(
+    store: Store, qmp: QmpChannel, task_uuid: str, vm: VmInfo
+) -> list[str]:
+    """After a VM start: remove the task's inconsistent bitmaps and find missing ones. Either
+    means QEMU stopped uncleanly; the task is then marked so its next Enable is a full.
+    Returns the bitmaps found broken."""
+    checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
+    devices = await blockdev.block_devices(qmp)
+    nodes = await blockdev.named_nodes(qmp)
+    broken: list[str] = []
+    for disk in vm.disks:
+        dev = devices.get(disk.alias)
+        if dev is None or dev.driver == "copy-before-write":
+            continue
+        bitmaps = blockdev.bitmaps_of(nodes.get(dev.node_name))
+        for b in bitmaps.values():
+            if ours(task_uuid, b.name) and b.inconsistent:
+                await blockdev.remove_bitmap(qmp, dev.node_name, b.name)
+                broken.append(f"{disk.volume_uuid}/{b.name} (inconsistent)")
+        for cp in checkpoints:
+            if disk.volume_uuid in cp.volumes and cp.name not in bitmaps:
+                broken.append(f"{disk.volume_uuid}/{cp.name} (missing)")
+    if broken:
+        log.warning("task %s: %s: %s", task_uuid, TRACKING_LOST, ", ".join(broken))
+        await store.run(SyncStore.set_tracking_lost, task_uuid, TRACKING_LOST)
+    await enable_dirty_bitmap_migration(qmp)
+    return broken
 
 
 async def apply_retention(

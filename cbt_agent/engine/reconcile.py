@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from cbt_agent.api import zstack
+from cbt_agent.engine import checkpoints
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
 from cbt_agent.qemu import blockdev
@@ -68,10 +69,20 @@ async def _reconcile_task(service: object, task: CbtTask) -> None:
             log.warning("task %s: interrupted disable finished", task.uuid)
             return
         exports = await store.run(SyncStore.exports, task.uuid)
-        if task.status not in (TaskStatus.STARTING, TaskStatus.RUNNING) and not exports:
-            return
         vm = await service.hypervisor.find_vm(task.vm_uuid)
         running = vm is not None and vm.running
+        if task.status not in (TaskStatus.STARTING, TaskStatus.RUNNING) and not exports:
+            if vm is None and task.status is not TaskStatus.FAILED:
+                await store.run(
+                    SyncStore.set_status,
+                    task.uuid,
+                    TaskStatus.FAILED,
+                    "VM not found on this host at agent start (undefined or migrated away)",
+                )
+            elif vm is not None and running:
+                qmp = await service.qmp.channel(task.vm_uuid)
+                await checkpoints.verify_checkpoints(store, qmp, task.uuid, vm)
+            return
         if task.status is TaskStatus.RUNNING and running and exports:
             qmp = await service.qmp.channel(task.vm_uuid)
             live = await blockdev.export_ids(qmp)

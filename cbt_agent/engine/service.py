@@ -20,8 +20,8 @@ from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext, StepHook
 from cbt_agent.errors import CbtError, HypervisorError, InvalidArgument, NotFound, OperationError
-from cbt_agent.hypervisor.libvirt import Hypervisor, VmInfo
-from cbt_agent.model import CbtTask, TaskStatus
+from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInfo
+from cbt_agent.model import TRACKING_LOST, CbtTask, TaskStatus
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.store import ResourceRef, Store, SyncStore
@@ -190,7 +190,8 @@ class CbtService:
             try:
                 qmp = await self.qmp.channel(vm_uuid)
                 ctx = EnableContext(self.config, self.store, qmp, vm, task.uuid, self.step)
-                infos = await checkpoints.enable(ctx, cmd.bitmap_name)
+                lost = await self.store.run(SyncStore.tracking_lost, task.uuid)
+                infos = await checkpoints.enable(ctx, cmd.bitmap_name, lost)
             except Exception as e:
                 await self._fail(task.uuid, f"enable failed: {_reason(e)}")
                 raise
@@ -273,6 +274,36 @@ class CbtService:
         """End the exports and land in Stopped. The caller holds the VM lock."""
         await self._teardown(task, force=True)
         await self._status(task.uuid, TaskStatus.STOPPED, reason)
+
+    async def on_vm_event(self, ev: VmEvent) -> None:
+        """A VM lifecycle event from libvirt: keep the task's status true to what QEMU has."""
+        async with self._locks[ev.vm_uuid]:
+            task = await self.store.run(SyncStore.task_for_vm, ev.vm_uuid)
+            if task is None:
+                return
+            await self.qmp.forget(ev.vm_uuid)  # the old QEMU and its socket are gone
+            if ev.kind is VmEventKind.STARTED:
+                vm = await self.hypervisor.find_vm(ev.vm_uuid)
+                if vm is not None and vm.running:
+                    qmp = await self.qmp.channel(ev.vm_uuid)
+                    await checkpoints.verify_checkpoints(self.store, qmp, task.uuid, vm)
+                return
+            if ev.kind is VmEventKind.CRASHED:
+                await self.store.run(SyncStore.set_tracking_lost, task.uuid, TRACKING_LOST)
+            exports = await self.store.run(SyncStore.exports, task.uuid)
+            await self._teardown(task, force=True)
+            if ev.kind is VmEventKind.MIGRATED_AWAY:
+                await self._fail(task.uuid, f"VM migrated away from this host ({ev.detail})")
+            elif ev.kind is VmEventKind.UNDEFINED:
+                await self._fail(task.uuid, f"VM undefined on this host ({ev.detail})")
+            elif ev.kind is VmEventKind.CRASHED:
+                if exports or task.status in (TaskStatus.RUNNING, TaskStatus.STARTING):
+                    await self._fail(task.uuid, f"VM crashed: {TRACKING_LOST} ({ev.detail})")
+            elif exports or task.status in (TaskStatus.RUNNING, TaskStatus.STARTING):
+                await self._status(
+                    task.uuid, TaskStatus.STOPPED, f"VM stopped with the export open ({ev.detail})"
+                )
+            log.info("task %s: VM %s %s", task.uuid, ev.vm_uuid, ev.kind)
 
     def vm_lock(self, vm_uuid: str) -> asyncio.Lock:
         return self._locks[vm_uuid]

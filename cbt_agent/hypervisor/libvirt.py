@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
+import logging
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -128,6 +131,70 @@ def _silence_libvirt_errors() -> None:
     libvirt.registerErrorHandler(_ignore, None)
 
 
+log = logging.getLogger(__name__)
+
+
+class VmEventKind(enum.StrEnum):
+    STARTED = "started"
+    STOPPED = "stopped"  # a clean stop: shutdown, destroy (SIGTERM first), saved
+    CRASHED = "crashed"  # QEMU died: persistent bitmaps were not saved
+    MIGRATED_AWAY = "migrated-away"
+    UNDEFINED = "undefined"
+
+
+@dataclass(frozen=True)
+class VmEvent:
+    vm_uuid: str
+    kind: VmEventKind
+    detail: str  # libvirt's event and detail, for the log and the task's history
+
+
+def lifecycle_event(vm_uuid: str, event: int, detail: int) -> VmEvent | None:
+    """Map a libvirt lifecycle event to what the agent acts on (None: nothing to do)."""
+    text = f"libvirt event {event}/{detail}"
+    if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+        return VmEvent(vm_uuid, VmEventKind.STARTED, text)
+    if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+        return VmEvent(vm_uuid, VmEventKind.UNDEFINED, text)
+    if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        return None
+    if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED:
+        return VmEvent(vm_uuid, VmEventKind.MIGRATED_AWAY, text)
+    if detail in (
+        libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED,
+        libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED,
+    ):
+        return VmEvent(vm_uuid, VmEventKind.CRASHED, text)
+    return VmEvent(vm_uuid, VmEventKind.STOPPED, text)
+
+
+_events_lock = threading.Lock()
+_events_running = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's default event loop in one daemon thread, for the whole process.
+
+    Not libvirtaio: it binds libvirt's (process-wide, register-once) event implementation to one
+    asyncio loop and touches that loop from whatever thread libvirt calls it in, while the agent
+    makes libvirt calls from worker threads. libvirt's own loop is thread-safe; events are
+    handed to the agent's loop with call_soon_threadsafe. It must run before a connection is
+    opened for that connection to deliver events.
+    """
+    global _events_running
+    with _events_lock:
+        if _events_running:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _events_running = True
+
+
 class Hypervisor:
     """One libvirt connection; every call runs in a worker thread."""
 
@@ -143,6 +210,9 @@ class Hypervisor:
         self.qemu_log_dir = Path(qemu_log_dir)
         self._conn: Any = None
         self._reopen_lock = asyncio.Lock()
+        self._watch: Callable[[VmEvent], Awaitable[None]] | None = None
+        self._watch_id: int | None = None
+        self._event_tasks: set[asyncio.Task[None]] = set()
 
     # ---- connection -------------------------------------------------------------------------
 
@@ -150,10 +220,52 @@ class Hypervisor:
         if self._conn is not None:
             return
         _silence_libvirt_errors()
+        _ensure_event_loop()
         self._conn = await self._call(libvirt.open, self.uri)
 
+    async def watch(self, handler: Callable[[VmEvent], Awaitable[None]]) -> None:
+        """Call `handler` on this loop for every VM lifecycle event (one at a time, in order)."""
+        self._watch = handler
+        await self._subscribe(self._conn)
+
+    async def _subscribe(self, conn: Any) -> None:
+        if self._watch is None or conn is None:
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[VmEvent] = asyncio.Queue()
+
+        def callback(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+            # runs in the libvirt-events thread
+            ev = lifecycle_event(dom.name(), event, detail)
+            if ev is not None:
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        async def deliver() -> None:
+            while True:
+                ev = await queue.get()
+                if self._watch is None:
+                    return
+                try:
+                    await self._watch(ev)
+                except Exception:
+                    log.exception("handling %s of VM %s failed", ev.kind, ev.vm_uuid)
+
+        self._watch_id = await self._call(
+            conn.domainEventRegisterAny, None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None
+        )
+        task = asyncio.create_task(deliver(), name="libvirt-lifecycle")
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
     async def close(self) -> None:
+        self._watch = None
+        for task in list(self._event_tasks):
+            task.cancel()
         conn, self._conn = self._conn, None
+        if conn is not None and self._watch_id is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(conn.domainEventDeregisterAny, self._watch_id)
+            self._watch_id = None
         if conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 await asyncio.to_thread(conn.close)
@@ -177,6 +289,9 @@ class Hypervisor:
                 with contextlib.suppress(libvirt.libvirtError):
                     await asyncio.to_thread(old.close)
                 self._conn = await self._call(libvirt.open, self.uri)
+                for task in list(self._event_tasks):
+                    task.cancel()
+                await self._subscribe(self._conn)
         return self._conn
 
     @staticmethod
