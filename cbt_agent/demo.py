@@ -228,7 +228,7 @@ async def run_demo(keep: bool = False) -> int:
 
         step(5, "The guest overwrites 64 KiB with 0xBB; the export still shows the checkpoint")
         await _write(hv, vm_uuid, "virtio-disk0", 0xBB, 0, 64 * 1024)
-        address = nbdio.NbdAddress("127.0.0.1", infos[0]["nbdPort"], None, disks[0][0])
+        address = nbdio.NbdAddress("127.0.0.1", int(infos[0]["nbdPort"]), None, disks[0][0])
         h = await asyncio.to_thread(nbdio.connect, address)
         data = await asyncio.to_thread(h.pread, 16, 0)
         nbdio.close(h)
@@ -256,7 +256,7 @@ async def run_demo(keep: bool = False) -> int:
 
         step(8, "The dirty extents over NBD (qemu:dirty-bitmap, libnbd block status)")
         for i in infos:
-            a = nbdio.NbdAddress(i["nbdServer"], i["nbdPort"], None, i["exportName"])
+            a = nbdio.NbdAddress(i["nbdServer"], int(i["nbdPort"]), None, i["exportName"])
             extents = await asyncio.to_thread(nbdio.dirty_extents, a, i["dirtyBitmapContext"])
             dirty = [(e.start, e.length) for e in extents if e.dirty]
             say(

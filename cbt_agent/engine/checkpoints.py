@@ -112,7 +112,7 @@ def _volume_info(
         "bitmapName": export.checkpoint,
         **extension,
         "nbdServer": host,
-        "nbdPort": port,
+        "nbdPort": str(port),  # ZStack's SDK types it String: a JSON number would read "10501.0"
         "bitmapBase64": bitmap_base64(bits),
         "target": export.scratch_path,
         "scratchNodeName": export.scratch_node,

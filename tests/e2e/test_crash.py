@@ -144,7 +144,7 @@ DELETE_STEPS = ["delete:disabled", "delete:bitmaps"]
 
 
 async def dirty(info: dict[str, Any]) -> list[tuple[int, int]]:
-    address = nbdio.NbdAddress(info["nbdServer"], info["nbdPort"], None, info["exportName"])
+    address = nbdio.NbdAddress(info["nbdServer"], int(info["nbdPort"]), None, info["exportName"])
     extents = await asyncio.to_thread(nbdio.dirty_extents, address, info["dirtyBitmapContext"])
     return [(e.start, e.length) for e in extents if e.dirty]
 

@@ -103,7 +103,7 @@ def by_volume(infos: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def address(info: dict[str, Any]) -> nbdio.NbdAddress:
-    return nbdio.NbdAddress(info["nbdServer"], info["nbdPort"], None, info["exportName"])
+    return nbdio.NbdAddress(info["nbdServer"], int(info["nbdPort"]), None, info["exportName"])
 
 
 def read_export(info: dict[str, Any], offset: int, length: int) -> bytes:
