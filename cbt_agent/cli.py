@@ -1,4 +1,4 @@
-"""`cbt-agent serve | status | tasks | demo`."""
+"""`cbt-agent serve | status | tasks | backup | restore | verify | demo`."""
 
 from __future__ import annotations
 
@@ -189,6 +189,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(keep=args.keep))
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """One checkpoint of every disk of the VM into --dest (full first, then incrementals)."""
+    import os
+
+    from cbt_agent.client.backup import BackupOptions, pause_after_from_env, run_backup
+
+    token = args.token or os.environ.get("CBT_AGENT_TOKEN")
+    if not token:
+        print("cbt-agent: backup needs --token (or $CBT_AGENT_TOKEN)", file=sys.stderr)
+        return 2
+    opts = BackupOptions(
+        url=args.url,
+        token=token,
+        vm_uuid=args.vm,
+        dest=Path(args.dest),
+        task_name=args.task_name,
+        pause_after=pause_after_from_env(),
+    )
+    asyncio.run(_cancel_on_sigterm(run_backup(opts)))
+    return 0
+
+
+async def _cancel_on_sigterm(coro: Any) -> Any:
+    """Run `coro`; SIGTERM cancels it like Ctrl-C does, so its cleanup runs."""
+    task = asyncio.ensure_future(coro)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """One standalone qcow2 per disk as of a checkpoint."""
+    from cbt_agent.client.restore import run_restore
+
+    asyncio.run(run_restore(Path(args.dest), args.checkpoint, Path(args.out)))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Every chain file against the manifest's sha256; files the manifest does not know."""
+    from cbt_agent.client.verify import verify
+
+    report = verify(Path(args.dir))
+    for line in report.lines:
+        print(line)
+    if not report.ok:
+        print(
+            f"cbt-agent: verify failed: {len(report.problems)} problem(s): "
+            + "; ".join(p.split(":")[0].split(maxsplit=1)[-1] for p in report.problems),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cbt-agent", description="Changed-block tracking for KVM")
     p.add_argument("--version", action="version", version=f"cbt-agent {__version__}")
@@ -210,6 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("uuid")
     tk.add_argument("--json", action="store_true")
     tk.set_defaults(fn=cmd_tasks)
+    bk = sub.add_parser("backup", help="back up every disk of a VM (full, then incremental)")
+    bk.add_argument("--url", required=True, help="the agent, e.g. http://127.0.0.1:7090")
+    bk.add_argument("--token", help="OAuth session token (default $CBT_AGENT_TOKEN)")
+    bk.add_argument("--vm", required=True, help="vmInstanceUuid")
+    bk.add_argument("--dest", required=True, help="backup directory (created if missing)")
+    bk.add_argument("--task-name", help="name of the CBT task when one is created")
+    bk.set_defaults(fn=cmd_backup)
+    rs = sub.add_parser("restore", help="standalone qcow2 images of a checkpoint's disks")
+    rs.add_argument("--dest", required=True, help="backup directory")
+    rs.add_argument("--checkpoint", help="checkpoint name (default: the latest)")
+    rs.add_argument("--out", required=True, help="directory for <volumeUuid>.qcow2")
+    rs.set_defaults(fn=cmd_restore)
+    vf = sub.add_parser("verify", help="check a backup directory against its manifest")
+    vf.add_argument("dir", help="backup directory")
+    vf.set_defaults(fn=cmd_verify)
     dm = sub.add_parser("demo", help="a throwaway VM through a full CBT cycle")
     dm.add_argument("--keep", action="store_true", help="keep the work directory")
     dm.set_defaults(fn=cmd_demo)

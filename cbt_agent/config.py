@@ -23,6 +23,7 @@ class ApiConfig:
     tokens: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
     public_url: str | None = None  # base URL put in job locations; default http://host:port
+    webhook_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # X-Web-Hook targets
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Config:
 
 
 _KNOWN: dict[str, set[str]] = {
-    "api": {"listen", "tokens", "token_file", "max_body_bytes", "public_url"},
+    "api": {"listen", "tokens", "token_file", "max_body_bytes", "public_url", "webhook_hosts"},
     "state": {"dir"},
     "libvirt": {"uri"},
     "qmp": {"socket_template"},
@@ -151,6 +152,13 @@ def _tokens(api: dict[str, Any], base: Path) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def _webhook_hosts(api: dict[str, Any]) -> tuple[str, ...]:
+    raw = api.get("webhook_hosts", ["127.0.0.1", "localhost", "::1"])
+    if not isinstance(raw, list) or not all(isinstance(h, str) and h.strip() for h in raw):
+        raise ConfigError("api.webhook_hosts", "must be a list of host names or addresses")
+    return tuple(h.strip().lower() for h in raw)
+
+
 def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
     """Build and validate a Config from a parsed TOML document. Raises ConfigError."""
     unknown = set(doc) - set(_KNOWN)
@@ -170,6 +178,7 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         tokens=_tokens(api, base),
         max_body_bytes=_int(api, "api", "max_body_bytes", 1 << 20, 1024, 1 << 30),
         public_url=public_url.rstrip("/") if public_url else None,
+        webhook_hosts=_webhook_hosts(api),
     )
 
     state = _table(doc, "state")

@@ -80,6 +80,7 @@ class ApiJob:
     task_uuid: str | None
     state: str  # Running | Succeeded | Failed
     want_schema: bool
+    webhook: str | None
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     created: datetime
@@ -122,6 +123,7 @@ _MIGRATIONS: list[list[str]] = [
         """CREATE TABLE api_jobs (
             uuid TEXT PRIMARY KEY, api TEXT NOT NULL, task_uuid TEXT,
             state TEXT NOT NULL, result TEXT, error TEXT, want_schema INTEGER NOT NULL DEFAULT 0,
+            webhook TEXT,
             created TEXT NOT NULL, finished TEXT)""",
         "CREATE INDEX api_jobs_finished ON api_jobs(finished)",
     ],
@@ -537,6 +539,7 @@ class SyncStore:
             task_uuid=r["task_uuid"],
             state=r["state"],
             want_schema=bool(r["want_schema"]),
+            webhook=r["webhook"],
             result=json.loads(r["result"]) if r["result"] else None,
             error=json.loads(r["error"]) if r["error"] else None,
             created=_dt(r["created"]),
@@ -544,14 +547,19 @@ class SyncStore:
         )
 
     def create_job(
-        self, uuid: str, api: str, task_uuid: str | None, want_schema: bool = False
+        self,
+        uuid: str,
+        api: str,
+        task_uuid: str | None,
+        want_schema: bool = False,
+        webhook: str | None = None,
     ) -> bool:
         """Record a new running job; False if the uuid is already taken."""
         try:
             self.db.execute(
-                "INSERT INTO api_jobs (uuid, api, task_uuid, state, created, want_schema) "
-                "VALUES (?, ?, ?, 'Running', ?, ?)",
-                (uuid, api, task_uuid, _ts(utcnow()), int(want_schema)),
+                "INSERT INTO api_jobs (uuid, api, task_uuid, state, created, want_schema, "
+                "webhook) VALUES (?, ?, ?, 'Running', ?, ?, ?)",
+                (uuid, api, task_uuid, _ts(utcnow()), int(want_schema), webhook),
             )
         except sqlite3.IntegrityError:
             return False

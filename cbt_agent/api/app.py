@@ -7,24 +7,27 @@ location, then 202/200/503 on the location. An unknown session token is ZStack's
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from cbt_agent import __version__, commands
 from cbt_agent.api import openapi, zstack
 from cbt_agent.config import Config
 from cbt_agent.engine.checkpoints import StepHook
+from cbt_agent.engine.reconcile import reconcile
 from cbt_agent.engine.service import CbtService
-from cbt_agent.errors import CbtError, InvalidArgument
+from cbt_agent.errors import CbtError, InvalidArgument, OperationError
 from cbt_agent.hypervisor.libvirt import Hypervisor
 from cbt_agent.qemu.qmp import QmpRouter
-from cbt_agent.store import Store, SyncStore
+from cbt_agent.store import ApiJob, Store, SyncStore
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,8 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         return _plain(400, f"the request body is not valid JSON: {e}")
+    except RecursionError:  # nested deeper than the decoder recurses
+        return _plain(400, "the request body is nested too deeply")
     if not isinstance(body, dict):
         return _plain(400, "the request body must be a JSON object")
     return body
@@ -137,15 +142,72 @@ async def _submit(
     if job_uuid is not None and not JOB_UUID.match(job_uuid):
         return _plain(400, f"invalid X-Job-UUID[{job_uuid[:64]}]: must be 32 hex characters")
     job_uuid = (job_uuid or zstack.new_uuid()).lower()
+    webhook = request.headers.get("X-Web-Hook")
+    if webhook is not None:
+        problem = _webhook_problem(webhook, request.app[CONFIG].api.webhook_hosts)
+        if problem:
+            return _plain(400, f"invalid X-Web-Hook[{webhook[:200]}]: {problem}")
 
     async def operation() -> dict[str, Any]:
         return await run(build())
 
     service = request.app[SERVICE]
     want_schema = "X-JSON-Schema" in request.headers
-    if not await service.submit(job_uuid, api, operation, task_uuid, want_schema):
+    if not await service.submit(job_uuid, api, operation, task_uuid, want_schema, webhook):
         return _plain(400, f"Duplicate job uuid[{job_uuid}]")
     return _json({"location": _location(request, job_uuid)}, 202)
+
+
+def _webhook_problem(url: str, allowed: tuple[str, ...]) -> str | None:
+    """Why a webhook URL is refused, or None. The caller chooses the URL, so only the
+    configured hosts (api.webhook_hosts) may receive results."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL"
+    if parts.hostname.lower() not in allowed:
+        return f"host {parts.hostname} is not in api.webhook_hosts"
+    return None
+
+
+def job_reply(job: ApiJob) -> tuple[int, dict[str, Any]]:
+    """What polling a job answers (and what its webhook receives): status and body."""
+    if job.state == "Running":
+        return 202, {}
+    if job.error is not None:
+        return 503, {"error": job.error}
+    result = job.result or {}
+    if job.want_schema:
+        schema = zstack.schema_map(result, zstack.CBT_SCHEMA_CLASSES)
+        if schema:
+            result = {**result, "schema": schema}
+    return 200, result
+
+
+WEBHOOK_TRIES = 15
+WEBHOOK_INTERVAL = 2.0
+
+
+async def deliver_webhook(session: ClientSession, job: ApiJob) -> None:
+    """POST a finished job's reply to its X-Web-Hook, as ZStack does: headers X-Job-UUID and
+    X-Job-Success, retried on failure (15 tries, 2 s apart)."""
+    assert job.webhook is not None
+    status, body = job_reply(job)
+    headers = {"X-Job-UUID": job.uuid, "X-Job-Success": "true" if status == 200 else "false"}
+    for attempt in range(1, WEBHOOK_TRIES + 1):
+        try:
+            async with session.post(
+                job.webhook, json=zstack.jsonable(body), headers=headers, timeout=ClientTimeout(10)
+            ) as r:
+                if r.status < 300:
+                    return
+                log.warning("webhook %s for job %s answered %d", job.webhook, job.uuid, r.status)
+        except (ClientError, TimeoutError) as e:
+            log.warning("webhook %s for job %s: %s (try %d)", job.webhook, job.uuid, e, attempt)
+        await asyncio.sleep(WEBHOOK_INTERVAL)
+    log.error("webhook %s for job %s: giving up; the result stays pollable", job.webhook, job.uuid)
 
 
 async def create_task(request: web.Request) -> web.Response:
@@ -266,12 +328,27 @@ async def api_job(request: web.Request) -> web.Response:
     job = await request.app[SERVICE].store.run(SyncStore.get_job, job_uuid.lower())
     if job is None:
         return _plain(404, f"no job[uuid: {job_uuid}]")
-    if job.state == "Running":
-        return _json({}, 202)
-    if job.error is not None:
-        return _json({"error": job.error}, 503)
-    result = job.result or {}
-    return _json(_with_schema(request, result, force=job.want_schema))
+    status, body = job_reply(job)
+    if status == 200:
+        body = _with_schema(request, body)
+    return _json(body, status)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    """ZStack's ExportNbdVolumes / UnexportNbdVolumes (disks of a VM that is NOT running): not
+    offered by this agent; answered as ZStack answers, through a failed job."""
+    body = await _authenticated_body(request)
+    if isinstance(body, web.Response):
+        return body
+    api = "ExportNbdVolumes" if request.path.endswith("/exportvolume") else "UnexportNbdVolumes"
+
+    async def refuse(_cmd: object) -> dict[str, Any]:
+        raise OperationError(
+            f"{api} is not supported by cbt-agent: it exports disks of running VMs through "
+            "EnableCbtTask"
+        )
+
+    return await _submit(request, api, lambda: None, refuse)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -327,10 +404,12 @@ async def never_a_traceback(request: web.Request, handler: Handler) -> web.Strea
 def add_routes(app: web.Application) -> None:
     for prefix in PREFIXES:
         app.router.add_post(f"{prefix}/cbt-task/create", create_task)
+        app.router.add_post(f"{prefix}/cbt-task/exportvolume", unsupported)
+        app.router.add_post(f"{prefix}/cbt-task/unexportvolume", unsupported)
         app.router.add_post(f"{prefix}/cbt-task/enable/{{uuid}}", enable_task)
         app.router.add_post(f"{prefix}/cbt-task/disable/{{uuid}}", disable_task)
         # "create" is CreateCbtTask's path, not a task uuid: GET/DELETE on it are a 405
-        task = f"{prefix}/cbt-task/{{uuid:(?!create$)[^/]+}}"
+        task = f"{prefix}/cbt-task/{{uuid:(?!(?:create|exportvolume|unexportvolume)$)[^/]+}}"
         app.router.add_delete(task, delete_task)
         app.router.add_get(f"{prefix}/cbt-task", query_tasks)
         app.router.add_get(task, query_tasks)
@@ -361,11 +440,27 @@ def make_app(config: Config, *, step: StepHook | None = None) -> web.Application
         service = CbtService(config, store, hypervisor, router, step=step)
         app[SERVICE] = service
         try:
-            from cbt_agent.engine.reconcile import reconcile
-
             await reconcile(service)
             await hypervisor.watch(service.on_vm_event)
-            yield
+            webhooks = ClientSession()
+            deliveries: set[asyncio.Task[None]] = set()
+
+            async def on_job_done(job: ApiJob) -> None:
+                if job.webhook:
+                    t = asyncio.create_task(deliver_webhook(webhooks, job))
+                    deliveries.add(t)
+                    t.add_done_callback(deliveries.discard)
+
+            service.on_job_done = on_job_done
+            expiry = asyncio.create_task(service.expire_jobs_forever(), name="job-expiry")
+            try:
+                yield
+            finally:
+                expiry.cancel()
+                await service.drain()
+                for t in list(deliveries):
+                    t.cancel()
+                await webhooks.close()
         finally:
             await service.drain()
             await router.close()

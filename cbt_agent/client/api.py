@@ -130,7 +130,9 @@ class CbtApi:
                     data = await r.text()
                 return r.status, data
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackupError(f"cannot reach the agent at {self.base}: {e or type(e).__name__}")
+            raise BackupError(
+                f"cannot reach the agent at {self.base}: {e or type(e).__name__}"
+            ) from None
 
     async def call(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """An asynchronous API: 202 + location, polled until 200 (returned) or an error."""
@@ -158,7 +160,9 @@ class CbtApi:
                 status = r.status
                 reply = await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise BackupError(f"cannot reach the agent at {self.base}: {e or type(e).__name__}")
+            raise BackupError(
+                f"cannot reach the agent at {self.base}: {e or type(e).__name__}"
+            ) from None
         if status != 200:
             raise _error_message("QueryCbtTask", status, reply)
         tasks = reply.get("inventories") or []

@@ -15,6 +15,8 @@ from cbt_agent.client.errors import BackupError
 
 QCOW2_MIN_CLUSTER = 512
 QCOW2_MAX_CLUSTER = 2 << 20
+START_TIMEOUT = 10.0  # qemu-nbd makes its socket in ~10 ms
+EXIT_TIMEOUT = 30.0  # after the client's NBD shutdown: close (and flush) the image
 
 
 async def run_tool(*cmd: str) -> str:
@@ -56,7 +58,7 @@ class QemuNbd:
         self.socket_path = socket_path
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, timeout: float = 10.0) -> None:
+    async def start(self) -> None:
         self.socket_path.unlink(missing_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
             "qemu-nbd",
@@ -70,13 +72,15 @@ class QemuNbd:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + START_TIMEOUT
         while not self.socket_path.exists():
             if self.proc.returncode is not None:
                 raise BackupError(f"qemu-nbd on {self.image.name} exited: {await self._stderr()}")
             if time.monotonic() > deadline:
                 await self.stop()
-                raise BackupError(f"qemu-nbd on {self.image.name} did not start in {timeout} s")
+                raise BackupError(
+                    f"qemu-nbd on {self.image.name} did not start in {START_TIMEOUT} s"
+                )
             await asyncio.sleep(0.005)
 
     async def _stderr(self) -> str:
@@ -85,16 +89,20 @@ class QemuNbd:
             return (await self.proc.stderr.read()).decode(errors="replace").strip()
         return ""
 
-    async def wait_exit(self, timeout: float = 30.0) -> None:
+    async def wait_exit(self) -> None:
         """After the client's NBD shutdown: qemu-nbd closes the image and exits 0."""
         assert self.proc is not None
         try:
-            code = await asyncio.wait_for(self.proc.wait(), timeout)
+            code = await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
         except TimeoutError:
             await self.stop()
-            raise BackupError(f"qemu-nbd on {self.image.name} did not exit after the copy")
+            raise BackupError(
+                f"qemu-nbd on {self.image.name} did not exit after the copy"
+            ) from None
         if code != 0:
-            raise BackupError(f"qemu-nbd on {self.image.name} failed ({code}): {await self._stderr()}")
+            raise BackupError(
+                f"qemu-nbd on {self.image.name} failed ({code}): {await self._stderr()}"
+            )
         self.proc = None
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cbt_agent import commands
@@ -24,7 +24,7 @@ from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInf
 from cbt_agent.model import TRACKING_LOST, CbtTask, TaskStatus
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
-from cbt_agent.store import ResourceRef, Store, SyncStore
+from cbt_agent.store import ApiJob, ResourceRef, Store, SyncStore
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class CbtService:
         self.qmp = qmp
         self.step = step
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # called with each finished job (the app delivers X-Web-Hook results with it)
+        self.on_job_done: Callable[[ApiJob], Awaitable[None]] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -83,9 +85,12 @@ class CbtService:
         operation: Callable[[], Awaitable[Result]],
         task_uuid: str | None = None,
         want_schema: bool = False,
+        webhook: str | None = None,
     ) -> bool:
         """Record a job and run `operation` in the background; False if the job uuid is taken."""
-        if not await self.store.run(SyncStore.create_job, job_uuid, api, task_uuid, want_schema):
+        if not await self.store.run(
+            SyncStore.create_job, job_uuid, api, task_uuid, want_schema, webhook
+        ):
             return False
         job = asyncio.create_task(self._run_job(job_uuid, api, operation), name=f"job-{job_uuid}")
         self._jobs.add(job)
@@ -104,15 +109,31 @@ class CbtService:
             await self.store.run(
                 SyncStore.finish_job, job_uuid, error=zstack.error_from_exception(e)
             )
-            return
         except Exception as e:
             log.exception("job %s %s failed unexpectedly", job_uuid, api)
             error = zstack.error_code(
                 zstack.SYS_INTERNAL, "An internal error happened", f"{type(e).__name__}: {e}"
             )
             await self.store.run(SyncStore.finish_job, job_uuid, error=error)
-            return
-        await self.store.run(SyncStore.finish_job, job_uuid, result=zstack.jsonable(result))
+        else:
+            await self.store.run(SyncStore.finish_job, job_uuid, result=zstack.jsonable(result))
+        if self.on_job_done is not None:
+            job = await self.store.run(SyncStore.get_job, job_uuid)
+            if job is not None:
+                await self.on_job_done(job)
+
+    async def expire_jobs(self) -> int:
+        """Forget finished jobs older than `[jobs] keep_seconds`; returns how many."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.config.jobs.keep_seconds)
+        return await self.store.run(SyncStore.expire_jobs, cutoff)
+
+    async def expire_jobs_forever(self) -> None:
+        interval = min(3600.0, self.config.jobs.keep_seconds / 10)
+        while True:
+            removed = await self.expire_jobs()
+            if removed:
+                log.info("expired %d finished api jobs", removed)
+            await asyncio.sleep(interval)
 
     async def drain(self) -> None:
         """Wait for running jobs (graceful shutdown)."""

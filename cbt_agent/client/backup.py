@@ -1,0 +1,319 @@
+"""`cbt-agent backup`: one checkpoint of every disk of a VM into a backup directory.
+
+Find (or create) the VM's CBT task; Disable it first when a previous client died holding it;
+Enable with `bitmapName` = the latest checkpoint in the manifest (only completed backups get
+there); copy each disk's export into `<file>.part` (full: allocated non-zero extents into a
+standalone qcow2; incremental: the dirty clusters into a qcow2 backed by the disk's previous
+file); checksum, rename into place, replace the manifest atomically; Disable. On any failure
+the new files are removed, the task is disabled (force) and the manifest is left as it was, so
+the next run asks again for everything since the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nbd
+
+from cbt_agent.client import extents
+from cbt_agent.client.api import CbtApi, TaskRef, VolumeBackupInfo
+from cbt_agent.client.chain import (
+    FULL,
+    INCREMENTAL,
+    PART_SUFFIX,
+    CheckpointBackup,
+    DiskBackup,
+    DiskTarget,
+    Manifest,
+    checkpoint_mode,
+    next_bitmap_name,
+    plan_target,
+    with_checkpoint,
+)
+from cbt_agent.client.copy import (
+    ALLOCATION,
+    copy_requests,
+    finish_target,
+    open_source,
+    open_target,
+    source_runs,
+)
+from cbt_agent.client.errors import BackupError
+from cbt_agent.client.manifest import load_manifest, save_manifest
+from cbt_agent.client.progress import MIB, Progress
+from cbt_agent.client.target import QemuNbd, create_image, fsync_dir, sha256_file
+from cbt_agent.qemu import nbd as nbdio
+
+PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"  # tests: stop mid-copy, to be killed
+BUSY = ("Running", "Starting")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    url: str
+    token: str
+    vm_uuid: str
+    dest: Path
+    task_name: str | None = None
+    pause_after: int | None = None  # requests; see PAUSE_ENV
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    disk: DiskBackup
+    seconds: float
+
+
+@dataclass
+class _Run:
+    """One backup in progress: what it made, and how to stop its copy thread."""
+
+    dest: Path
+    progress: Progress
+    pause_after: int | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    made: list[Path] = field(default_factory=list)  # removed again on failure
+    requests_done: int = 0
+
+    def on_request_done(self, length: int) -> None:
+        """Called in the copy thread after each request is stored."""
+        self.progress.add(length)
+        self.requests_done += 1
+        if self.pause_after is not None and self.requests_done == self.pause_after:
+            print(
+                f"cbt-agent backup: paused after {self.requests_done} extents ({PAUSE_ENV}), "
+                f"pid {os.getpid()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.stop.wait()  # until the process is killed or the backup cancelled
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking libnbd work in a thread; on cancellation tell it to stop and wait."""
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(fn, *args, **kwargs)
+        )
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            self.stop.set()
+            with contextlib.suppress(BaseException):
+                await fut
+            raise
+
+
+def pause_after_from_env() -> int | None:
+    value = os.environ.get(PAUSE_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise BackupError(f"{PAUSE_ENV}={value!r} is not a number") from None
+    return n if n > 0 else None
+
+
+def note(text: str) -> None:
+    print(f"cbt-agent backup: {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _locked(dest: Path) -> Iterator[None]:
+    """One backup at a time per directory (flock on the directory itself)."""
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackupError(f"another backup into {dest} is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(dest: Path) -> list[str]:
+    """Delete `*.part` files of an interrupted run (they never carry a final name)."""
+    removed = []
+    for p in sorted(dest.iterdir()):
+        if p.name.endswith(PART_SUFFIX) and p.is_file():
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> Manifest:
+    """Back up every disk of the VM into `opts.dest`; returns the new manifest.
+
+    Raises BackupError (ApiError for the agent's refusals) with the directory unchanged."""
+    dest = opts.dest
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _locked(dest):
+        manifest = load_manifest(dest) or Manifest(vm_uuid=opts.vm_uuid)
+        if manifest.vm_uuid != opts.vm_uuid:
+            raise BackupError(f"{dest} holds backups of VM {manifest.vm_uuid}, not {opts.vm_uuid}")
+        for name in remove_leftovers(dest):
+            note(f"removed {name}, left by an interrupted backup")
+        run = _Run(dest, progress or Progress(), opts.pause_after)
+        async with CbtApi(opts.url, opts.token) as api:
+            task = await api.find_task(opts.vm_uuid)
+            if task is None:
+                task = await api.create_task(opts.vm_uuid, opts.task_name or "cbt-backup")
+                note(f"created CBT task {task.uuid} for VM {opts.vm_uuid}")
+            elif task.status in BUSY:
+                note(
+                    f"task {task.uuid} is {task.status} (a previous backup did not finish): "
+                    "disabling it (force)"
+                )
+                await api.disable(task.uuid, force=True)
+            try:
+                new, results = await _backup(api, task, manifest, run)
+            except BaseException:
+                for p in run.made:
+                    p.unlink(missing_ok=True)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(api.disable(task.uuid, force=True))
+                raise
+            try:
+                await api.disable(task.uuid, force=False)
+            except BackupError as e:  # the backup is complete and recorded; the next run recovers
+                note(f"warning: {e.message}")
+    _summary(dest, new.checkpoints[-1], results)
+    return new
+
+
+async def _backup(
+    api: CbtApi, task: TaskRef, manifest: Manifest, run: _Run
+) -> tuple[Manifest, list[DiskResult]]:
+    since = next_bitmap_name(manifest)
+    infos = await api.enable(task.uuid, since)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    names = {i.bitmap_name for i in infos}
+    if len(names) != 1:
+        raise BackupError(f"EnableCbtTask returned several checkpoints: {sorted(names)}")
+    checkpoint = names.pop()
+    if any(c.name == checkpoint for c in manifest.checkpoints):
+        raise BackupError(
+            f"the agent's new checkpoint {checkpoint} is already in {run.dest}/manifest.json "
+            "(was the task recreated?): use a new backup directory"
+        )
+    sock_dir = Path(tempfile.mkdtemp(prefix="cbt-backup-"))
+    try:
+        results: list[DiskResult] = []
+        for info in infos:
+            target = plan_target(
+                manifest, checkpoint, info.volume_uuid, info.mode, info.since, info.reason
+            )
+            results.append(await _backup_disk(run, info, target, sock_dir / "target.sock"))
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    finals = []
+    for r in results:  # every file complete: give them their names, then record them
+        part = run.dest / (r.disk.file + PART_SUFFIX)
+        final = run.dest / r.disk.file
+        os.replace(part, final)
+        run.made.append(final)
+        finals.append(final)
+    fsync_dir(run.dest)
+    disks = tuple(r.disk for r in results)
+    cp = CheckpointBackup(checkpoint, checkpoint_mode(disks), created, disks)
+    new = with_checkpoint(manifest, cp, task.uuid)
+    save_manifest(run.dest, new)
+    return new, results
+
+
+async def _backup_disk(
+    run: _Run, info: VolumeBackupInfo, target: DiskTarget, sock: Path
+) -> DiskResult:
+    began = time.monotonic()
+    gran = info.granularity
+    context = ALLOCATION if target.mode == FULL else info.dirty_context
+    if context is None:
+        raise BackupError(f"disk {info.volume_uuid}: incremental without a dirtyBitmapContext")
+    address = nbdio.NbdAddress(info.nbd_server, info.nbd_port, info.nbd_socket, info.export_name)
+    part = run.dest / (target.file + PART_SUFFIX)
+    src = await run.in_thread(open_source, address, context)
+    try:
+        size = int(src.get_size())
+        if size != info.size:
+            raise BackupError(
+                f"disk {info.volume_uuid}: export has {size} bytes, Enable said {info.size}"
+            )
+        runs = await run.in_thread(source_runs, src, target.mode, context, gran)
+        if target.mode == INCREMENTAL and info.bitmap_b64 is not None:
+            expected = extents.bitmap_runs(info.bitmap_b64, gran, size)
+            if expected != runs:
+                raise BackupError(
+                    f"disk {info.volume_uuid}: the dirty map over NBD ({extents.total(runs)} "
+                    f"bytes) differs from bitmapBase64 ({extents.total(expected)} bytes)"
+                )
+        reqs = list(extents.requests(runs, gran))
+        backing = target.backing.file if target.backing is not None else None
+        run.made.append(part)
+        await create_image(part, size, gran, backing)
+        server = QemuNbd(part, sock)
+        try:
+            await server.start()
+            dst = await run.in_thread(open_target, sock)
+            run.progress.start(f"disk {info.volume_uuid[:8]} {target.mode}", extents.total(runs))
+            try:
+                await run.in_thread(
+                    copy_requests,
+                    src,
+                    dst,
+                    reqs,
+                    keep_zero=target.backing is not None,
+                    on_done=run.on_request_done,
+                    stop=run.stop,
+                )
+                await run.in_thread(finish_target, dst)
+            except nbd.Error as e:
+                raise BackupError(f"disk {info.volume_uuid}: NBD copy failed: {e}") from None
+            finally:
+                run.progress.finish()
+            await server.wait_exit()
+        finally:
+            await server.stop()
+    finally:
+        nbdio.close(src)
+    digest = await asyncio.to_thread(sha256_file, part)
+    disk = DiskBackup(
+        volume_uuid=info.volume_uuid,
+        file=target.file,
+        backing_file=backing,
+        mode=target.mode,
+        size=size,
+        granularity=gran,
+        copied_bytes=extents.total(runs),
+        sha256=digest,
+        reason=target.reason if target.mode == FULL else None,
+        since=info.since if target.backing is not None else None,
+    )
+    return DiskResult(disk, time.monotonic() - began)
+
+
+def _summary(dest: Path, cp: CheckpointBackup, results: list[DiskResult]) -> None:
+    print(f"checkpoint {cp.name} ({cp.mode}) in {dest}")
+    for r in results:
+        d = r.disk
+        rate = d.copied_bytes / MIB / r.seconds if r.seconds > 0 else 0.0
+        extra = f"  ({d.reason})" if d.mode == FULL and d.reason else ""
+        print(
+            f"  disk {d.volume_uuid}  {d.mode:<11} {d.copied_bytes / MIB:8.1f} MiB copied "
+            f"in {r.seconds:.2f} s ({rate:.0f} MiB/s) -> {d.file}{extra}"
+        )

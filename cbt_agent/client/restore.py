@@ -1,0 +1,72 @@
+"""`cbt-agent restore`: one standalone qcow2 per disk as of a checkpoint.
+
+Each disk's chain (full file, then its incrementals) is checked against the manifest's
+checksums, then `qemu-img convert` follows the backing chain into `<out>/<volumeUuid>.qcow2`
+(written as `.part`, renamed when complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from cbt_agent.client.chain import PART_SUFFIX, chain_of, find_checkpoint
+from cbt_agent.client.errors import BackupError
+from cbt_agent.client.manifest import require_manifest
+from cbt_agent.client.target import run_tool, sha256_file
+
+
+async def check_chain_files(dest: Path, chain_files: list[tuple[str, str]]) -> None:
+    """BackupError naming the first file that is missing or does not match its sha256."""
+    for name, expected in chain_files:
+        path = dest / name
+        if not path.is_file():
+            raise BackupError(f"{path} is missing")
+        digest = await asyncio.to_thread(sha256_file, path)
+        if digest != expected:
+            raise BackupError(f"{path} does not match its sha256 in the manifest (corrupt)")
+
+
+async def run_restore(dest: Path, checkpoint: str | None, out: Path) -> list[Path]:
+    """Restore every disk present at `checkpoint` (None: the latest) into `out`.
+
+    Returns the written images. Raises UnknownCheckpoint for a checkpoint not in the manifest,
+    BackupError for a damaged chain or an existing output file."""
+    manifest = require_manifest(dest)
+    cp = find_checkpoint(manifest, checkpoint)
+    chains = {d.volume_uuid: chain_of(manifest, cp.name, d.volume_uuid) for d in cp.disks}
+    outputs = {vol: out / f"{vol}.qcow2" for vol in chains}
+    for path in outputs.values():
+        if path.exists():
+            raise BackupError(f"{path} exists: remove it or choose another --out")
+    checked: set[str] = set()
+    for chain in chains.values():
+        todo = [(d.file, d.sha256) for d in chain if d.file not in checked]
+        await check_chain_files(dest, todo)
+        checked.update(f for f, _ in todo)
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    written: list[Path] = []
+    for vol, chain in chains.items():
+        final = outputs[vol]
+        part = final.with_name(final.name + PART_SUFFIX)
+        try:
+            await run_tool(
+                "qemu-img",
+                "convert",
+                "-q",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                str(dest / chain[-1].file),
+                str(part),
+            )
+            os.chmod(part, 0o600)
+            os.replace(part, final)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        written.append(final)
+        print(f"restored disk {vol} as of {cp.name} ({len(chain)} file(s)) -> {final}")
+    return written

@@ -1,0 +1,417 @@
+"""The reference backup client against the real agent process and real VMs: `cbt-agent backup`,
+`restore` and `verify` as a user runs them, checked against an in-memory model of every disk.
+
+Each test starts its own agent (stopped by pid) and its own VM (destroyed by vm_factory)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stack
+from agentproc import TOKEN, AgentProcess, free_port, write_config
+
+pytestmark = pytest.mark.stack
+
+G = 64 * 1024  # the agent's bitmap granularity = the backup files' cluster size
+MIB = 1 << 20
+PORT_RANGE = "11800:11899"
+PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"
+
+
+# ---- harness ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def agent(tmp_path: Path, qmp_socket_template: str) -> AsyncIterator[AgentProcess]:
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    write_config(config, port, tmp_path / "state", qmp_socket_template, PORT_RANGE)
+    proc = AgentProcess(config, port)
+    try:
+        await proc.start()
+        yield proc
+    finally:
+        if proc.proc is not None:
+            await proc.stop(signal.SIGKILL if proc.proc.returncode is None else signal.SIGTERM)
+        await proc.session.close()
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+CLI_TIMEOUT = 120.0
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cbt_agent",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+def backup_args(agent: AgentProcess, vm: stack.TestVm, dest: Path) -> list[str]:
+    return [
+        "backup",
+        "--url",
+        agent.base,
+        "--token",
+        TOKEN,
+        "--vm",
+        vm.vm_uuid,
+        "--dest",
+        str(dest),
+    ]
+
+
+async def backup(agent: AgentProcess, vm: stack.TestVm, dest: Path) -> dict[str, Any]:
+    """Run `cbt-agent backup`; returns the manifest's new checkpoint."""
+    r = await cli(*backup_args(agent, vm, dest))
+    assert r.code == 0, f"backup failed ({r.code}):\n{r.out}\n{r.err}"
+    print(r.out, end="")
+    return dict(manifest(dest)["checkpoints"][-1])
+
+
+def manifest(dest: Path) -> dict[str, Any]:
+    return dict(json.loads((dest / "manifest.json").read_text()))
+
+
+async def restored_hashes(dest: Path, checkpoint: str, out: Path) -> dict[str, str]:
+    """`cbt-agent restore --checkpoint`, then sha256 of each image's raw content."""
+    r = await cli("restore", "--dest", str(dest), "--checkpoint", checkpoint, "--out", str(out))
+    assert r.code == 0, f"restore of {checkpoint} failed:\n{r.out}\n{r.err}"
+    hashes = {}
+    for image in sorted(await asyncio.to_thread(lambda: list(out.glob("*.qcow2")))):
+        raw = image.with_suffix(".raw")
+        await run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(image), str(raw))
+        hashes[image.stem] = await asyncio.to_thread(sha256_file, raw)
+        raw.unlink()
+        image.unlink()
+    return hashes
+
+
+async def first_difference(image: Path, expected: bytes) -> str:
+    raw = image.with_suffix(".raw")
+    await run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(image), str(raw))
+    got = raw.read_bytes()
+    raw.unlink()
+    if len(got) != len(expected):
+        return f"size {len(got)} != {len(expected)}"
+    for off in range(0, len(got), G):
+        if got[off : off + G] != expected[off : off + G]:
+            i = next(i for i in range(G) if got[off + i] != expected[off + i])
+            return f"first difference at byte {off + i} (cluster {off // G})"
+    return "no difference"
+
+
+async def run(*cmd: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _out, err = await proc.communicate()
+    assert proc.returncode == 0, f"{cmd}: {err.decode()}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class DiskModel:
+    """What the disk must contain, and which clusters changed since the last backup."""
+
+    volume_uuid: str
+    data: bytearray
+    touched: set[int] = field(default_factory=set)
+
+    def _mark(self, offset: int, length: int) -> None:
+        self.touched.update(range(offset // G, (offset + length - 1) // G + 1))
+
+    async def write(self, vm: stack.TestVm, offset: int, length: int, byte: int) -> None:
+        await vm.write(self.volume_uuid, offset, length, byte)
+        self.data[offset : offset + length] = bytes([byte]) * length
+        self._mark(offset, length)
+
+    async def write_zeroes(self, vm: stack.TestVm, offset: int, length: int, unmap: bool) -> None:
+        await vm.write_zeroes(self.volume_uuid, offset, length, unmap)
+        self.data[offset : offset + length] = bytes(length)
+        self._mark(offset, length)
+
+    def changed_bytes(self) -> int:
+        size = len(self.data)
+        return sum(min(G, size - c * G) for c in self.touched)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def models_of(vm: stack.TestVm) -> list[DiskModel]:
+    return [DiskModel(v.volume_uuid, bytearray(v.size)) for v in vm.volumes]
+
+
+def checkpoint_disks(cp: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {d["volumeUuid"]: d for d in cp["disks"]}
+
+
+def processes_using(path: Path) -> list[int]:
+    """Pids whose command line mentions `path` (a qemu-nbd left behind would)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if str(path).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+async def wait_no_process_using(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while pids := processes_using(path):
+        if time.monotonic() > deadline:
+            for pid in pids:  # started (indirectly) by this test: stop them by pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"processes {pids} still use {path}")
+        await asyncio.sleep(0.05)
+
+
+async def random_writes(
+    rng: random.Random, vm: stack.TestVm, models: list[DiskModel], count: int
+) -> None:
+    """Writes of 512 B to 4 MiB at unaligned offsets, some on the same spot, some zeroes."""
+    recent: list[tuple[DiskModel, int]] = []
+    for _ in range(count):
+        if recent and rng.random() < 0.25:  # rewrite (around) a spot written before
+            disk, near = rng.choice(recent)
+            length = rng.randint(512, 256 * 1024)
+            offset = max(0, min(len(disk.data) - length, near + rng.randint(-8192, 8192)))
+        else:
+            disk = rng.choice(models)
+            length = min(int(2 ** rng.uniform(9, 22)), len(disk.data) // 2)
+            offset = rng.randrange(0, len(disk.data) - length)
+        if rng.random() < 0.2:
+            await disk.write_zeroes(vm, offset, length, unmap=rng.random() < 0.5)
+        else:
+            await disk.write(vm, offset, length, rng.randint(1, 255))
+        recent.append((disk, offset))
+
+
+async def assert_task_stopped(agent: AgentProcess, vm: stack.TestVm) -> None:
+    """The client disabled the task after its backup: no export is left in QEMU."""
+    url = f"{agent.base}/zstack/v1/cbt-task"
+    async with agent.session.get(url, params={"q": f"resourceRefs.resourceUuid={vm.vm_uuid}"}) as r:
+        tasks = (await r.json())["inventories"]
+    assert [t["status"] for t in tasks] == ["Stopped"]
+    assert await vm.qmp_async("query-block-exports") == []
+
+
+def remove_task_bitmaps(vm: stack.TestVm, volume_uuid: str) -> list[str]:
+    """Lose a disk's change tracking (as a lost or damaged qcow2 bitmap would)."""
+    node = vm.node_name(volume_uuid)
+    names = [str(b["name"]) for b in vm.bitmaps(volume_uuid)]
+    for name in names:
+        vm.qmp("block-dirty-bitmap-remove", {"node": node, "name": name})
+    return names
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+async def test_random_writes_six_backups_every_checkpoint_restores_exactly(
+    vm_factory: Callable[..., stack.TestVm], agent: AgentProcess, tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("CBT_TEST_SEED", time.time_ns() % 1_000_000))
+    print(f"seed {seed} (rerun with CBT_TEST_SEED={seed})")
+    rng = random.Random(seed)
+    vm = vm_factory(disks_mib=[64, 32, 16])
+    models = models_of(vm)
+    dest = tmp_path / "backup"
+    lost_tracking_at = 3  # before this backup, the third disk loses its bitmaps
+    expected: dict[str, dict[str, str]] = {}  # checkpoint -> volume -> sha256 of the content
+    for n in range(6):
+        await random_writes(rng, vm, models, rng.randint(6, 14))
+        if n == lost_tracking_at:
+            assert remove_task_bitmaps(vm, models[2].volume_uuid)
+        cp = await backup(agent, vm, dest)
+        disks = checkpoint_disks(cp)
+        assert list(disks) == [m.volume_uuid for m in models]
+        for i, m in enumerate(models):
+            d = disks[m.volume_uuid]
+            if n == 0 or (n == lost_tracking_at and i == 2):
+                assert (d["mode"], d["backingFile"]) == ("full", None), d
+                assert d["reason"], d
+            else:
+                assert d["mode"] == "incremental", d
+                assert d["copiedBytes"] == m.changed_bytes(), (
+                    f"backup {n}, disk {i}: copied {d['copiedBytes']}, "
+                    f"{len(m.touched)} clusters touched = {m.changed_bytes()}"
+                )
+                previous = checkpoint_disks(manifest(dest)["checkpoints"][n - 1])[m.volume_uuid]
+                assert d["backingFile"] == previous["file"]
+            m.touched.clear()
+        expected[cp["name"]] = {m.volume_uuid: m.digest() for m in models}
+        if n == lost_tracking_at:
+            assert cp["mode"] == "mixed"
+        # Every checkpoint so far restores to exactly the disks as they were then.
+        for name, digests in expected.items():
+            out = tmp_path / f"restore-{n}-{name}"
+            got = await restored_hashes(dest, name, out)
+            if got != digests and name == cp["name"]:
+                await cli("restore", "--dest", str(dest), "--checkpoint", name, "--out", str(out))
+                diffs = [
+                    f"disk {i}: {await first_difference(out / f'{m.volume_uuid}.qcow2', m.data)}"
+                    for i, m in enumerate(models)
+                    if got.get(m.volume_uuid) != digests[m.volume_uuid]
+                ]
+                pytest.fail(f"seed {seed}, checkpoint {name}: {diffs}")
+            assert got == digests, f"seed {seed}: checkpoint {name} restored wrong"
+    r = await cli("verify", str(dest))
+    assert r.code == 0, r.out + r.err
+    assert r.out.count("OK ") == 18
+    await assert_task_stopped(agent, vm)
+
+
+async def test_killed_backup_leaves_no_trace_and_the_next_one_has_all_changes(
+    vm_factory: Callable[..., stack.TestVm], agent: AgentProcess, tmp_path: Path
+) -> None:
+    vm = vm_factory(disks_mib=[16, 8])
+    models = models_of(vm)
+    dest = tmp_path / "backup"
+    await models[0].write(vm, 0, 3 * MIB, 0x11)
+    first = await backup(agent, vm, dest)
+    for m in models:
+        m.touched.clear()
+    snapshot1 = {m.volume_uuid: m.digest() for m in models}
+    # Separate dirty runs, so the incremental needs several requests.
+    for i, off in enumerate((1 * MIB, 5 * MIB + 100, 9 * MIB + 7, 13 * MIB)):
+        await models[0].write(vm, off, 70_000, 0x20 + i)
+    await models[1].write(vm, 3 * MIB + 5, 1000, 0x33)
+    manifest_before = (dest / "manifest.json").read_bytes()
+    files_before = sorted(p.name for p in dest.iterdir())
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cbt_agent",
+        *backup_args(agent, vm, dest),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, PAUSE_ENV: "2"},
+    )
+    assert proc.stderr is not None
+    try:
+        line = await asyncio.wait_for(proc.stderr.readline(), 60)
+        while line and b"paused after 2 extents" not in line:
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+        assert line, "the backup ended without pausing"
+        parts = [p.name for p in dest.iterdir() if p.name.endswith(".part")]
+        assert parts, "the killed backup should be mid-copy into a .part file"
+    finally:
+        if proc.returncode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    await wait_no_process_using(dest)  # its qemu-nbd exits once its client is gone
+
+    assert (dest / "manifest.json").read_bytes() == manifest_before
+    finals = sorted(p.name for p in dest.iterdir() if not p.name.endswith(".part"))
+    assert finals == files_before, "no partial file may carry a final name"
+    r = await cli("verify", str(dest))
+    assert r.code != 0 and "LEFTOVER" in r.out and parts[0] in r.out
+
+    # The task is still Running (its client died): the next backup disables it, asks for the
+    # changes since the last GOOD checkpoint, and so gets the writes from before and after.
+    await models[1].write(vm, 6 * MIB, 4096, 0x44)
+    await models[0].write(vm, 2 * MIB + 3, 10, 0x55)
+    r = await cli(*backup_args(agent, vm, dest))
+    assert r.code == 0, r.out + r.err
+    assert "disabling it (force)" in r.err and "removed" in r.err
+    doc = manifest(dest)
+    assert [c["name"] for c in doc["checkpoints"]] == [first["name"], r.out.split()[1]]
+    disks = checkpoint_disks(doc["checkpoints"][1])
+    for m in models:
+        d = disks[m.volume_uuid]
+        assert d["mode"] == "incremental" and d["sinceCheckpoint"] == first["name"]
+        assert d["copiedBytes"] == m.changed_bytes()
+    assert not [p for p in dest.iterdir() if p.name.endswith(".part")]
+    assert await restored_hashes(dest, doc["checkpoints"][1]["name"], tmp_path / "r2") == {
+        m.volume_uuid: m.digest() for m in models
+    }
+    assert await restored_hashes(dest, first["name"], tmp_path / "r1") == snapshot1
+    r = await cli("verify", str(dest))
+    assert r.code == 0, r.out + r.err
+    await assert_task_stopped(agent, vm)
+
+
+async def test_verify_flags_corruption_and_unknown_files_restore_refuses_unknown_checkpoint(
+    vm_factory: Callable[..., stack.TestVm], agent: AgentProcess, tmp_path: Path
+) -> None:
+    vm = vm_factory(disks_mib=[8])
+    vol = vm.volumes[0].volume_uuid
+    dest = tmp_path / "backup"
+    await vm.write(vol, 4096, 200_000, 0x61)
+    await backup(agent, vm, dest)
+    await vm.write(vol, 1 * MIB, 5000, 0x62)
+    second = await backup(agent, vm, dest)
+
+    r = await cli("verify", str(dest))
+    assert r.code == 0, r.out + r.err
+    lines = r.out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("OK ") for line in lines)
+
+    r = await cli(
+        "restore", "--dest", str(dest), "--checkpoint", "cbt-nope", "--out", str(tmp_path / "o")
+    )
+    assert r.code != 0
+    assert "checkpoint 'cbt-nope' is not in this backup" in r.err
+    assert "Traceback" not in r.err and not (tmp_path / "o").exists()
+
+    # One flipped byte in the incremental: verify names it, restore refuses it.
+    victim = dest / second["disks"][0]["file"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = await cli("verify", str(dest))
+    assert r.code != 0
+    assert f"CORRUPT  {victim.name}" in r.out and victim.name in r.err
+    r = await cli("restore", "--dest", str(dest), "--out", str(tmp_path / "o"))
+    assert r.code != 0 and victim.name in r.err
+
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (dest / "stray.qcow2").write_bytes(b"x")
+    r = await cli("verify", str(dest))
+    assert r.code != 0 and "UNKNOWN  stray.qcow2" in r.out and "stray.qcow2" in r.err
