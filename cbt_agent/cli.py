@@ -207,18 +207,39 @@ def cmd_backup(args: argparse.Namespace) -> int:
         task_name=args.task_name,
         pause_after=pause_after_from_env(),
     )
-    asyncio.run(_cancel_on_sigterm(run_backup(opts)))
+    try:
+        asyncio.run(_cancel_on_sigterm(run_backup(opts)))
+    except _Terminated:
+        print(
+            "cbt-agent: backup stopped by SIGTERM: its partial files were removed and the "
+            "manifest was left as it was",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     return 0
 
 
+class _Terminated(Exception):
+    pass
+
+
 async def _cancel_on_sigterm(coro: Any) -> Any:
-    """Run `coro`; SIGTERM cancels it like Ctrl-C does, so its cleanup runs."""
+    """Run `coro`; SIGTERM cancels it (as Ctrl-C does), so its cleanup runs."""
     task = asyncio.ensure_future(coro)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         return await task
     except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
+        if terminated:
+            raise _Terminated from None
+        raise
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

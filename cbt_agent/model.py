@@ -174,7 +174,7 @@ def plan_disk(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirtyExtent:
     """A run of bytes, changed or not, as NBD block status reports it."""
 

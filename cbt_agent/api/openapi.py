@@ -400,6 +400,15 @@ def _components() -> Schema:
                 "description": "names the job (32 hex); a repeat or another form is a 400",
                 "schema": {"type": "string", "pattern": UUID_PATTERN},
             },
+            "XWebHook": {
+                "name": "X-Web-Hook",
+                "in": "header",
+                "required": False,
+                "description": "an http(s) URL on a host of api.webhook_hosts: the job's reply is "
+                "POSTed there when done (headers X-Job-UUID, X-Job-Success), and stays pollable; "
+                "another URL is a 400",
+                "schema": {"type": "string"},
+            },
             "XJsonSchema": {
                 "name": "X-JSON-Schema",
                 "in": "header",
@@ -415,7 +424,8 @@ def _components() -> Schema:
             ),
             "BadRequest": _text_response(
                 "REST-layer fault: missing or malformed Authorization, a body that is not a "
-                "JSON object, a bad or repeated X-Job-UUID, a q without an operator."
+                "JSON object, a bad or repeated X-Job-UUID, a refused X-Web-Hook, a q without "
+                "an operator."
             ),
             "NotFound": _text_response("No such route, or no such job."),
             "MethodNotAllowed": _text_response("The path exists, the method does not."),
@@ -449,7 +459,12 @@ def _async_operation(
         "operationId": operation_id,
         "summary": summary,
         "tags": ["CbtTask"],
-        "parameters": [*parameters, _parameter("XJobUuid"), _parameter("XJsonSchema")],
+        "parameters": [
+            *parameters,
+            _parameter("XJobUuid"),
+            _parameter("XWebHook"),
+            _parameter("XJsonSchema"),
+        ],
         "responses": dict(sorted(responses.items())),
     }
     if request_body is not None:
@@ -493,6 +508,19 @@ def _paths(prefix: str) -> Schema:
         "properties": {"force": {"type": "boolean", "default": False}},
         "additionalProperties": True,
     }
+    export_params: Schema = {
+        "type": "object",
+        "properties": {
+            "volumeUuids": {"type": "array", "items": _uuid("a volume")},
+            "vmInstanceUuid": _uuid("the (stopped) VM"),
+            "force": {"type": "boolean"},
+        },
+        "additionalProperties": True,
+    }
+    not_supported = (
+        " Not supported by cbt-agent (it exports disks of running VMs through EnableCbtTask): "
+        "the job fails with SYS.1006."
+    )
     not_allowed = {"405": _response("MethodNotAllowed")}
     task_path = f"{prefix}/cbt-task/{{uuid}}"
     query_parameters: list[Schema] = [
@@ -559,6 +587,22 @@ def _paths(prefix: str) -> Schema:
                 "Create a CBT task for a VM (job result: {inventory}).",
                 [],
                 _body(create_params, "The task to create.", required=True),
+            )
+        },
+        f"{prefix}/cbt-task/exportvolume": {
+            "post": _async_operation(
+                "ExportNbdVolumes",
+                "ZStack's export of a stopped VM's disks over NBD." + not_supported,
+                [],
+                _body(export_params, "ZStack's parameters (not used).", required=False),
+            )
+        },
+        f"{prefix}/cbt-task/unexportvolume": {
+            "post": _async_operation(
+                "UnexportNbdVolumes",
+                "ZStack's end of ExportNbdVolumes." + not_supported,
+                [],
+                _body(export_params, "ZStack's parameters (not used).", required=False),
             )
         },
         f"{prefix}/cbt-task/enable/{{uuid}}": {
@@ -683,7 +727,8 @@ def _paths(prefix: str) -> Schema:
                         "required": True,
                         "description": "the job uuid from the location",
                         "schema": {"type": "string", "pattern": UUID_PATTERN},
-                    }
+                    },
+                    _parameter("XJsonSchema"),
                 ],
                 "responses": {
                     "200": _json_response("The job's result.", _schema("ApiJobResult")),

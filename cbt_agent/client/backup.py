@@ -186,8 +186,10 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
             except BaseException:
                 for p in run.made:
                     p.unlink(missing_ok=True)
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.shield(api.disable(task.uuid, force=True))
+                except Exception as e:  # the agent may be what failed; the next run retries
+                    note(f"warning: could not disable task {task.uuid}: {e}")
                 raise
             try:
                 await api.disable(task.uuid, force=False)

@@ -85,7 +85,7 @@ async def _reconcile_task(service: object, task: CbtTask) -> None:
             return
         if task.status is TaskStatus.RUNNING and running and exports:
             qmp = await service.qmp.channel(task.vm_uuid)
-            live = await blockdev.export_ids(qmp)
+            live = await blockdev.export_ids_of(qmp)
             if all(e.phase == "exported" and e.export_id in live for e in exports):
                 log.info("task %s: exports alive, stays Running", task.uuid)
                 return

@@ -119,42 +119,45 @@ async def wait_until(what: str, probe: Any, limit: float, interval: float = POLL
         await asyncio.sleep(interval)
 
 
-async def export_ids(qmp: QmpChannel) -> set[str]:
+async def export_ids_of(qmp: QmpChannel) -> set[str]:
     return {str(e["id"]) for e in await qmp.execute("query-block-exports")}
 
 
-async def delete_export(
-    qmp: QmpChannel, export_id: str, *, force: bool, grace: float = 3.0
+async def delete_exports(
+    qmp: QmpChannel, export_ids: list[str], *, force: bool, grace: float = 3.0
 ) -> None:
-    """Remove an NBD export and wait until QEMU has let go of it. Safe mode first (refused while
-    a client is connected); after `grace` seconds, or at once with `force`, hard mode."""
-    if export_id not in await export_ids(qmp):
+    """Remove NBD exports and wait until QEMU has let go of them. Safe mode first (refused
+    while a client is connected); after `grace` seconds, or at once with `force`, hard mode."""
+    live = await export_ids_of(qmp)
+    pending = [x for x in export_ids if x in live]
+    if not pending:
         return
-    mode = "hard" if force else "safe"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    while True:
-        try:
-            await qmp.execute("block-export-del", {"id": export_id, "mode": mode})
-            break
-        except QmpCommandError as e:
-            if _gone(e, "not found", "cannot find"):
-                return
-            if mode == "safe" and loop.time() < deadline:
-                await asyncio.sleep(0.1)
-                continue
-            if mode == "safe":
-                log.warning(
-                    "export %s still in use after %.0fs: removing it hard", export_id, grace
-                )
-                mode = "hard"
-                continue
-            raise
+    for export_id in pending:
+        mode = "hard" if force else "safe"
+        while True:
+            try:
+                await qmp.execute("block-export-del", {"id": export_id, "mode": mode})
+                break
+            except QmpCommandError as e:
+                if _gone(e, "not found", "cannot find"):
+                    break
+                if mode == "safe" and loop.time() < deadline:
+                    await asyncio.sleep(0.1)
+                    continue
+                if mode == "safe":
+                    log.warning(
+                        "export %s still in use after %.0fs: removing it hard", export_id, grace
+                    )
+                    mode = "hard"
+                    continue
+                raise
 
     async def gone() -> bool:
-        return export_id not in await export_ids(qmp)
+        return not set(pending) & await export_ids_of(qmp)
 
-    await wait_until(f"export {export_id} to be deleted", gone, 30)
+    await wait_until(f"exports {', '.join(pending)} to be deleted", gone, 30)
 
 
 async def stop_nbd_server(qmp: QmpChannel) -> None:
@@ -169,26 +172,31 @@ async def job_ids(qmp: QmpChannel) -> set[str]:
     return {str(j["id"]) for j in await qmp.execute("query-jobs")}
 
 
-async def cancel_job(qmp: QmpChannel, job_id: str) -> None:
-    """Cancel a block job and wait until it is gone (dismissed)."""
-    if job_id not in await job_ids(qmp):
-        return
-    try:
-        await qmp.execute("block-job-cancel", {"device": job_id, "force": True})
-    except QmpCommandError as e:
-        if not _gone(e, "not found", "no active block job", "cannot find"):
-            raise
+async def cancel_jobs(qmp: QmpChannel, ids: list[str]) -> None:
+    """Cancel block jobs and wait until they are gone (dismissed)."""
+    live = await job_ids(qmp)
+    pending = [j for j in ids if j in live]
+    for job_id in pending:
+        try:
+            await qmp.execute("block-job-cancel", {"device": job_id, "force": True})
+        except QmpCommandError as e:
+            if not _gone(e, "not found", "no active block job", "cannot find"):
+                raise
 
     async def gone() -> bool:
         jobs = {str(j["id"]): j for j in await qmp.execute("query-jobs")}
-        job = jobs.get(job_id)
-        if job is None:
-            return True
-        if job.get("status") == "concluded":
-            await qmp.execute("job-dismiss", {"id": job_id})
-        return False
+        left = False
+        for job_id in pending:
+            job = jobs.get(job_id)
+            if job is None:
+                continue
+            left = True
+            if job.get("status") == "concluded":
+                await qmp.execute("job-dismiss", {"id": job_id})
+        return not left
 
-    await wait_until(f"job {job_id} to end", gone, 30)
+    if pending:
+        await wait_until(f"jobs {', '.join(pending)} to end", gone, 30)
 
 
 async def delete_node(qmp: QmpChannel, node_name: str, limit: float = 10.0) -> None:
@@ -196,8 +204,6 @@ async def delete_node(qmp: QmpChannel, node_name: str, limit: float = 10.0) -> N
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     while True:
-        if node_name not in await named_nodes(qmp):
-            return
         try:
             await qmp.execute("blockdev-del", {"node-name": node_name})
             return

@@ -13,8 +13,8 @@ import nbd
 from cbt_agent.errors import HypervisorError
 from cbt_agent.model import DirtyExtent, merge_extents
 
-# libnbd (and QEMU) refuse a block-status length of 2^32 or more: ask in 2 GiB steps.
-BLOCK_STATUS_CHUNK = 2 << 30
+# libnbd (and QEMU) refuse a block-status length of 2^32 or more: ask for just under 4 GiB.
+BLOCK_STATUS_CHUNK = (4 << 30) - (64 << 10)
 
 STATE_HOLE = 1  # base:allocation: unallocated
 STATE_ZERO = 2  # base:allocation: reads as zero
