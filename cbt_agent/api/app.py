@@ -322,6 +322,11 @@ async def changed_areas(request: web.Request) -> web.Response:
 
 
 async def api_job(request: web.Request) -> web.Response:
+    # a result holds NBD endpoints: only known callers may read it (ZStack's SDK sends the
+    # session on polls too)
+    denied = _authenticate(request)
+    if denied is not None:
+        return denied
     job_uuid = request.match_info["uuid"]
     if not JOB_UUID.match(job_uuid):
         return _plain(404, f"no job[uuid: {job_uuid[:64]}]")

@@ -354,6 +354,7 @@ def _components() -> Schema:
                     "granularity",
                     "mode",
                     "bitmapName",
+                    "sinceBitmapName",
                     "startOffset",
                     "length",
                     "changedAreas",
@@ -623,7 +624,7 @@ def _paths(prefix: str) -> Schema:
         },
         task_path: {
             "get": {
-                "operationId": "GetCbtTask",
+                "operationId": "QueryCbtTaskByUuid",
                 "summary": "QueryCbtTask for one uuid (synchronous).",
                 "tags": ["CbtTask"],
                 "parameters": [
@@ -717,9 +718,8 @@ def _paths(prefix: str) -> Schema:
         f"{prefix}/api-jobs/{{uuid}}": {
             "get": {
                 "operationId": "GetApiJob",
-                "summary": "Poll an asynchronous API's job.",
+                "summary": "Poll an asynchronous API's job (with the same OAuth token).",
                 "tags": ["Jobs"],
-                "security": [],
                 "parameters": [
                     {
                         "name": "uuid",
@@ -733,6 +733,7 @@ def _paths(prefix: str) -> Schema:
                 "responses": {
                     "200": _json_response("The job's result.", _schema("ApiJobResult")),
                     "202": _json_response("Still running (body {}).", _schema("Empty")),
+                    "400": _response("BadRequest"),
                     "404": _response("NotFound"),
                     "503": _response("Error"),
                 },

@@ -24,7 +24,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -156,7 +156,7 @@ def parse_date(text: str) -> datetime:
             )
         except ValueError as exc:
             raise InvalidArgument(f"invalid date {text!r}: {exc}") from None
-        return naive.astimezone()  # naive -> aware, interpreted in local time
+        return _in_range(naive, text)
     repaired = _ISO_PLUS_AS_SPACE_RE.fullmatch(s)
     if repaired is not None:
         s = f"{repaired[1]}+{repaired[2]}"
@@ -168,7 +168,18 @@ def parse_date(text: str) -> datetime:
         raise InvalidArgument(f"invalid date {text!r}: {_DATE_FORMS}") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise InvalidArgument(f"invalid date {text!r}: ISO-8601 needs Z or an offset")
-    return parsed
+    return _in_range(parsed, text)
+
+
+def _in_range(dt: datetime, text: str) -> datetime:
+    """`dt` made aware (naive = local time), refused when converting it between zones would
+    leave the years 1-9999 that datetime can hold (e.g. 0001-01-01T00:00:00+01:00)."""
+    try:
+        aware = dt.astimezone()
+        aware.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"invalid date {text!r}: out of the supported range") from None
+    return aware if dt.tzinfo is None else dt
 
 
 # --------------------------------------------------------------------------------------------

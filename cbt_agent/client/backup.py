@@ -60,6 +60,7 @@ from cbt_agent.qemu import nbd as nbdio
 
 PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"  # tests: stop mid-copy, to be killed
 BUSY = ("Running", "Starting")
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
 
 T = TypeVar("T")
 
@@ -151,7 +152,7 @@ def remove_leftovers(dest: Path) -> list[str]:
     """Delete `*.part` files of an interrupted run (they never carry a final name)."""
     removed = []
     for p in sorted(dest.iterdir()):
-        if p.name.endswith(PART_SUFFIX) and p.is_file():
+        if p.name.endswith(PART_SUFFIX) and not p.is_dir():  # files, a qemu-nbd socket
             p.unlink()
             removed.append(p.name)
     return removed
@@ -199,6 +200,16 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
     return new
 
 
+def _socket_path(dest: Path) -> tuple[Path, Path | None]:
+    """Where qemu-nbd listens: in the backup directory, as a `.part` a later run removes if
+    this one is killed; in a temporary directory (also returned) when that path is too long."""
+    path = dest / f"target.sock{PART_SUFFIX}"
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return path, None
+    tmp = Path(tempfile.mkdtemp(prefix="cbt-backup-"))
+    return tmp / "target.sock", tmp
+
+
 async def _backup(
     api: CbtApi, task: TaskRef, manifest: Manifest, run: _Run
 ) -> tuple[Manifest, list[DiskResult]]:
@@ -214,16 +225,18 @@ async def _backup(
             f"the agent's new checkpoint {checkpoint} is already in {run.dest}/manifest.json "
             "(was the task recreated?): use a new backup directory"
         )
-    sock_dir = Path(tempfile.mkdtemp(prefix="cbt-backup-"))
+    sock, sock_dir = _socket_path(run.dest)
     try:
         results: list[DiskResult] = []
         for info in infos:
             target = plan_target(
                 manifest, checkpoint, info.volume_uuid, info.mode, info.since, info.reason
             )
-            results.append(await _backup_disk(run, info, target, sock_dir / "target.sock"))
+            results.append(await _backup_disk(run, info, target, sock))
     finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+        sock.unlink(missing_ok=True)
+        if sock_dir is not None:
+            shutil.rmtree(sock_dir, ignore_errors=True)
     finals = []
     for r in results:  # every file complete: give them their names, then record them
         part = run.dest / (r.disk.file + PART_SUFFIX)

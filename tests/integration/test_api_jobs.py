@@ -130,3 +130,17 @@ async def test_zstack_apis_not_offered_fail_clearly(api: Api, api_path: str) -> 
     r = await api.call("POST", f"{P}/cbt-task/{api_path}", {"params": {"vmInstanceUuid": "a" * 32}})
     name = "ExportNbdVolumes" if api_path == "exportvolume" else "UnexportNbdVolumes"
     assert_error(r, "SYS.1006", f"{name} is not supported by cbt-agent")
+
+
+async def test_polling_a_job_needs_a_known_token(
+    api: Api, vm_factory: Callable[..., stack.TestVm]
+) -> None:
+    vm = vm_factory(start=False)
+    location = await api.submit(
+        "POST", f"{P}/cbt-task/create", {"params": {"name": "n", "vmInstanceUuid": vm.vm_uuid}}
+    )
+    path = location.split(api.base, 1)[1]
+    assert_plain(await api.request("GET", path, token=None), 400, "missing header")
+    r = await api.request("GET", path, token="not-a-token")
+    assert (r.status, r.body["error"]["code"]) == (503, "ID.1001")
+    assert (await api.poll(location)).status == 200  # with the token: the result

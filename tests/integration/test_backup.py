@@ -239,6 +239,46 @@ async def assert_task_stopped(agent: AgentProcess, vm: stack.TestVm) -> None:
     assert await vm.qmp_async("query-block-exports") == []
 
 
+def part_files(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir() if p.name.endswith(".part"))
+
+
+async def paused_backup(
+    agent: AgentProcess, vm: stack.TestVm, dest: Path, after: int, sig: int
+) -> tuple[int, list[str], str]:
+    """Start a backup that pauses after `after` extents, send it `sig` once it says so.
+    Returns its exit code, the .part files present at the pause, and its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cbt_agent",
+        *backup_args(agent, vm, dest),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, PAUSE_ENV: str(after)},
+    )
+    assert proc.stderr is not None
+    lines = []
+    try:
+        while True:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+            assert line, f"the backup ended without pausing: {lines}"
+            lines.append(line)
+            if f"paused after {after} extents" in line:
+                break
+        parts = part_files(dest)
+        os.kill(proc.pid, sig)
+        rest = await asyncio.wait_for(proc.stderr.read(), 60)
+        lines.append(rest.decode())
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        code = await proc.wait()
+    await wait_no_process_using(dest)  # its qemu-nbd exits once its client is gone
+    return code, parts, "".join(lines)
+
+
 def remove_task_bitmaps(vm: stack.TestVm, volume_uuid: str) -> list[str]:
     """Lose a disk's change tracking (as a lost or damaged qcow2 bitmap would)."""
     node = vm.node_name(volume_uuid)
@@ -323,28 +363,17 @@ async def test_killed_backup_leaves_no_trace_and_the_next_one_has_all_changes(
     manifest_before = (dest / "manifest.json").read_bytes()
     files_before = sorted(p.name for p in dest.iterdir())
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cbt_agent",
-        *backup_args(agent, vm, dest),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, PAUSE_ENV: "2"},
-    )
-    assert proc.stderr is not None
-    try:
-        line = await asyncio.wait_for(proc.stderr.readline(), 60)
-        while line and b"paused after 2 extents" not in line:
-            line = await asyncio.wait_for(proc.stderr.readline(), 60)
-        assert line, "the backup ended without pausing"
-        parts = [p.name for p in dest.iterdir() if p.name.endswith(".part")]
-        assert parts, "the killed backup should be mid-copy into a .part file"
-    finally:
-        if proc.returncode is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
-    await wait_no_process_using(dest)  # its qemu-nbd exits once its client is gone
+    # SIGTERM mid-copy: the client cleans up (partial file removed, task disabled), exits 143.
+    code, parts, err = await paused_backup(agent, vm, dest, 1, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+    assert sorted(p.name for p in dest.iterdir()) == files_before
+    assert (dest / "manifest.json").read_bytes() == manifest_before
+    await assert_task_stopped(agent, vm)
+
+    # SIGKILL mid-copy: nothing can clean up; the next run must cope.
+    code, parts, _ = await paused_backup(agent, vm, dest, 2, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert parts, "the killed backup should be mid-copy into a .part file"
 
     assert (dest / "manifest.json").read_bytes() == manifest_before
     finals = sorted(p.name for p in dest.iterdir() if not p.name.endswith(".part"))
@@ -366,7 +395,7 @@ async def test_killed_backup_leaves_no_trace_and_the_next_one_has_all_changes(
         d = disks[m.volume_uuid]
         assert d["mode"] == "incremental" and d["sinceCheckpoint"] == first["name"]
         assert d["copiedBytes"] == m.changed_bytes()
-    assert not [p for p in dest.iterdir() if p.name.endswith(".part")]
+    assert not part_files(dest)
     assert await restored_hashes(dest, doc["checkpoints"][1]["name"], tmp_path / "r2") == {
         m.volume_uuid: m.digest() for m in models
     }
@@ -415,3 +444,35 @@ async def test_verify_flags_corruption_and_unknown_files_restore_refuses_unknown
     (dest / "stray.qcow2").write_bytes(b"x")
     r = await cli("verify", str(dest))
     assert r.code != 0 and "UNKNOWN  stray.qcow2" in r.out and "stray.qcow2" in r.err
+
+
+async def test_a_failed_backup_says_why_and_changes_nothing(
+    vm_factory: Callable[..., stack.TestVm], agent: AgentProcess, tmp_path: Path
+) -> None:
+    vm = vm_factory(disks_mib=[8])
+    dest = tmp_path / "backup"
+    await vm.write(vm.volumes[0].volume_uuid, 0, 4096, 0x71)
+    await backup(agent, vm, dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    await vm.write(vm.volumes[0].volume_uuid, 0, 4096, 0x72)
+
+    args = backup_args(agent, vm, dest)
+    r = await cli(*[("wrong-token" if a == TOKEN else a) for a in args])
+    assert r.code == 1 and "[ID.1001]" in r.err and "Traceback" not in r.err, r.err
+    # A second directory of the same VM is independent: the agent offers an incremental since
+    # its latest checkpoint, which that directory lacks, so the client copies the disk in full.
+    r = await cli(*backup_args(agent, vm, tmp_path / "other"))
+    assert r.code == 0, r.err
+    (other,) = manifest(tmp_path / "other")["checkpoints"][0]["disks"]
+    assert (other["mode"], other["backingFile"]) == ("full", None)
+    assert other["reason"].startswith("no file of this disk at checkpoint cbt-")
+    r = await cli(
+        "backup", "--url", agent.base, "--token", TOKEN, "--vm", "f" * 32, "--dest", str(dest)
+    )
+    assert r.code == 1 and f"holds backups of VM {vm.vm_uuid}" in r.err
+
+    vm.shutdown()
+    r = await cli(*args)
+    assert r.code == 1 and "EnableCbtTask failed" in r.err and "not running" in r.err, r.err
+    assert "Traceback" not in r.err
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before

@@ -1,0 +1,695 @@
+"""Enable + Disable through CbtService against the same QMP sequence sent raw.
+
+On a real TCG libvirt VM (2 disks, then 4 disks) with ZStack's extra QMP socket:
+
+- agent: `CbtService.enable` then `CbtService.disable` (built as cbt_agent/api/app.py does:
+  Store, Hypervisor, QmpRouter, CbtService), one full cycle then N incremental ones;
+- LIMIT: one qemu.qmp QMPClient on the same socket sending only what a minimal hand-written
+  client must: per disk `qemu-img create` + `blockdev-add` of the scratch, one `transaction`
+  (blockdev-backup sync=none, bitmap disable + add), temporary bitmap add + merge,
+  `nbd-server-start`, `block-export-add`; then `block-export-del`, `nbd-server-stop`,
+  `block-job-cancel`, waiting on the BLOCK_EXPORT_DELETED / BLOCK_JOB_CANCELLED events,
+  `blockdev-del`, unlink, temporary bitmap remove. Node names are known up front (no queries).
+
+The socket takes one client at a time, so the two alternate cycle by cycle (order flipped every
+cycle): the agent's QmpRouter is closed before the raw client connects and the other way round;
+connecting is outside the timing for both. A few qemu-io writes go to every disk before each
+cycle (untimed).
+
+The contract makes Enable return each disk's bitmapBase64 and changedBytes, which only an NBD
+read of the dirty map gives, so a minimal client pays for it too: the LIMIT is the raw QMP
+cycle plus the raw libnbd map reads (bench/baseline.py; all disks at once, in threads).
+Allowed: agent cycle <= 2.0x that (median). The QMP-only ratio is printed for information.
+
+Run: .venv/bin/python -m bench.bench_enable [--cycles 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import types
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from qemu.qmp import QMPClient
+
+import cbt_agent.qemu.nbd as nbdio
+from bench import baseline
+from bench.stats import median_ms, row, verdict
+from cbt_agent import commands
+from cbt_agent.config import ApiConfig, Config, NbdConfig
+from cbt_agent.demo import throwaway_domain_xml
+from cbt_agent.engine import checkpoints
+from cbt_agent.engine.service import CbtService
+from cbt_agent.hypervisor.libvirt import DiskInfo, Hypervisor
+from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
+from cbt_agent.store import Store
+
+URI = "qemu:///system"
+GIB = 1 << 30
+DISK_SIZE = 8 * GIB
+LIMIT = 2.0
+AGENT_PORTS = (13000, 13099)
+RAW_PORTS = range(13100, 13200)
+WRITES_PER_DISK = 3
+TIME_BUDGET = 115.0  # seconds for the whole run, both variants, setup and cleanup
+# tests/stack.py reaps domains with this mark whose creating pid is gone (a killed run)
+VM_MARK = "cbt-agent test VM"
+
+
+# ---- instrumentation of the agent (attributes replaced on instances; restored afterwards) -----
+
+
+@dataclass
+class Meter:
+    """Where one agent operation spent its time; reset before each operation."""
+
+    qmp: list[str] = field(default_factory=list)
+    qmp_s: float = 0.0
+    store_n: int = 0
+    store_s: float = 0.0
+    img_s: float = 0.0
+    nbd_s: float = 0.0
+    libvirt_s: float = 0.0
+
+    def take(self) -> Meter:
+        """What was measured since the last take; starts afresh."""
+        out = dataclasses.replace(self, qmp=list(self.qmp))
+        self.qmp.clear()
+        self.qmp_s = self.store_s = self.img_s = self.nbd_s = self.libvirt_s = 0.0
+        self.store_n = 0
+        return out
+
+
+class Instrument:
+    """Wraps the agent's QMP channel, store, libvirt lookups, scratch creation and NBD map
+    read with timers. Undo with `restore()`."""
+
+    def __init__(self, router: QmpRouter, store: Store, hv: Hypervisor, meter: Meter) -> None:
+        self.meter = meter
+        self._undo: list[Callable[[], None]] = []
+        m = meter
+
+        orig_channel = router.channel
+
+        async def channel(vm_uuid: str) -> QmpChannel:
+            chan = await orig_channel(vm_uuid)
+            if "execute" not in vars(chan):  # each new connection is wrapped once
+                inner = chan.execute
+
+                async def execute(
+                    command: str, arguments: Mapping[str, object] | None = None
+                ) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return await inner(command, arguments)
+                    finally:
+                        m.qmp_s += time.perf_counter() - t0
+                        m.qmp.append(command)
+
+                setattr(chan, "execute", execute)  # noqa: B010
+            return chan
+
+        self._patch(router, "channel", channel)
+
+        orig_run = store.run
+
+        async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await orig_run(fn, *args, **kwargs)
+            finally:
+                m.store_s += time.perf_counter() - t0
+                m.store_n += 1
+
+        self._patch(store, "run", run)
+
+        orig_find = hv.find_vm
+
+        async def find_vm(vm_uuid: str) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await orig_find(vm_uuid)
+            finally:
+                m.libvirt_s += time.perf_counter() - t0
+
+        self._patch(hv, "find_vm", find_vm)
+
+        # a module function other engineers may rename: timed when present, else shown as 0
+        orig_scratch = getattr(checkpoints, "create_scratch", None)
+        if orig_scratch is not None:
+
+            async def create_scratch(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return await orig_scratch(*args, **kwargs)
+                finally:
+                    m.img_s += time.perf_counter() - t0
+
+            self._patch(checkpoints, "create_scratch", create_scratch)
+
+        orig_extents = nbdio.dirty_extents
+
+        def dirty_extents(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return orig_extents(*args, **kwargs)
+            finally:
+                m.nbd_s += time.perf_counter() - t0
+
+        self._patch(nbdio, "dirty_extents", dirty_extents)
+
+    def _patch(self, obj: Any, name: str, value: Any) -> None:
+        if isinstance(obj, types.ModuleType):
+            old = getattr(obj, name)
+            self._undo.append(lambda: setattr(obj, name, old))
+        else:  # an instance attribute shadows the method; deleting it brings the method back
+            self._undo.append(lambda: delattr(obj, name))
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+# ---- the raw client -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawDisk:
+    index: int
+    volume_uuid: str
+    node: str  # the disk's format node, learned once before timing
+    size: int
+
+
+class RawCheckpointer:
+    """The minimal hand-written client: the DESIGN.md command sequence, nothing else."""
+
+    def __init__(self, socket_path: str, disks: list[RawDisk], work: Path) -> None:
+        self.socket_path = socket_path
+        self.disks = disks
+        self.work = work
+        self.client: QMPClient | None = None
+        self.seq = 0
+        self.latest: str | None = None  # the recording checkpoint bitmap
+        self.frozen: str | None = None
+        self.port: int | None = None
+        self.calls: list[str] = []
+
+    async def connect(self) -> None:
+        self.client = QMPClient("bench-raw")
+        await self.client.connect(self.socket_path)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.disconnect()
+            self.client = None
+
+    async def x(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        assert self.client is not None
+        self.calls.append(command)
+        return await self.client.execute(command, arguments)
+
+    def scratch(self, d: RawDisk) -> Path:
+        return self.work / f"raw-scratch-{d.index}.qcow2"
+
+    async def enable(self) -> bool:
+        """Cut a checkpoint and export every disk; True when incremental."""
+        self.seq += 1
+        new = f"rawcp-{self.seq}"
+        tmp = f"rawtmp-{self.seq}"
+        prev = self.latest
+        for d in self.disks:
+            proc = await asyncio.create_subprocess_exec(
+                "qemu-img", "create", "-q", "-f", "qcow2", str(self.scratch(d)), str(d.size)
+            )
+            if await proc.wait() != 0:
+                raise RuntimeError("qemu-img create failed")
+            await self.x(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": f"rawsc-{d.index}",
+                    "discard": "unmap",
+                    "file": {"driver": "file", "filename": str(self.scratch(d))},
+                    "backing": d.node,
+                },
+            )
+        actions: list[dict[str, Any]] = []
+        for d in self.disks:
+            actions.append(
+                {
+                    "type": "blockdev-backup",
+                    "data": {
+                        "job-id": f"rawjob-{d.index}",
+                        "device": d.node,
+                        "target": f"rawsc-{d.index}",
+                        "sync": "none",
+                    },
+                }
+            )
+            if prev:
+                actions.append(
+                    {"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": prev}}
+                )
+            actions.append(
+                {
+                    "type": "block-dirty-bitmap-add",
+                    "data": {"node": d.node, "name": new, "persistent": True},
+                }
+            )
+        await self.x("transaction", {"actions": actions})
+        self.latest, self.frozen = new, prev
+        if prev:
+            for d in self.disks:
+                await self.x(
+                    "block-dirty-bitmap-add",
+                    {"node": d.node, "name": tmp, "disabled": True, "persistent": False},
+                )
+                await self.x(
+                    "block-dirty-bitmap-merge", {"node": d.node, "target": tmp, "bitmaps": [prev]}
+                )
+        for port in RAW_PORTS:
+            try:
+                await self.x(
+                    "nbd-server-start",
+                    {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}},
+                )
+                self.port = port
+                break
+            except Exception as e:
+                if "in use" not in str(e).lower():
+                    raise
+        else:
+            raise RuntimeError("no free port for the raw NBD server")
+        for d in self.disks:
+            args: dict[str, Any] = {
+                "type": "nbd",
+                "id": f"rawexp-{self.seq}-{d.index}",
+                "node-name": f"rawsc-{d.index}",
+                "name": d.volume_uuid,
+                "writable": False,
+            }
+            if prev:
+                args["bitmaps"] = [{"node": d.node, "name": tmp}]
+            await self.x("block-export-add", args)
+        return prev is not None
+
+    def read_maps(self) -> int:
+        """The raw libnbd dirty-map read of every disk, all at once (blocking); returns the
+        number of dirty extents."""
+        assert self.port is not None
+        port = self.port
+
+        def one(d: Any) -> int:
+            ext = baseline.read_extents(
+                f"qemu:dirty-bitmap:rawtmp-{self.seq}", d.volume_uuid, port=port
+            )
+            return sum(1 for _o, _n, f in ext if f & 1)
+
+        with concurrent.futures.ThreadPoolExecutor(len(self.disks)) as pool:
+            return sum(pool.map(one, self.disks))
+
+    async def disable(self) -> None:
+        assert self.client is not None
+        exports = {f"rawexp-{self.seq}-{d.index}" for d in self.disks}
+        jobs = {f"rawjob-{d.index}" for d in self.disks}
+        with self.client.listener(("BLOCK_EXPORT_DELETED", "BLOCK_JOB_CANCELLED")) as events:
+            for e in sorted(exports):
+                await self.x("block-export-del", {"id": e})
+            await self.x("nbd-server-stop")
+            for j in sorted(jobs):
+                await self.x("block-job-cancel", {"device": j, "force": True})
+            pending = exports | jobs
+            while pending:
+                ev = await asyncio.wait_for(events.get(), 30)
+                data = cast(dict[str, Any], ev.get("data") or {})
+                pending.discard(str(data.get("id", data.get("device", ""))))
+        for d in self.disks:
+            await self.x("blockdev-del", {"node-name": f"rawsc-{d.index}"})
+            self.scratch(d).unlink()
+            if self.frozen:
+                await self.x(
+                    "block-dirty-bitmap-remove", {"node": d.node, "name": f"rawtmp-{self.seq}"}
+                )
+
+    async def drop_frozen(self) -> None:
+        """Untimed housekeeping: the raw client keeps only its recording bitmap."""
+        if self.frozen:
+            for d in self.disks:
+                await self.x("block-dirty-bitmap-remove", {"node": d.node, "name": self.frozen})
+            self.frozen = None
+
+
+# ---- the VM -------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchVm:
+    vm_uuid: str
+    socket: Path
+    disks: list[tuple[str, Path]]
+    defined: bool = False
+
+
+async def run_cmd(*cmd: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {err.decode(errors='replace').strip()}")
+
+
+async def start_vm(hv: Hypervisor, work: Path, n_disks: int) -> BenchVm:
+    vm = BenchVm(uuid.uuid4().hex, Path(), [])
+    vm.socket = work / f"{vm.vm_uuid}.sock"
+    for i in range(n_disks):
+        path = work / f"disk{i}.qcow2"
+        await run_cmd("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(DISK_SIZE))
+        vm.disks.append((uuid.uuid4().hex, path))
+    xml = throwaway_domain_xml(
+        vm.vm_uuid, vm.disks, vm.socket, description=f"{VM_MARK} pid={os.getpid()} (bench)"
+    )
+    conn = await hv.connection()
+    await asyncio.to_thread(conn.defineXML, xml)
+    vm.defined = True
+    dom = await asyncio.to_thread(conn.lookupByName, vm.vm_uuid)
+    await asyncio.to_thread(dom.create)
+    deadline = time.monotonic() + 10
+    while not vm.socket.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"extra QMP socket {vm.socket} did not appear")
+        await asyncio.sleep(0.01)
+    return vm
+
+
+async def remove_vm(hv: Hypervisor, vm: BenchVm) -> None:
+    if not vm.defined:
+        return
+    conn = await hv.connection()
+    dom = await asyncio.to_thread(conn.lookupByName, vm.vm_uuid)
+    if await asyncio.to_thread(dom.isActive):
+        await asyncio.to_thread(dom.destroy)
+    await asyncio.to_thread(dom.undefine)
+    vm.defined = False
+
+
+async def write_some(
+    hv: Hypervisor, vm_uuid: str, disks: list[DiskInfo], rng: random.Random
+) -> int:
+    """A few scattered 64 KiB writes on every disk through the block layer; bytes written."""
+    total = 0
+    for d in disks:
+        for _ in range(WRITES_PER_DISK):
+            off = rng.randrange(DISK_SIZE >> 16) << 16
+            await hv.qemu_io(vm_uuid, d.qdev, f"write -P 0x{rng.randrange(1, 255):02x} {off} 64k")
+            total += 65536
+    return total
+
+
+# ---- one variant ----------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    enable: list[float] = field(default_factory=list)
+    disable: list[float] = field(default_factory=list)
+    cycle: list[float] = field(default_factory=list)
+    enable_qmp: list[int] = field(default_factory=list)
+    disable_qmp: list[int] = field(default_factory=list)
+    last_enable_cmds: list[str] = field(default_factory=list)
+    last_disable_cmds: list[str] = field(default_factory=list)
+    map_read: list[float] = field(default_factory=list)
+    meters: list[Meter] = field(default_factory=list)
+    disable_meters: list[Meter] = field(default_factory=list)
+    full: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
+
+
+async def timed(op: Awaitable[Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = await op
+    return time.perf_counter() - t0, out
+
+
+async def variant(hv: Hypervisor, root: Path, n_disks: int, cycles: int) -> bool:
+    work = root / f"v{n_disks}"
+    work.mkdir()
+    vm = await start_vm(hv, work, n_disks)
+    config = Config(
+        api=ApiConfig(tokens=("bench",)),
+        state_dir=work / "state",
+        libvirt_uri=URI,
+        qmp_socket_template=f"{work}/{{vm_uuid}}.sock",
+        nbd=NbdConfig("127.0.0.1", *AGENT_PORTS),
+    )
+    store = Store(config.db_path)
+    router = QmpRouter(config.qmp_socket_template, hv)
+    meter = Meter()
+    instrument: Instrument | None = None
+    raw: RawCheckpointer | None = None
+    try:
+        await store.open()
+        service = CbtService(config, store, hv, router)
+        instrument = Instrument(router, store, hv, meter)
+        info = await hv.find_vm(vm.vm_uuid)
+        assert info is not None
+        disks = list(info.disks)
+        await asyncio.sleep(1.0)  # let SeaBIOS finish burning CPU before measuring
+
+        # the raw client learns node names and sizes once, outside any timing
+        raw = RawCheckpointer(str(vm.socket), [], work)
+        await raw.connect()
+        blocks = await raw.x("query-block")
+        for d in disks:
+            entry = next(b for b in blocks if b.get("qdev") == d.qdev)
+            ins = entry["inserted"]
+            raw.disks.append(
+                RawDisk(d.device_id, d.volume_uuid, ins["node-name"], ins["image"]["virtual-size"])
+            )
+        await raw.close()
+        raw.calls.clear()
+
+        created = await service.create(
+            commands.create_task({"params": {"name": "bench", "vmInstanceUuid": vm.vm_uuid}})
+        )
+        task_uuid = created["inventory"]["uuid"]
+        enable_cmd = commands.enable_task(task_uuid, {"params": {}})
+        disable_cmd = commands.disable_task(task_uuid, {"params": {}})
+        rng = random.Random(n_disks)
+        agent, rawS = Series(), Series()
+
+        async def agent_cycle(i: int) -> None:
+            await write_some(hv, vm.vm_uuid, disks, rng)
+            await router.channel(vm.vm_uuid)  # the agent holds its connection: not timed
+            meter.take()
+            t_en, result = await timed(service.enable(enable_cmd))
+            en = meter.take()
+            t_dis, _ = await timed(service.disable(disable_cmd))
+            dis = meter.take()
+            await router.close()
+            infos = result["volumeCbtBackupInfos"]
+            want = "full" if i == 0 else "incremental"
+            if any(x["mode"] != want for x in infos) or (
+                i > 0 and any(x["changedBytes"] <= 0 for x in infos)
+            ):
+                raise RuntimeError(f"agent cycle {i}: unexpected {[x['mode'] for x in infos]}")
+            if i == 0:
+                agent.full = (t_en, t_dis, len(en.qmp), len(dis.qmp))
+                return
+            agent.enable.append(t_en)
+            agent.disable.append(t_dis)
+            agent.cycle.append(t_en + t_dis)
+            agent.enable_qmp.append(len(en.qmp))
+            agent.disable_qmp.append(len(dis.qmp))
+            agent.last_enable_cmds, agent.last_disable_cmds = en.qmp, dis.qmp
+            agent.meters.append(en)
+            agent.disable_meters.append(dis)
+
+        async def raw_cycle(i: int) -> None:
+            assert raw is not None
+            await write_some(hv, vm.vm_uuid, disks, rng)
+            await raw.connect()
+            raw.calls.clear()
+            t_en, incremental = await timed(raw.enable())
+            en_calls = list(raw.calls)
+            t_map, dirty = 0.0, 0
+            if incremental:
+                t_map, dirty = await timed(asyncio.to_thread(raw.read_maps))
+                if dirty <= 0:
+                    raise RuntimeError(f"raw cycle {i}: no dirty extents")
+            raw.calls.clear()
+            t_dis, _ = await timed(raw.disable())
+            dis_calls = list(raw.calls)
+            await raw.drop_frozen()
+            await raw.close()
+            if i == 0:
+                rawS.full = (t_en, t_dis, len(en_calls), len(dis_calls))
+                return
+            rawS.enable.append(t_en)
+            rawS.disable.append(t_dis)
+            rawS.cycle.append(t_en + t_dis)
+            rawS.enable_qmp.append(len(en_calls))
+            rawS.disable_qmp.append(len(dis_calls))
+            rawS.last_enable_cmds, rawS.last_disable_cmds = en_calls, dis_calls
+            rawS.map_read.append(t_map)
+
+        for i in range(cycles + 1):
+            order = (agent_cycle, raw_cycle) if i % 2 == 0 else (raw_cycle, agent_cycle)
+            for fn in order:
+                await fn(i)
+
+        await router.channel(vm.vm_uuid)
+        await service.delete(commands.delete_task(task_uuid, False, None))
+        await router.close()
+        return report(n_disks, cycles, agent, rawS)
+    finally:
+        if instrument is not None:
+            instrument.restore()
+        with contextlib.suppress(Exception):
+            await router.close()
+        if raw is not None:
+            await raw.close()
+        with contextlib.suppress(Exception):
+            await store.close()
+        with contextlib.suppress(Exception):
+            await remove_vm(hv, vm)
+
+
+def report(n_disks: int, cycles: int, agent: Series, raw: Series) -> bool:
+    print(
+        f"\n== {n_disks} disks of {DISK_SIZE // GIB} GiB, TCG VM; full cycle then {cycles} "
+        "incremental cycles, agent and raw alternating =="
+    )
+    print(
+        f"  full cycle (1 sample): agent enable {agent.full[0] * 1000:.1f} ms + disable "
+        f"{agent.full[1] * 1000:.1f} ms ({agent.full[2]}+{agent.full[3]} QMP); raw enable "
+        f"{raw.full[0] * 1000:.1f} ms + disable {raw.full[1] * 1000:.1f} ms "
+        f"({raw.full[2]}+{raw.full[3]} QMP)"
+    )
+    print(row("agent Enable (incremental)", agent.enable))
+    print(row("LIMIT raw Enable (QMP + qemu-img create)", raw.enable))
+    print(row("agent Disable", agent.disable))
+    print(row("LIMIT raw Disable (QMP, event waits)", raw.disable))
+    print(row("agent Enable+Disable", agent.cycle))
+    print(row("LIMIT raw Enable+Disable", raw.cycle))
+    with_map = [c + m for c, m in zip(raw.cycle, raw.map_read, strict=True)]
+    print(row("LIMIT raw Enable+Disable + raw libnbd map reads", with_map))
+    ok = verdict(
+        f"agent/raw (QMP + dirty-map reads) Enable+Disable, {n_disks} disks",
+        agent.cycle,
+        with_map,
+        LIMIT,
+    )
+    print(
+        f"  ratio agent / raw QMP only: {median_ms(agent.cycle) / median_ms(raw.cycle):.2f}x; "
+        f"Enable {median_ms(agent.enable) / median_ms(raw.enable):.2f}x, "
+        f"Disable {median_ms(agent.disable) / median_ms(raw.disable):.2f}x (information)"
+    )
+    print(
+        f"  QMP round trips per incremental Enable: agent {statistics.median(agent.enable_qmp):.0f}"
+        f" (min {min(agent.enable_qmp)}, max {max(agent.enable_qmp)}), "
+        f"raw {statistics.median(raw.enable_qmp):.0f}"
+    )
+    print(
+        f"  QMP round trips per Disable: agent {statistics.median(agent.disable_qmp):.0f} "
+        f"(min {min(agent.disable_qmp)}, max {max(agent.disable_qmp)}), "
+        f"raw {statistics.median(raw.disable_qmp):.0f}"
+    )
+    print(f"  agent Enable commands (last): {dict(Counter(agent.last_enable_cmds))}")
+    print(f"  raw   Enable commands:        {dict(Counter(raw.last_enable_cmds))}")
+    print(f"  agent Disable commands (last): {dict(Counter(agent.last_disable_cmds))}")
+    print(f"  raw   Disable commands:        {dict(Counter(raw.last_disable_cmds))}")
+    ms = agent.meters
+    parts = {
+        "QMP round trips": [m.qmp_s for m in ms],
+        "qemu-img create (summed over disks, run at once)": [m.img_s for m in ms],
+        "NBD dirty-map reads (summed over disks, run at once)": [m.nbd_s for m in ms],
+        "SQLite (store.run)": [m.store_s for m in ms],
+        "libvirt find_vm": [m.libvirt_s for m in ms],
+    }
+    text = ", ".join(f"{k} {median_ms(v):.1f}" for k, v in parts.items())
+    print(
+        f"  agent Enable breakdown (medians, ms): {text}; "
+        f"store calls {statistics.median(m.store_n for m in ms):.0f}"
+    )
+    dm = agent.disable_meters
+    d_qmp = [m.qmp_s for m in dm]
+    d_store = [m.store_s for m in dm]
+    d_lv = [m.libvirt_s for m in dm]
+    d_rest = [
+        t - (m.qmp_s + m.store_s + m.libvirt_s) for t, m in zip(agent.disable, dm, strict=True)
+    ]
+    print(
+        f"  agent Disable breakdown (medians, ms): QMP round trips {median_ms(d_qmp):.1f}, "
+        f"SQLite {median_ms(d_store):.1f}, libvirt find_vm {median_ms(d_lv):.1f}, "
+        f"rest (poll sleeps, loop) {median_ms(d_rest):.1f}"
+    )
+    print(f"  raw map read alone (libnbd, all disks): {median_ms(raw.map_read):.1f} ms median")
+    return ok
+
+
+async def main_async(cycles: int, disk_counts: list[int]) -> int:
+    root = Path(tempfile.mkdtemp(prefix="cbtbe-", dir="/tmp"))  # short: unix socket paths
+    hv = Hypervisor(URI)
+    results: list[bool] = []
+    try:
+        async with asyncio.timeout(TIME_BUDGET):
+            await hv.open()
+            for n in disk_counts:
+                t0 = time.monotonic()
+                results.append(await variant(hv, root, n, cycles))
+                print(f"  ({n}-disk variant took {time.monotonic() - t0:.1f} s)", flush=True)
+    finally:
+        await hv.close()
+        shutil.rmtree(root, ignore_errors=True)
+    ok = all(results)
+    print(f"\nbench_enable: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--cycles", type=int, default=20, help="incremental cycles per variant")
+    parser.add_argument(
+        "--disks", type=int, nargs="+", default=[2, 4], help="disk counts, one variant each"
+    )
+    args = parser.parse_args()
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        # SIGTERM/SIGINT cancel the run, so the finally blocks destroy what was started
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await main_async(args.cycles, args.disks)
+        except (asyncio.CancelledError, TimeoutError) as e:
+            what = "timed out" if isinstance(e, TimeoutError) else "interrupted"
+            print(f"\n{__name__}: {what}; everything started was stopped", flush=True)
+            return 2
+
+    sys.exit(asyncio.run(guarded()))
+
+
+if __name__ == "__main__":
+    main()

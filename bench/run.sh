@@ -1,0 +1,13 @@
+#!/bin/sh
+# Run every benchmark; each prints its ratios against its limit and PASS/FAIL.
+# Exit status: 0 when all pass, 1 otherwise (every benchmark runs either way).
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+status=0
+for b in bench_enable bench_extents; do
+    echo "=== $b ==="
+    timeout 170 "$PY" -m "bench.$b" || status=1
+    echo
+done
+exit $status

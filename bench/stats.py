@@ -1,0 +1,37 @@
+"""Summaries the benchmarks print: median and p95 of a series, and a ratio against a limit."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    return statistics.median(seconds) * 1000.0
+
+
+def p95_ms(seconds: Sequence[float]) -> float:
+    """Nearest-rank 95th percentile (with 20 samples: the second largest)."""
+    ordered = sorted(seconds)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] * 1000.0
+
+
+def row(label: str, seconds: Sequence[float], width: int = 44) -> str:
+    return (
+        f"  {label:<{width}} n={len(seconds):<3d} median {median_ms(seconds):9.2f} ms"
+        f"   p95 {p95_ms(seconds):9.2f} ms"
+    )
+
+
+def verdict(label: str, measured: Sequence[float], limit: Sequence[float], allowed: float) -> bool:
+    """Print `measured / limit` (medians) against the allowed ratio; True when within it."""
+    ratio = statistics.median(measured) / statistics.median(limit)
+    p95_ratio = p95_ms(measured) / p95_ms(limit)
+    ok = ratio <= allowed
+    print(
+        f"  RATIO {label}: {ratio:.2f}x (p95 {p95_ratio:.2f}x)  limit <= {allowed:.1f}x  "
+        f"-> {'PASS' if ok else 'FAIL'}",
+        flush=True,
+    )
+    return ok

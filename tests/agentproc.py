@@ -1,0 +1,82 @@
+"""The agent as a real process, shared by tests that start `cbt-agent serve` (e2e, backup):
+a config writer, a free port, and AgentProcess (started and stopped by pid)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import stack
+
+TOKEN = "e2e-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    path: Path, port: int, state: Path, qmp_template: str, port_range: str = "11700:11799"
+) -> None:
+    path.write_text(
+        f'[api]\nlisten = "127.0.0.1:{port}"\ntokens = ["{TOKEN}"]\n'
+        f'[state]\ndir = "{state}"\n[libvirt]\nuri = "{stack.LIBVIRT_URI}"\n'
+        f'[qmp]\nsocket_template = "{qmp_template}"\n'
+        f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{port_range}"\n'
+    )
+
+
+class AgentProcess:
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.session = aiohttp.ClientSession(headers={"Authorization": f"OAuth {TOKEN}"})
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cbt_agent",
+            "serve",
+            "--config",
+            str(self.config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(300):
+            try:
+                async with self.session.get(f"{self.base}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert self.proc.returncode is None, "agent exited at start"
+            await asyncio.sleep(0.05)
+        raise AssertionError("agent did not answer /healthz")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            os.kill(self.proc.pid, sig)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        self.proc = None
+        return code
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.session.request(method, f"{self.base}/zstack/v1{path}", json=body) as r:
+            assert r.status == 202, await r.text()
+            location = (await r.json())["location"]
+        while True:
+            async with self.session.get(location) as r:
+                if r.status != 202:
+                    return r.status, await r.json()
+            await asyncio.sleep(0.02)
