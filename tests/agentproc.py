@@ -41,7 +41,11 @@ class AgentProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.session = aiohttp.ClientSession(headers={"Authorization": f"OAuth {TOKEN}"})
 
-    async def start(self) -> None:
+    async def start(self, crash_at: str | None = None) -> None:
+        """Start `cbt-agent serve`; with `crash_at` it SIGKILLs itself at that step."""
+        env = {k: v for k, v in os.environ.items() if k != "CBT_AGENT_CRASH_AT"}
+        if crash_at:
+            env["CBT_AGENT_CRASH_AT"] = crash_at
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -49,8 +53,9 @@ class AgentProcess:
             "serve",
             "--config",
             str(self.config),
+            env=env,
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         for _ in range(300):
             try:
@@ -71,10 +76,21 @@ class AgentProcess:
         self.proc = None
         return code
 
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async def submit(self, method: str, path: str, body: Any = None) -> str:
+        """Start an asynchronous API call; returns its job location."""
         async with self.session.request(method, f"{self.base}/zstack/v1{path}", json=body) as r:
             assert r.status == 202, await r.text()
-            location = (await r.json())["location"]
+            return str((await r.json())["location"])
+
+    async def killed_by(self, method: str, path: str, body: Any = None) -> None:
+        """Send a call and wait for the agent to die of the injected SIGKILL (crash_at)."""
+        assert self.proc is not None
+        await self.submit(method, path, body)
+        assert await asyncio.wait_for(self.proc.wait(), 60) == -signal.SIGKILL
+        self.proc = None
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        location = await self.submit(method, path, body)
         while True:
             async with self.session.get(location) as r:
                 if r.status != 202:
