@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,23 @@ async def _serve(config: Config) -> None:
     from aiohttp import web
 
     from cbt_agent.api.app import make_app
+    from cbt_agent.config import server_ssl_context
 
+    ssl_context = None
+    if config.api.tls_cert is not None and config.api.tls_key is not None:
+        try:
+            ssl_context = server_ssl_context(config.api.tls_cert, config.api.tls_key)
+        except (OSError, ssl.SSLError) as e:  # replaced or unreadable since the config loaded
+            raise ConfigError("api.tls_cert", f"cannot load the certificate: {e}") from None
     app = make_app(config, step=_crash_hook())
     runner = web.AppRunner(app, access_log=logging.getLogger("cbt_agent.access"))
     await runner.setup()  # opens the store, libvirt, and reconciles before listening
-    site = web.TCPSite(runner, config.api.host, config.api.port)
+    site = web.TCPSite(runner, config.api.host, config.api.port, ssl_context=ssl_context)
     await site.start()
     logging.getLogger("cbt_agent").info(
-        "cbt-agent %s listening on http://%s:%d (state %s)",
+        "cbt-agent %s listening on %s://%s:%d (state %s)",
         __version__,
+        "https" if ssl_context else "http",
         config.api.host,
         config.api.port,
         config.state_dir,
@@ -92,7 +101,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if store is not None:
         for t in store.list_tasks():
             cps = store.checkpoints(t.uuid)
-            host, port = store.nbd_endpoint(t.uuid)
+            server = store.nbd_server(t.uuid)
+            nbd = f"{server.host}:{server.port}" if server.port else server.socket
+            if nbd and server.tls:
+                nbd += " (TLS)"
             rows.append(
                 {
                     "uuid": t.uuid,
@@ -103,7 +115,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "lastOpDate": t.last_op_date.isoformat(timespec="seconds"),
                     "checkpoints": len(cps),
                     "latestCheckpoint": cps[-1].name if cps else None,
-                    "nbd": f"{host}:{port}" if port else None,
+                    "nbd": nbd,
                 }
             )
         store.close()
@@ -206,6 +218,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         dest=Path(args.dest),
         task_name=args.task_name,
         pause_after=pause_after_from_env(),
+        cafile=args.cacert,
+        nbd_tls_dir=args.nbd_tls_dir,
     )
     try:
         asyncio.run(_cancel_on_sigterm(run_backup(opts)))
@@ -294,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--vm", required=True, help="vmInstanceUuid")
     bk.add_argument("--dest", required=True, help="backup directory (created if missing)")
     bk.add_argument("--task-name", help="name of the CBT task when one is created")
+    bk.add_argument("--cacert", help="CA certificate (PEM) of an https agent")
+    bk.add_argument(
+        "--nbd-tls-dir", help="directory with the ca-cert.pem of the agent's NBD TLS exports"
+    )
     bk.set_defaults(fn=cmd_backup)
     rs = sub.add_parser("restore", help="standalone qcow2 images of a checkpoint's disks")
     rs.add_argument("--dest", required=True, help="backup directory")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -24,6 +25,17 @@ class ApiConfig:
     max_body_bytes: int = 1 << 20
     public_url: str | None = None  # base URL put in job locations; default http://host:port
     webhook_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # X-Web-Hook targets
+    tls_cert: Path | None = None  # PEM certificate chain: `serve` answers HTTPS
+    tls_key: Path | None = None  # its private key
+
+
+# Files QEMU's tls-creds-x509 (endpoint server) reads from [nbd] tls_cert_dir; libnbd, as the
+# client, verifies the server against the same directory's ca-cert.pem.
+NBD_TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+# sun_path holds 108 bytes including the NUL
+UNIX_PATH_MAX = 107
+# NBD socket names are <vm_uuid>.sock; ZStack's vmInstanceUuid is 32 hex digits
+_VM_UUID_LEN = 32
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,12 @@ class NbdConfig:
     listen: str = "127.0.0.1"
     port_first: int = 10501
     port_last: int = 10999
+    transport: str = "tcp"  # "tcp": listen + port_range; "unix": a socket per VM in socket_dir
+    socket_dir: Path = Path("/var/lib/cbt-agent/nbd")
+    tls_cert_dir: Path | None = None  # ca-cert.pem, server-cert.pem, server-key.pem
+
+    def socket_path(self, vm_uuid: str) -> Path:
+        return self.socket_dir / f"{vm_uuid}.sock"
 
 
 @dataclass(frozen=True)
@@ -64,11 +82,20 @@ class Config:
 
 
 _KNOWN: dict[str, set[str]] = {
-    "api": {"listen", "tokens", "token_file", "max_body_bytes", "public_url", "webhook_hosts"},
+    "api": {
+        "listen",
+        "tokens",
+        "token_file",
+        "max_body_bytes",
+        "public_url",
+        "webhook_hosts",
+        "tls_cert",
+        "tls_key",
+    },
     "state": {"dir"},
     "libvirt": {"uri"},
     "qmp": {"socket_template"},
-    "nbd": {"listen", "port_range"},
+    "nbd": {"listen", "port_range", "transport", "socket_dir", "tls_cert_dir"},
     "checkpoints": {"keep"},
     "jobs": {"keep_seconds"},
     "log": {"level"},
@@ -159,6 +186,64 @@ def _webhook_hosts(api: dict[str, Any]) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in raw)
 
 
+def _path(t: dict[str, Any], section: str, key: str, base: Path) -> Path:
+    path = Path(_str(t, section, key))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _readable_file(path: Path, key: str, private: bool = False) -> None:
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(key, f"{path} is not a file")
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    if private and st.st_mode & stat.S_IRWXO:
+        raise ConfigError(key, f"{path} is a private key: it must not be readable by others")
+
+
+def _api_tls(api: dict[str, Any], base: Path) -> tuple[Path | None, Path | None]:
+    """[api] tls_cert + tls_key: both or neither; the pair must load as a server certificate."""
+    if "tls_cert" not in api and "tls_key" not in api:
+        return None, None
+    if "tls_key" not in api:
+        raise ConfigError("api.tls_key", "is required with api.tls_cert")
+    if "tls_cert" not in api:
+        raise ConfigError("api.tls_cert", "is required with api.tls_key")
+    cert = _path(api, "api", "tls_cert", base)
+    key = _path(api, "api", "tls_key", base)
+    _readable_file(cert, "api.tls_cert")
+    _readable_file(key, "api.tls_key", private=True)
+    try:
+        server_ssl_context(cert, key)
+    except ssl.SSLError as e:
+        raise ConfigError(
+            "api.tls_cert", f"{cert} with key {key} does not load as a certificate chain: {e}"
+        ) from None
+    return cert, key
+
+
+def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The HTTPS context of `serve`: TLS 1.2 or later, the configured chain."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _nbd_tls_dir(nbd: dict[str, Any], base: Path) -> Path | None:
+    if "tls_cert_dir" not in nbd:
+        return None
+    path = _path(nbd, "nbd", "tls_cert_dir", base)
+    if not path.is_dir():
+        raise ConfigError("nbd.tls_cert_dir", f"{path} is not a directory")
+    for name in NBD_TLS_FILES:
+        _readable_file(path / name, "nbd.tls_cert_dir", private=name == "server-key.pem")
+    return path
+
+
 def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
     """Build and validate a Config from a parsed TOML document. Raises ConfigError."""
     unknown = set(doc) - set(_KNOWN)
@@ -172,6 +257,7 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         not isinstance(public_url, str) or not public_url.startswith(("http://", "https://"))
     ):
         raise ConfigError("api.public_url", "must be an http:// or https:// URL")
+    tls_cert, tls_key = _api_tls(api, base)
     api_cfg = ApiConfig(
         host=host,
         port=port,
@@ -179,6 +265,8 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         max_body_bytes=_int(api, "api", "max_body_bytes", 1 << 20, 1024, 1 << 30),
         public_url=public_url.rstrip("/") if public_url else None,
         webhook_hosts=_webhook_hosts(api),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
 
     state = _table(doc, "state")
@@ -207,6 +295,31 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         raise ConfigError("nbd.port_range", f"{port_range!r} is not FIRST:LAST") from None
     if not sep or not 1 <= first <= last <= 65535:
         raise ConfigError("nbd.port_range", f"{port_range!r} is not FIRST:LAST within 1-65535")
+    transport = _str(nbd, "nbd", "transport", "tcp")
+    if transport not in ("tcp", "unix"):
+        raise ConfigError("nbd.transport", f'{transport!r} is not "tcp" or "unix"')
+    socket_dir = _path(nbd, "nbd", "socket_dir", base) if "socket_dir" in nbd else state_dir / "nbd"
+    nbd_cfg = NbdConfig(
+        listen=listen,
+        port_first=first,
+        port_last=last,
+        transport=transport,
+        socket_dir=socket_dir,
+        tls_cert_dir=_nbd_tls_dir(nbd, base),
+    )
+    if transport == "unix":
+        longest = nbd_cfg.socket_path("0" * _VM_UUID_LEN)
+        if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+            raise ConfigError(
+                "nbd.socket_dir",
+                f"{socket_dir} is too long for a unix socket: {longest} has "
+                f"{len(os.fsencode(longest))} bytes, at most {UNIX_PATH_MAX} fit"
+                + ("" if "socket_dir" in nbd else " (it defaults to <state.dir>/nbd)"),
+            )
+        if str(nbd_cfg.socket_path("{vm_uuid}")) == str(Path(template)):
+            raise ConfigError(
+                "nbd.socket_dir", "must differ from the directory of qmp.socket_template"
+            )
 
     cps = _table(doc, "checkpoints")
     jobs = _table(doc, "jobs")
@@ -218,7 +331,7 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         state_dir=state_dir,
         libvirt_uri=uri,
         qmp_socket_template=template,
-        nbd=NbdConfig(listen=listen, port_first=first, port_last=last),
+        nbd=nbd_cfg,
         checkpoints=CheckpointConfig(keep=_int(cps, "checkpoints", "keep", 16, 1, 1000)),
         jobs=JobsConfig(keep_seconds=_int(jobs, "jobs", "keep_seconds", 7 * 24 * 3600, 60, 10**9)),
         log_level=level,

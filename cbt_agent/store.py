@@ -24,7 +24,7 @@ import sqlite_utils
 from cbt_agent.errors import NotFound, OperationError
 from cbt_agent.model import CbtTask, Checkpoint, TaskStatus, Transition, check_transition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -71,6 +71,17 @@ class VolumeExport:
     size: int
     granularity: int
     phase: str  # planned | exported
+
+
+@dataclass(frozen=True)
+class NbdServer:
+    """Where a task's NBD server listens: host and port, or a unix socket; and whether it
+    requires TLS."""
+
+    host: str | None = None
+    port: int | None = None
+    socket: str | None = None
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,12 @@ _MIGRATIONS: list[list[str]] = [
             webhook TEXT,
             created TEXT NOT NULL, finished TEXT)""",
         "CREATE INDEX api_jobs_finished ON api_jobs(finished)",
+    ],
+    [
+        # [nbd] transport = "unix" and tls_cert_dir: where the VM's NBD server listens instead
+        # of host:port, and whether it requires TLS
+        "ALTER TABLE tasks ADD COLUMN nbd_socket TEXT",
+        "ALTER TABLE tasks ADD COLUMN nbd_tls INTEGER NOT NULL DEFAULT 0",
     ],
 ]
 
@@ -479,9 +496,14 @@ class SyncStore:
     # -- exports (the Enable plan) ----------------------------------------------------------------
 
     def save_exports(
-        self, exports: list[VolumeExport], nbd_host: str | None, nbd_port: int | None
+        self,
+        exports: list[VolumeExport],
+        nbd_host: str | None,
+        nbd_port: int | None,
+        server: NbdServer | None = None,
     ) -> None:
-        """Record the whole plan of an Enable (names of nodes, jobs, exports, port) at once."""
+        """Record the whole plan of an Enable (names of nodes, jobs, exports, port) at once.
+        `server`, when given, is recorded as the task's NBD server instead of host and port."""
         if not exports:
             return
         task_uuid = exports[0].task_uuid
@@ -489,24 +511,37 @@ class SyncStore:
             self.db.execute("DELETE FROM exports WHERE task_uuid = ?", (task_uuid,))
             for e in exports:
                 self.db.table("exports").insert(dict(e.__dict__))
-            self.db.execute(
-                "UPDATE tasks SET nbd_host = ?, nbd_port = ? WHERE uuid = ?",
-                (nbd_host, nbd_port, task_uuid),
-            )
+            self.set_server(task_uuid, server or NbdServer(nbd_host, nbd_port))
 
     def set_export_phase(self, task_uuid: str, phase: str) -> None:
         self.db.execute("UPDATE exports SET phase = ? WHERE task_uuid = ?", (phase, task_uuid))
 
     def set_nbd(self, task_uuid: str, host: str | None, port: int | None) -> None:
+        self.set_server(task_uuid, NbdServer(host, port))
+
+    def set_server(self, task_uuid: str, server: NbdServer) -> None:
+        """Record where the task's NBD server listens (before it is started)."""
         self.db.execute(
-            "UPDATE tasks SET nbd_host = ?, nbd_port = ? WHERE uuid = ?", (host, port, task_uuid)
+            "UPDATE tasks SET nbd_host = ?, nbd_port = ?, nbd_socket = ?, nbd_tls = ? "
+            "WHERE uuid = ?",
+            (server.host, server.port, server.socket, int(server.tls), task_uuid),
         )
 
     def nbd_endpoint(self, task_uuid: str) -> tuple[str | None, int | None]:
-        row = self._row("SELECT nbd_host, nbd_port FROM tasks WHERE uuid = ?", (task_uuid,))
+        server = self.nbd_server(task_uuid)
+        return server.host, server.port
+
+    def nbd_server(self, task_uuid: str) -> NbdServer:
+        # SELECT *: `status` reads a database read-only, possibly one an older agent made
+        row = self._row("SELECT * FROM tasks WHERE uuid = ?", (task_uuid,))
         if row is None:
-            return None, None
-        return row["nbd_host"], row["nbd_port"]
+            return NbdServer()
+        return NbdServer(
+            host=row["nbd_host"],
+            port=row["nbd_port"],
+            socket=row.get("nbd_socket"),
+            tls=bool(row.get("nbd_tls") or 0),
+        )
 
     def exports(self, task_uuid: str) -> list[VolumeExport]:
         return [
@@ -519,9 +554,7 @@ class SyncStore:
     def clear_exports(self, task_uuid: str) -> None:
         with self._tx():
             self.db.execute("DELETE FROM exports WHERE task_uuid = ?", (task_uuid,))
-            self.db.execute(
-                "UPDATE tasks SET nbd_host = NULL, nbd_port = NULL WHERE uuid = ?", (task_uuid,)
-            )
+            self.set_server(task_uuid, NbdServer())
 
     def used_nbd_ports(self) -> set[int]:
         return {

@@ -213,14 +213,30 @@ def _components() -> Schema:
                 "nullable": True,
                 "description": "why full; null for incremental",
             },
-            "nbdServer": {"type": "string", "description": "NBD host"},
+            "nbdServer": {
+                "type": "string",
+                "nullable": True,
+                "description": "NBD host; null when the export is on a unix socket (nbdSocket)",
+            },
             "nbdPort": {
                 "type": "string",
+                "nullable": True,
                 "pattern": "^[1-9][0-9]{0,4}$",
-                "description": "NBD TCP port, as a string (ZStack's SDK types it String)",
+                "description": "NBD TCP port, as a string (ZStack's SDK types it String); null "
+                "when the export is on a unix socket (nbdSocket)",
                 "example": "10501",
             },
-            "nbdSocket": {"type": "string", "description": "NBD unix socket (instead of a port)"},
+            "nbdSocket": {
+                "type": "string",
+                "description": 'NBD unix socket, owner-only (with [nbd] transport = "unix", '
+                "instead of nbdServer and nbdPort; absent otherwise)",
+            },
+            "nbdTls": {
+                "type": "boolean",
+                "enum": [True],
+                "description": "the NBD server requires TLS (x509, verify against the CA that "
+                "signed its certificate); absent when it does not",
+            },
             "exportName": {"type": "string", "description": "NBD export name (= volumeUuid)"},
             "dirtyBitmapContext": {
                 "type": "string",
@@ -241,7 +257,8 @@ def _components() -> Schema:
             "metadata": {
                 "type": "string",
                 "description": "JSON object text repeating exportName, dirtyBitmapContext, "
-                "sinceBitmapName, reason, granularity, size, changedBytes",
+                "sinceBitmapName, reason, granularity, size, changedBytes, and nbdSocket and "
+                "nbdTls when present",
             },
         },
         "additionalProperties": True,

@@ -7,6 +7,7 @@ or 503 (`{"error": ErrorCode}`); queries answer 200 at once.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -45,6 +46,7 @@ class VolumeBackupInfo:
     size: int
     changed_bytes: int | None
     bitmap_b64: str | None
+    nbd_tls: bool = False  # the export requires TLS (nbdTls)
 
     @classmethod
     def from_reply(cls, d: dict[str, Any]) -> VolumeBackupInfo:
@@ -66,6 +68,7 @@ class VolumeBackupInfo:
                 size=int(d["size"]),
                 changed_bytes=d.get("changedBytes"),
                 bitmap_b64=d.get("bitmapBase64"),
+                nbd_tls=bool(d.get("nbdTls")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BackupError(f"malformed VolumeCbtBackupInfo from the agent ({e!r}): {d}") from e
@@ -92,16 +95,32 @@ def _error_message(what: str, status: int, body: Any) -> ApiError:
 class CbtApi:
     """A session on one agent. Use as `async with CbtApi(url, token) as api:`."""
 
-    def __init__(self, url: str, token: str, *, job_timeout: float = JOB_TIMEOUT) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        job_timeout: float = JOB_TIMEOUT,
+        cafile: str | None = None,
+    ) -> None:
         self.base = _base_url(url)
         self.token = token
         self.job_timeout = job_timeout
+        self.cafile = cafile  # CA that signed an https agent's certificate (default: system's)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> CbtApi:
+        connector = None
+        if self.cafile is not None:
+            try:
+                context = ssl.create_default_context(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as e:
+                raise BackupError(f"cannot load the CA file {self.cafile}: {e}") from None
+            connector = aiohttp.TCPConnector(ssl=context)
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"OAuth {self.token}"},
             timeout=aiohttp.ClientTimeout(total=60),
+            connector=connector,
         )
         return self
 

@@ -73,6 +73,8 @@ class BackupOptions:
     dest: Path
     task_name: str | None = None
     pause_after: int | None = None  # requests; see PAUSE_ENV
+    cafile: str | None = None  # CA of an https agent (default: the system's)
+    nbd_tls_dir: str | None = None  # ca-cert.pem for exports that require TLS (nbdTls)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class _Run:
     dest: Path
     progress: Progress
     pause_after: int | None
+    nbd_tls_dir: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     made: list[Path] = field(default_factory=list)  # removed again on failure
     requests_done: int = 0
@@ -170,8 +173,8 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
             raise BackupError(f"{dest} holds backups of VM {manifest.vm_uuid}, not {opts.vm_uuid}")
         for name in remove_leftovers(dest):
             note(f"removed {name}, left by an interrupted backup")
-        run = _Run(dest, progress or Progress(), opts.pause_after)
-        async with CbtApi(opts.url, opts.token) as api:
+        run = _Run(dest, progress or Progress(), opts.pause_after, opts.nbd_tls_dir)
+        async with CbtApi(opts.url, opts.token, cafile=opts.cafile) as api:
             task = await api.find_task(opts.vm_uuid)
             if task is None:
                 task = await api.create_task(opts.vm_uuid, opts.task_name or "cbt-backup")
@@ -260,7 +263,18 @@ async def _backup_disk(
     context = ALLOCATION if target.mode == FULL else info.dirty_context
     if context is None:
         raise BackupError(f"disk {info.volume_uuid}: incremental without a dirtyBitmapContext")
-    address = nbdio.NbdAddress(info.nbd_server, info.nbd_port, info.nbd_socket, info.export_name)
+    if info.nbd_tls and run.nbd_tls_dir is None:
+        raise BackupError(
+            f"disk {info.volume_uuid}: the export requires TLS (nbdTls): pass --nbd-tls-dir, a "
+            "directory with the ca-cert.pem that signed the agent's NBD certificate"
+        )
+    address = nbdio.NbdAddress(
+        info.nbd_server,
+        info.nbd_port,
+        info.nbd_socket,
+        info.export_name,
+        run.nbd_tls_dir if info.nbd_tls else None,
+    )
     part = run.dest / (target.file + PART_SUFFIX)
     src = await run.in_thread(open_source, address, context)
     try:

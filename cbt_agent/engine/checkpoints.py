@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cbt_agent.config import Config
+from cbt_agent.config import UNIX_PATH_MAX, Config
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.model import (
@@ -35,7 +35,7 @@ from cbt_agent.model import (
 from cbt_agent.qemu import blockdev
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel
-from cbt_agent.store import Store, SyncStore, VolumeExport
+from cbt_agent.store import NbdServer, Store, SyncStore, VolumeExport
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ def ours(task_uuid: str, bitmap: str) -> bool:
 
 def is_temp(task_uuid: str, bitmap: str) -> bool:
     return bitmap.startswith(f"cbt-tmp-{task_uuid[:12]}-")
+
+
+TLS_CREDS_ID = "cbt-nbd-tls"  # the VM's tls-creds-x509 object when [nbd] tls_cert_dir is set
 
 
 def scratch_node_name(volume_uuid: str) -> str:
@@ -80,17 +83,64 @@ async def _run(*cmd: str) -> None:
         raise HypervisorError(f"{cmd[0]} failed: {(err or out).decode(errors='replace').strip()}")
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` (and parents) owner-only; an existing directory is left as it is."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+
+
 async def create_scratch(path: Path, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size))
     os.chmod(path, 0o600)  # holds guest data from before the checkpoint
 
 
+def nbd_address(cfg: Config, server: NbdServer, export_name: str) -> nbdio.NbdAddress:
+    """How the agent itself reaches an export of `server` (TLS with the configured CA)."""
+    tls_dir: str | None = None
+    if server.tls:
+        if cfg.nbd.tls_cert_dir is None:
+            raise OperationError(
+                "the export requires NBD TLS but [nbd] tls_cert_dir is no longer configured"
+            )
+        tls_dir = str(cfg.nbd.tls_cert_dir)
+    return nbdio.NbdAddress(server.host, server.port, server.socket, export_name, tls_dir)
+
+
+async def start_nbd_server(
+    cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str, vm_uuid: str
+) -> NbdServer:
+    """Start the VM's NBD server as configured: TCP on a free port of the range, or a unix
+    socket in [nbd] socket_dir; with TLS when [nbd] tls_cert_dir is set. The socket path is
+    recorded before QEMU makes it, the port as soon as QEMU has taken one."""
+    tls = cfg.nbd.tls_cert_dir is not None
+    creds: str | None = None
+    if cfg.nbd.tls_cert_dir is not None:
+        await blockdev.add_tls_creds(qmp, TLS_CREDS_ID, str(cfg.nbd.tls_cert_dir))
+        creds = TLS_CREDS_ID
+    if cfg.nbd.transport == "unix":
+        path = cfg.nbd.socket_path(vm_uuid)
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:  # a VM uuid longer than ZStack's 32 hex
+            raise OperationError(f"NBD socket path {path} is too long for a unix socket")
+        server = NbdServer(socket=str(path), tls=tls)
+        await asyncio.to_thread(private_dir, path.parent)
+        await store.run(SyncStore.set_server, task_uuid, server)
+        await blockdev.start_nbd_server_unix(qmp, str(path), creds)
+        return server
+    used = await store.run(SyncStore.used_nbd_ports)
+    ports = [p for p in range(cfg.nbd.port_first, cfg.nbd.port_last + 1) if p not in used]
+    port = await blockdev.start_nbd_server(qmp, cfg.nbd.listen, ports, creds)
+    server = NbdServer(cfg.nbd.listen, port, None, tls)
+    await store.run(SyncStore.set_server, task_uuid, server)
+    return server
+
+
 def _volume_info(
-    disk: DiskInfo, export: VolumeExport, host: str, port: int, bits: bytes, changed: int
+    disk: DiskInfo, export: VolumeExport, server: NbdServer, bits: bytes, changed: int
 ) -> dict[str, Any]:
     context = f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else None
-    extension = {
+    extension: dict[str, Any] = {
         "exportName": export.volume_uuid,
         "dirtyBitmapContext": context,
         "sinceBitmapName": export.since,
@@ -99,6 +149,11 @@ def _volume_info(
         "size": export.size,
         "changedBytes": changed,
     }
+    # only when used, so a plain TCP export's info is exactly ZStack's fields plus the above
+    if server.socket is not None:
+        extension["nbdSocket"] = server.socket
+    if server.tls:
+        extension["nbdTls"] = True
     return {
         "volume": {
             "volumeUuid": disk.volume_uuid,
@@ -111,8 +166,9 @@ def _volume_info(
         "mode": export.mode,
         "bitmapName": export.checkpoint,
         **extension,
-        "nbdServer": host,
-        "nbdPort": str(port),  # ZStack's SDK types it String: a JSON number would read "10501.0"
+        "nbdServer": server.host,
+        # ZStack's SDK types it String: a JSON number would read "10501.0"
+        "nbdPort": str(server.port) if server.port is not None else None,
         "bitmapBase64": bitmap_base64(bits),
         "target": export.scratch_path,
         "scratchNodeName": export.scratch_node,
@@ -291,10 +347,7 @@ async def enable(
         ]
         await ctx.at("enable:bitmaps")
 
-        used = await store.run(SyncStore.used_nbd_ports)
-        ports = [p for p in range(cfg.nbd.port_first, cfg.nbd.port_last + 1) if p not in used]
-        port = await blockdev.start_nbd_server(qmp, cfg.nbd.listen, ports)
-        await store.run(SyncStore.set_nbd, task_uuid, cfg.nbd.listen, port)
+        server = await start_nbd_server(cfg, store, qmp, task_uuid, ctx.vm.vm_uuid)
         await ctx.at("enable:nbd-server")
 
         for e in exports:
@@ -313,7 +366,7 @@ async def enable(
         async def dirty_map(e: VolumeExport) -> tuple[bytes, int]:
             if not e.temp_bitmap:
                 return full_bitmap(e.size, e.granularity), e.size
-            address = nbdio.NbdAddress(cfg.nbd.listen, port, None, e.volume_uuid)
+            address = nbd_address(cfg, server, e.volume_uuid)
             extents = await asyncio.to_thread(
                 nbdio.dirty_extents, address, f"qemu:dirty-bitmap:{e.temp_bitmap}"
             )
@@ -326,7 +379,7 @@ async def enable(
         # ~90 ms of protocol round trips here, whatever the disk's size
         maps = await asyncio.gather(*(dirty_map(e) for e in exports))
         infos = [
-            _volume_info(disk, e, cfg.nbd.listen, port, bits, changed)
+            _volume_info(disk, e, server, bits, changed)
             for e, (disk, _dev, _plan, _b), (bits, changed) in zip(
                 exports, plans, maps, strict=True
             )
@@ -334,7 +387,7 @@ async def enable(
 
         def exported(s: SyncStore) -> None:
             with s._tx():
-                s.save_exports(exports, cfg.nbd.listen, port)
+                s.save_exports(exports, server.host, server.port, server)
                 s.set_export_phase(task_uuid, "exported")
                 s.sync_volume_refs(task_uuid, [d.volume_uuid for d in disks])
 
@@ -417,10 +470,15 @@ async def teardown_exports(
     """End a task's exports: NBD exports, the NBD server, fleecing jobs, scratch nodes and
     files, temporary bitmaps. Idempotent: safe after a crash at any point of Enable or Disable."""
     exports = await store.run(SyncStore.exports, task_uuid)
+    server = await store.run(SyncStore.nbd_server, task_uuid)
     await blockdev.delete_exports(qmp, [e.export_id for e in exports], force=force)
     if step:
         await step("disable:exports")
     await blockdev.stop_nbd_server(qmp)
+    if server.socket is not None:
+        await asyncio.to_thread(blockdev.remove_socket_file, server.socket)
+    if server.tls or cfg.nbd.tls_cert_dir is not None:
+        await blockdev.delete_object(qmp, TLS_CREDS_ID)
     await blockdev.cancel_jobs(qmp, [e.job_id for e in exports])
     if step:
         await step("disable:jobs")

@@ -22,6 +22,7 @@ from cbt_agent.engine.checkpoints import EnableContext, StepHook
 from cbt_agent.errors import CbtError, HypervisorError, InvalidArgument, NotFound, OperationError
 from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInfo
 from cbt_agent.model import TRACKING_LOST, CbtTask, TaskStatus
+from cbt_agent.qemu import blockdev
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.store import ApiJob, ResourceRef, Store, SyncStore
@@ -234,10 +235,14 @@ class CbtService:
                 self.config, self.store, qmp, task.uuid, force=force, step=self.step
             )
             return
-        # QEMU is gone: its exports, jobs and nodes went with it; scratch files did not.
+        # QEMU is gone: its exports, jobs and nodes went with it; scratch files (and the NBD
+        # socket of a killed QEMU) did not.
         for e in exports:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(os.unlink, e.scratch_path)
+        server = await self.store.run(SyncStore.nbd_server, task.uuid)
+        if server.socket is not None:
+            await asyncio.to_thread(blockdev.remove_socket_file, server.socket)
         await self.store.run(SyncStore.clear_exports, task.uuid)
 
     async def disable(self, cmd: commands.DisableTask) -> Result:
@@ -351,8 +356,8 @@ class CbtService:
                 f"startOffset {start} is beyond the disk's size {export.size}",
                 field="startOffset",
             )
-        host, port = await self.store.run(SyncStore.nbd_endpoint, task_uuid)
-        address = nbdio.NbdAddress(host, port, None, volume_uuid)
+        server = await self.store.run(SyncStore.nbd_server, task_uuid)
+        address = checkpoints.nbd_address(self.config, server, volume_uuid)
         context = (
             f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else "base:allocation"
         )

@@ -8,7 +8,10 @@ already gone is success, so cleanup can be re-run after any crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +216,81 @@ async def delete_node(qmp: QmpChannel, node_name: str, limit: float = 10.0) -> N
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def _start_or_restart(qmp: QmpChannel, args: dict[str, Any]) -> None:
+    """nbd-server-start; a server left running by an interrupted operation is stopped first."""
+    try:
+        await qmp.execute("nbd-server-start", args)
+    except QmpCommandError as e:
+        if not _gone(e, "already running"):
+            raise
+        log.warning("an NBD server was left running: stopping it")
+        await stop_nbd_server(qmp)
+        await qmp.execute("nbd-server-start", args)
+
+
+def remove_socket_file(path: str) -> bool:
+    """Remove a unix socket (or stale file) at `path`; False if there was none. Never removes a
+    directory. Blocking (an unlink): fine to call from the event loop."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        raise HypervisorError(f"{path} is a directory, not an NBD socket")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
+
+
+async def start_nbd_server_unix(qmp: QmpChannel, path: str, tls_creds: str | None = None) -> None:
+    """Start the VM's NBD server on a unix socket at `path`, owner-only (0600). A stale file at
+    `path` is removed first; so is a server left running by an interrupted operation."""
+    if remove_socket_file(path):
+        log.warning("removed a stale NBD socket %s", path)
+    args: dict[str, Any] = {"addr": {"type": "unix", "data": {"path": path}}}
+    if tls_creds:
+        args["tls-creds"] = tls_creds
+    await _start_or_restart(qmp, args)
+    # QEMU made the socket with its umask; only the owner may connect (connect needs write)
+    try:
+        os.chmod(path, 0o600)
+    except OSError as e:
+        await stop_nbd_server(qmp)
+        remove_socket_file(path)
+        raise HypervisorError(f"cannot make the NBD socket {path} private: {e.strerror}") from None
+
+
+async def add_tls_creds(qmp: QmpChannel, creds_id: str, cert_dir: str) -> None:
+    """(Re)create the VM's `tls-creds-x509` server object from `cert_dir`, so certificates
+    replaced on disk are read again. An object of that id still held by a running NBD server
+    keeps working for it; the new one serves the next nbd-server-start."""
+    try:
+        await delete_object(qmp, creds_id)
+    except QmpCommandError as e:
+        log.warning("cannot remove the old %s (kept, not re-read): %s", creds_id, e)
+    args = {
+        "qom-type": "tls-creds-x509",
+        "id": creds_id,
+        "dir": cert_dir,
+        "endpoint": "server",
+        "verify-peer": False,
+    }
+    try:
+        await qmp.execute("object-add", args)
+    except QmpCommandError as e:
+        if not _gone(e, "already exists", "duplicate"):
+            raise
+
+
+async def delete_object(qmp: QmpChannel, object_id: str) -> None:
+    """object-del; an object that is not there is success."""
+    try:
+        await qmp.execute("object-del", {"id": object_id})
+    except QmpCommandError as e:
+        if not _gone(e, "not found", "cannot find", "no such"):
+            raise
 
 
 async def start_nbd_server(

@@ -4,6 +4,7 @@ allocation (`base:allocation`). libnbd is blocking: callers run these in a threa
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,15 @@ class NbdAddress:
     port: int | None
     socket: str | None
     export: str
+    # TLS required, the server verified against <tls_dir>/ca-cert.pem (and, over TCP, its name
+    # against `host`); None: plain NBD
+    tls_dir: str | None = None
 
     def uri(self) -> str:
+        scheme = "nbds" if self.tls_dir is not None else "nbd"
         if self.socket:
-            return f"nbd+unix:///{self.export}?socket={self.socket}"
-        return f"nbd://{self.host}:{self.port}/{self.export}"
+            return f"{scheme}+unix:///{self.export}?socket={self.socket}"
+        return f"{scheme}://{self.host}:{self.port}/{self.export}"
 
 
 def close(h: Any) -> None:
@@ -46,6 +51,13 @@ def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
     for ctx in contexts:
         h.add_meta_context(ctx)
     h.set_export_name(address.export)
+    if address.tls_dir is not None:
+        # libnbd skips verification when the directory has no ca-cert.pem: insist on one
+        if not os.path.isfile(os.path.join(address.tls_dir, "ca-cert.pem")):
+            raise HypervisorError(f"NBD TLS: no ca-cert.pem in {address.tls_dir}")
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(address.tls_dir)
+        h.set_tls_verify_peer(True)
     try:
         if address.socket:
             h.connect_unix(address.socket)

@@ -70,3 +70,138 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[api\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+# ---- least privilege: NBD on unix sockets, NBD TLS, HTTPS ---------------------------------------
+
+BASE = {"api": {"tokens": ["t"]}}
+
+
+def _with(**sections: dict[str, object]) -> dict[str, object]:
+    return {**BASE, **sections}
+
+
+def _openssl_pair(d: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and its key (0600), made with the openssl command."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = d / f"{name}-cert.pem", d / f"{name}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    os.chmod(key, 0o600)
+    return cert, key
+
+
+def test_nbd_defaults_tcp_without_tls() -> None:
+    cfg = load_config(EXAMPLE)
+    assert (cfg.nbd.transport, cfg.nbd.tls_cert_dir) == ("tcp", None)
+    assert cfg.nbd.socket_dir == Path("/var/lib/cbt-agent/nbd")
+    assert (cfg.api.tls_cert, cfg.api.tls_key) == (None, None)
+
+
+def test_nbd_unix_socket_dir_default_and_relative(tmp_path: Path) -> None:
+    cfg = parse_config(_with(state={"dir": "/srv/cbt"}, nbd={"transport": "unix"}))
+    assert cfg.nbd.transport == "unix"
+    assert cfg.nbd.socket_path("a" * 32) == Path(f"/srv/cbt/nbd/{'a' * 32}.sock")
+    cfg = parse_config(_with(nbd={"transport": "unix", "socket_dir": "run/nbd"}), base=tmp_path)
+    assert cfg.nbd.socket_dir == tmp_path / "run" / "nbd"
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "reason"),
+    [
+        (_with(nbd={"transport": "vsock"}), "nbd.transport", '"tcp" or "unix"'),
+        (_with(nbd={"transport": ""}), "nbd.transport", "non-empty string"),
+        (
+            _with(nbd={"transport": "unix", "socket_dir": "/" + "d" * 70}),
+            "nbd.socket_dir",
+            "too long for a unix socket",
+        ),
+        (
+            _with(state={"dir": "/" + "s" * 70}, nbd={"transport": "unix"}),
+            "nbd.socket_dir",
+            "defaults to <state.dir>/nbd",
+        ),
+        (
+            _with(
+                qmp={"socket_template": "/run/zs/{vm_uuid}.sock"},
+                nbd={"transport": "unix", "socket_dir": "/run/zs"},
+            ),
+            "nbd.socket_dir",
+            "qmp.socket_template",
+        ),
+        (_with(nbd={"tls_cert_dir": "/nonexistent/nbd-tls"}), "nbd.tls_cert_dir", "directory"),
+        (_with(api={"tokens": ["t"], "tls_cert": "/x.pem"}), "api.tls_key", "required"),
+        (_with(api={"tokens": ["t"], "tls_key": "/x.pem"}), "api.tls_cert", "required"),
+        (
+            _with(api={"tokens": ["t"], "tls_cert": "/nonexistent.pem", "tls_key": "/k.pem"}),
+            "api.tls_cert",
+            "cannot read /nonexistent.pem",
+        ),
+    ],
+)
+def test_bad_privilege_config_names_key(doc: dict[str, object], key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert err.value.key == key
+    assert reason in err.value.reason
+
+
+def test_socket_path_at_the_limit_is_accepted() -> None:
+    # <dir>/<32 hex>.sock is exactly 107 bytes
+    d = "/" + "d" * (107 - 1 - 1 - 32 - 5)
+    cfg = parse_config(_with(nbd={"transport": "unix", "socket_dir": d}))
+    assert len(str(cfg.nbd.socket_path("f" * 32))) == 107
+    with pytest.raises(ConfigError, match="108 bytes, at most 107"):
+        parse_config(_with(nbd={"transport": "unix", "socket_dir": d + "d"}))
+    # tcp never makes a socket: no limit
+    assert parse_config(_with(nbd={"socket_dir": d + "d" * 50})).nbd.transport == "tcp"
+
+
+def test_nbd_tls_cert_dir_needs_the_three_files_and_a_private_key(tmp_path: Path) -> None:
+    d = tmp_path / "nbd-tls"
+    d.mkdir()
+    doc = _with(nbd={"tls_cert_dir": "nbd-tls"})
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(doc, base=tmp_path)
+        assert err.value.key == "nbd.tls_cert_dir" and f"{d / name}" in err.value.reason
+        (d / name).write_text("PEM\n")
+        os.chmod(d / name, 0o600)
+    assert parse_config(doc, base=tmp_path).nbd.tls_cert_dir == d
+    os.chmod(d / "server-key.pem", 0o604)
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc, base=tmp_path)
+    assert err.value.key == "nbd.tls_cert_dir" and "readable by others" in err.value.reason
+    os.chmod(d / "server-key.pem", 0o600)
+    (d / "server-cert.pem").unlink()
+    (d / "server-cert.pem").mkdir()
+    with pytest.raises(ConfigError, match="is not a file"):
+        parse_config(doc, base=tmp_path)
+
+
+def test_api_tls_pair_must_load(tmp_path: Path) -> None:
+    cert, key = _openssl_pair(tmp_path, "api")
+    other_cert, other_key = _openssl_pair(tmp_path, "other")
+    cfg = parse_config(_with(api={"tokens": ["t"], "tls_cert": "api-cert.pem",
+                                  "tls_key": "api-key.pem"}), base=tmp_path)  # fmt: skip
+    assert (cfg.api.tls_cert, cfg.api.tls_key) == (cert, key)
+    with pytest.raises(ConfigError) as err:  # a key that is not the certificate's
+        parse_config(_with(api={"tokens": ["t"], "tls_cert": str(cert), "tls_key": str(other_key)}))
+    assert err.value.key == "api.tls_cert" and "does not load" in err.value.reason
+    os.chmod(other_cert, 0o600)
+    with pytest.raises(ConfigError) as err:  # a certificate given as the key
+        parse_config(
+            _with(api={"tokens": ["t"], "tls_cert": str(cert), "tls_key": str(other_cert)})
+        )
+    assert err.value.key == "api.tls_cert"
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(api={"tokens": ["t"], "tls_cert": str(cert), "tls_key": str(key)}))
+    assert err.value.key == "api.tls_key" and "readable by others" in err.value.reason
