@@ -38,15 +38,6 @@ def check_transition(current: TaskStatus, new: TaskStatus) -> None:
 
 
 @dataclass(frozen=True)
-class Transition:
-    task_uuid: str
-    from_status: TaskStatus | None
-    to_status: TaskStatus
-    reason: str
-    at: datetime
-
-
-@dataclass(frozen=True)
 class CbtTask:
     uuid: str
     name: str
@@ -184,20 +175,6 @@ class DirtyExtent:
 
     def to_dict(self) -> dict[str, int]:
         return {"start": self.start, "length": self.length}
-
-
-def merge_extents(extents: Iterable[DirtyExtent]) -> list[DirtyExtent]:
-    """Merge adjacent extents of the same kind into maximal runs (input sorted by start)."""
-    out: list[DirtyExtent] = []
-    for e in extents:
-        if e.length == 0:
-            continue
-        if out and out[-1].dirty == e.dirty and out[-1].start + out[-1].length == e.start:
-            prev = out[-1]
-            out[-1] = DirtyExtent(prev.start, prev.length + e.length, prev.dirty)
-        else:
-            out.append(e)
-    return out
 
 
 def cluster_runs(

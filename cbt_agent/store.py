@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import sqlite_utils
 
 from cbt_agent.errors import NotFound, OperationError
-from cbt_agent.model import CbtTask, Checkpoint, TaskStatus, Transition, check_transition
+from cbt_agent.model import CbtTask, Checkpoint, TaskStatus, check_transition
 
 SCHEMA_VERSION = 2
 
@@ -349,21 +349,6 @@ class SyncStore:
             self._add_transition(task_uuid, task.status.value, "Deleted", reason, now)
             self.db.execute("DELETE FROM tasks WHERE uuid = ?", (task_uuid,))
 
-    def transitions(self, task_uuid: str) -> list[Transition]:
-        rows = self._rows("SELECT * FROM transitions WHERE task_uuid = ? ORDER BY id", (task_uuid,))
-        return [
-            Transition(
-                task_uuid=r["task_uuid"],
-                from_status=TaskStatus(r["from_status"]) if r["from_status"] in _STATUSES else None,
-                to_status=TaskStatus(r["to_status"])
-                if r["to_status"] in _STATUSES
-                else r["to_status"],
-                reason=r["reason"],
-                at=_dt(r["at"]),
-            )
-            for r in rows
-        ]
-
     def history_rows(self, task_uuid: str) -> list[dict[str, Any]]:
         """Transitions as plain rows (statuses as text, 'Deleted' included)."""
         return self._rows(
@@ -371,16 +356,6 @@ class SyncStore:
             "WHERE task_uuid = ? ORDER BY id",
             (task_uuid,),
         )
-
-    def deleted_task_uuids(self) -> list[str]:
-        return [
-            r["task_uuid"]
-            for r in self._rows(
-                "SELECT DISTINCT task_uuid FROM transitions WHERE to_status = 'Deleted'"
-            )
-        ]
-
-    # -- resource refs ---------------------------------------------------------------------------
 
     def resource_refs(self, task_uuid: str) -> list[ResourceRef]:
         return [
@@ -516,9 +491,6 @@ class SyncStore:
     def set_export_phase(self, task_uuid: str, phase: str) -> None:
         self.db.execute("UPDATE exports SET phase = ? WHERE task_uuid = ?", (phase, task_uuid))
 
-    def set_nbd(self, task_uuid: str, host: str | None, port: int | None) -> None:
-        self.set_server(task_uuid, NbdServer(host, port))
-
     def set_server(self, task_uuid: str, server: NbdServer) -> None:
         """Record where the task's NBD server listens (before it is started)."""
         self.db.execute(
@@ -628,9 +600,6 @@ class SyncStore:
             "DELETE FROM api_jobs WHERE finished IS NOT NULL AND finished < ?", (_ts(older_than),)
         )
         return int(cur.rowcount)
-
-
-_STATUSES = {s.value for s in TaskStatus}
 
 
 class _Transaction:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cbt_agent.api import zstack
 from cbt_agent.engine import checkpoints
+from cbt_agent.engine.service import CbtService
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
 from cbt_agent.qemu import blockdev
@@ -28,10 +29,7 @@ log = logging.getLogger(__name__)
 RESTART_ERROR = "the agent restarted before this job finished; see the task's status history"
 
 
-async def reconcile(service: object) -> None:
-    from cbt_agent.engine.service import CbtService
-
-    assert isinstance(service, CbtService)
+async def reconcile(service: CbtService) -> None:
     store = service.store
     for job in await store.run(SyncStore.running_jobs):
         await store.run(
@@ -52,10 +50,7 @@ async def reconcile(service: object) -> None:
     await _remove_orphan_scratch(service)
 
 
-async def _reconcile_task(service: object, task: CbtTask) -> None:
-    from cbt_agent.engine.service import CbtService
-
-    assert isinstance(service, CbtService)
+async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
     store = service.store
     async with service.vm_lock(task.vm_uuid):
         if task.operation == "delete":
@@ -107,15 +102,12 @@ async def _reconcile_task(service: object, task: CbtTask) -> None:
             status, reason = TaskStatus.STOPPED, f"export lost while the agent was down ({where})"
         else:
             status, reason = task.status, "leftover export removed at agent start"
-        await service._teardown(task, force=True)
+        await service.teardown_task(task, force=True)
         await store.run(SyncStore.set_status, task.uuid, status, reason)
         log.warning("task %s: %s -> %s (%s)", task.uuid, task.status, status, reason)
 
 
-async def _remove_orphan_scratch(service: object) -> None:
-    from cbt_agent.engine.service import CbtService
-
-    assert isinstance(service, CbtService)
+async def _remove_orphan_scratch(service: CbtService) -> None:
     scratch_dir: Path = service.config.scratch_dir
 
     def known(s: SyncStore) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cbt_agent import commands
+from cbt_agent.api import zstack
 from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext, StepHook
@@ -101,8 +103,6 @@ class CbtService:
     async def _run_job(
         self, job_uuid: str, api: str, operation: Callable[[], Awaitable[Result]]
     ) -> None:
-        from cbt_agent.api import zstack
-
         try:
             result = await operation()
         except CbtError as e:
@@ -186,7 +186,7 @@ class CbtService:
         async with self._locks[cmd.vm_uuid]:
             task = await self.store.run(
                 SyncStore.create_task,
-                cmd.resource_uuid or _new_uuid(),
+                cmd.resource_uuid or zstack.new_uuid(),
                 cmd.name,
                 cmd.description,
                 cmd.vm_uuid,
@@ -225,7 +225,7 @@ class CbtService:
             )
         return {"volumeCbtBackupInfos": infos}
 
-    async def _teardown(self, task: CbtTask, *, force: bool) -> None:
+    async def teardown_task(self, task: CbtTask, *, force: bool) -> None:
         """End the task's exports, wherever the VM is. With the VM gone, only files remain."""
         exports = await self.store.run(SyncStore.exports, task.uuid)
         vm = await self.hypervisor.find_vm(task.vm_uuid)
@@ -254,7 +254,7 @@ class CbtService:
                 return {"inventory": await self.task_inventory(task.uuid)}
             await self.store.run(SyncStore.set_operation, task.uuid, "disable")
             try:
-                await self._teardown(task, force=cmd.force)
+                await self.teardown_task(task, force=cmd.force)
             except Exception as e:
                 await self._fail(task.uuid, f"disable failed: {_reason(e)}")
                 raise
@@ -278,7 +278,7 @@ class CbtService:
     async def finish_delete(self, task: CbtTask, *, lenient: bool, reason: str) -> None:
         """Disable, remove every bitmap of the task, forget it. The caller holds the VM lock."""
         try:
-            await self._teardown(task, force=True)
+            await self.teardown_task(task, force=True)
             if task.status in (TaskStatus.RUNNING, TaskStatus.STARTING):
                 await self._status(
                     task.uuid, TaskStatus.STOPPED, "disabled before delete", operation="delete"
@@ -298,7 +298,7 @@ class CbtService:
 
     async def finish_disable(self, task: CbtTask, reason: str) -> None:
         """End the exports and land in Stopped. The caller holds the VM lock."""
-        await self._teardown(task, force=True)
+        await self.teardown_task(task, force=True)
         await self._status(task.uuid, TaskStatus.STOPPED, reason)
 
     async def on_vm_event(self, ev: VmEvent) -> None:
@@ -317,7 +317,7 @@ class CbtService:
             if ev.kind is VmEventKind.CRASHED:
                 await self.store.run(SyncStore.set_tracking_lost, task.uuid, TRACKING_LOST)
             exports = await self.store.run(SyncStore.exports, task.uuid)
-            await self._teardown(task, force=True)
+            await self.teardown_task(task, force=True)
             if ev.kind is VmEventKind.MIGRATED_AWAY:
                 await self._fail(task.uuid, f"VM migrated away from this host ({ev.detail})")
             elif ev.kind is VmEventKind.UNDEFINED:
@@ -401,12 +401,6 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _new_uuid() -> str:
-    import uuid
-
-    return uuid.uuid4().hex
-
-
 async def _run(*cmd: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -418,12 +412,6 @@ async def _run(*cmd: str) -> str:
 
 
 async def _qcow2_bitmaps(path: str) -> set[str]:
-    import json
-
     info = json.loads(await _run("qemu-img", "info", "-U", "--output=json", path))
     bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
     return {str(b["name"]) for b in bitmaps}
-
-
-def parse_datetime(value: str) -> datetime:
-    return datetime.fromisoformat(value)

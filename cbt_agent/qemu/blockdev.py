@@ -92,10 +92,6 @@ def bitmaps_of(node: dict[str, Any] | None) -> dict[str, BitmapState]:
     return out
 
 
-async def node_bitmaps(qmp: QmpChannel, node_name: str) -> dict[str, BitmapState]:
-    return bitmaps_of((await named_nodes(qmp)).get(node_name))
-
-
 def _gone(e: QmpCommandError, *needles: str) -> bool:
     text = e.reply.lower()
     return any(n in text for n in needles)

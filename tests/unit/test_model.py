@@ -18,7 +18,6 @@ from cbt_agent.model import (
     check_transition,
     checkpoint_name,
     full_bitmap,
-    merge_extents,
     plan_disk,
     retention_victims,
 )
@@ -134,19 +133,6 @@ def test_resized_disk_is_full_with_both_sizes() -> None:
     assert plan.mode == "full"
     assert plan.reason == f"disk was resized since checkpoint {c.name} (1048576 -> 2097152 bytes)"
     assert plan_disk("v1", [c], None, bitmaps, size=1 << 20).mode == "incremental"
-
-
-def test_merge_extents_joins_adjacent_runs_of_same_kind() -> None:
-    merged = merge_extents(
-        [
-            DirtyExtent(0, 10, True),
-            DirtyExtent(10, 5, True),
-            DirtyExtent(15, 0, False),
-            DirtyExtent(15, 5, False),
-            DirtyExtent(20, 5, True),
-        ]
-    )
-    assert merged == [DirtyExtent(0, 15, True), DirtyExtent(15, 5, False), DirtyExtent(20, 5, True)]
 
 
 def test_bitmap_bits_are_lsb_first_per_cluster() -> None:
