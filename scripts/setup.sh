@@ -8,7 +8,7 @@ ROOT=$PWD
 
 log() { printf '[setup] %s\n' "$*"; }
 
-PKGS=(qemu-system-x86 qemu-utils python3-libnbd libnbd-bin
+PKGS=(qemu-system-x86 qemu-utils python3-libnbd libnbd-bin openssl
       libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
 missing=()
 for p in "${PKGS[@]}"; do

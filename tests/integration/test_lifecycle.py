@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import stack
-from test_cbt import Agent, by_volume, dirty_runs
+from cbtharness import Agent, by_volume, dirty_runs
 
 from cbt_agent.config import parse_config
 from cbt_agent.engine.reconcile import reconcile

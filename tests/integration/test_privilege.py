@@ -30,17 +30,14 @@ import aiohttp
 import pytest
 import stack
 from agentproc import TOKEN, AgentProcess, free_port
+from cbtharness import Agent, by_volume
 from openapi_schema_validator import OAS30Validator
 
-from cbt_agent import commands
 from cbt_agent.api.openapi import openapi_document
-from cbt_agent.config import Config, parse_config
-from cbt_agent.engine.service import CbtService
+from cbt_agent.config import parse_config
 from cbt_agent.errors import HypervisorError
-from cbt_agent.hypervisor.libvirt import Hypervisor
 from cbt_agent.qemu import nbd as nbdio
-from cbt_agent.qemu.qmp import QmpRouter
-from cbt_agent.store import NbdServer, Store, SyncStore
+from cbt_agent.store import NbdServer, SyncStore
 
 pytestmark = pytest.mark.stack
 
@@ -137,45 +134,6 @@ def short_dir() -> Iterator[Path]:
 
 
 # ---- the agent in-process ---------------------------------------------------------------------
-
-
-class Agent:
-    """The worker with its store, libvirt and QMP, as the app builds it (as in test_cbt)."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.store = Store(config.db_path)
-        self.hv = Hypervisor(config.libvirt_uri)
-        self.router = QmpRouter(config.qmp_socket_template, self.hv)
-        self.service = CbtService(config, self.store, self.hv, self.router)
-
-    async def open(self) -> None:
-        await self.store.open()
-        await self.hv.open()
-
-    async def close(self) -> None:
-        await self.router.close()
-        await self.hv.close()
-        await self.store.close()
-
-    async def create(self, vm: stack.TestVm) -> str:
-        cmd = commands.create_task({"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid}})
-        return str((await self.service.create(cmd))["inventory"]["uuid"])
-
-    async def enable(self, task: str) -> dict[str, dict[str, Any]]:
-        result = await self.service.enable(commands.enable_task(task, {}))
-        return {i["volume"]["volumeUuid"]: i for i in result["volumeCbtBackupInfos"]}
-
-    async def disable(self, task: str) -> None:
-        await self.service.disable(commands.disable_task(task, {"params": {"force": False}}))
-
-    async def areas(self, task: str, volume: str) -> list[tuple[int, int]]:
-        page = await self.service.changed_areas(task, volume, 0, None, 10_000)
-        assert page["nextOffset"] is None
-        return [(a["start"], a["length"]) for a in page["changedAreas"]]
-
-    async def server(self, task: str) -> NbdServer:
-        return await self.store.run(SyncStore.nbd_server, task)
 
 
 @pytest.fixture
@@ -293,7 +251,7 @@ async def test_unix_transport_private_socket_no_tcp_port_removed_at_disable(
     sock_dir.mkdir(mode=0o700)
     path.write_text("stale")
 
-    full = await agent.enable(task)
+    full = by_volume(await agent.enable(task))
     for info in full.values():
         assert info["nbdSocket"] == str(path)
         assert (info["nbdServer"], info["nbdPort"]) == (None, None)
@@ -322,7 +280,7 @@ async def test_unix_transport_private_socket_no_tcp_port_removed_at_disable(
 
     # incremental: the agent's own dirty-map read and changed-areas go through the socket too
     await vm.write(v0, 5 * MIB, 4 * KIB, 0xC1)
-    inc = await agent.enable(task)
+    inc = by_volume(await agent.enable(task))
     assert inc[v0]["mode"] == "incremental" and inc[v0]["nbdSocket"] == str(path)
     want = [(0, G), (5 * MIB, G)]
     assert inc[v0]["changedBytes"] == 2 * G
@@ -342,7 +300,7 @@ async def test_socket_of_a_vm_that_died_is_removed_at_disable(
     vm = vm_factory(disks_mib=[16])
     agent = await make_agent(transport="unix")
     task = await agent.create(vm)
-    info = next(iter((await agent.enable(task)).values()))
+    info = next(iter((by_volume(await agent.enable(task))).values()))
     path = info["nbdSocket"]
     assert exists(path)
     pid = vm.qemu_pid()
@@ -371,7 +329,7 @@ async def test_nbd_tls_refuses_plain_clients_and_serves_verified_ones(
     task = await agent.create(vm)
     await vm.write(vol, MIB, 64 * KIB, 0xD1)
 
-    info = (await agent.enable(task))[vol]
+    info = (by_volume(await agent.enable(task)))[vol]
     assert info["nbdTls"] is True and json.loads(info["metadata"])["nbdTls"] is True
     assert info["nbdServer"] == "127.0.0.1" and "nbdSocket" not in info
     conforms(info)
@@ -392,7 +350,7 @@ async def test_nbd_tls_refuses_plain_clients_and_serves_verified_ones(
 
     # incremental: the agent reads the dirty map over TLS itself
     await vm.write(vol, 3 * MIB, 100, 0xD2)
-    info = (await agent.enable(task))[vol]
+    info = (by_volume(await agent.enable(task)))[vol]
     assert info["mode"] == "incremental" and info["changedBytes"] == G
     good = nbdio.NbdAddress("127.0.0.1", int(info["nbdPort"]), None, vol, str(pki.client_dir))
     assert await asyncio.to_thread(dirty, good, info["dirtyBitmapContext"]) == [(3 * MIB, G)]
@@ -411,7 +369,7 @@ async def test_nbd_tls_over_a_unix_socket(
     agent = await make_agent(transport="unix", tls_cert_dir=str(pki.nbd_dir))
     task = await agent.create(vm)
     await vm.write(vol, 0, 4 * KIB, 0xE1)
-    info = (await agent.enable(task))[vol]
+    info = (by_volume(await agent.enable(task)))[vol]
     assert info["nbdTls"] is True and info["nbdPort"] is None
     conforms(info)
     path = info["nbdSocket"]
