@@ -34,9 +34,7 @@ import dataclasses
 import os
 import random
 import shutil
-import signal
 import statistics
-import sys
 import tempfile
 import time
 import types
@@ -51,7 +49,7 @@ from qemu.qmp import QMPClient
 
 import cbt_agent.qemu.nbd as nbdio
 from bench import baseline
-from bench.stats import median_ms, row, verdict
+from bench.stats import median_ms, row, run_guarded, verdict
 from cbt_agent import commands
 from cbt_agent.config import ApiConfig, Config, NbdConfig
 from cbt_agent.demo import throwaway_domain_xml
@@ -674,21 +672,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    async def guarded() -> int:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        # SIGTERM/SIGINT cancel the run, so the finally blocks destroy what was started
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            return await main_async(args.cycles, args.disks)
-        except (asyncio.CancelledError, TimeoutError) as e:
-            what = "timed out" if isinstance(e, TimeoutError) else "interrupted"
-            print(f"\n{__name__}: {what}; everything started was stopped", flush=True)
-            return 2
-
-    sys.exit(asyncio.run(guarded()))
+    run_guarded(__name__, lambda: main_async(args.cycles, args.disks))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import random
 import shutil
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +33,7 @@ import nbd
 from qemu.qmp import QMPClient
 
 from bench import baseline
-from bench.stats import median_ms, row, verdict
+from bench.stats import median_ms, row, run_guarded, verdict
 from cbt_agent.model import (
     bitmap_base64,
     bitmap_from_extents,
@@ -264,21 +262,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=60, help="runs of each measurement")
     args = parser.parse_args()
 
-    async def guarded() -> int:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        assert task is not None
-        # SIGTERM/SIGINT cancel the run, so the finally blocks stop what was started
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            return await main_async(args.reps)
-        except (asyncio.CancelledError, TimeoutError) as e:
-            what = "timed out" if isinstance(e, TimeoutError) else "interrupted"
-            print(f"\n{__name__}: {what}; everything started was stopped", flush=True)
-            return 2
-
-    sys.exit(asyncio.run(guarded()))
+    run_guarded(__name__, lambda: main_async(args.reps))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import signal
 import statistics
-from collections.abc import Sequence
+import sys
+from collections.abc import Awaitable, Callable, Sequence
 
 
 def median_ms(seconds: Sequence[float]) -> float:
@@ -35,3 +38,23 @@ def verdict(label: str, measured: Sequence[float], limit: Sequence[float], allow
         flush=True,
     )
     return ok
+
+
+def run_guarded(name: str, run: Callable[[], Awaitable[int]]) -> None:
+    """Run a benchmark and exit with its status. SIGTERM/SIGINT cancel it, so its finally
+    blocks stop and remove everything it started; a timeout or an interruption exits 2."""
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await run()
+        except (asyncio.CancelledError, TimeoutError) as e:
+            what = "timed out" if isinstance(e, TimeoutError) else "interrupted"
+            print(f"\n{name}: {what}; everything started was stopped", flush=True)
+            return 2
+
+    sys.exit(asyncio.run(guarded()))

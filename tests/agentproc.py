@@ -76,6 +76,12 @@ class AgentProcess:
         self.proc = None
         return code
 
+    async def close(self) -> None:
+        """Teardown: kill the agent if it still runs (by pid), close the HTTP session."""
+        if self.proc is not None:
+            await self.stop(signal.SIGKILL if self.proc.returncode is None else signal.SIGTERM)
+        await self.session.close()
+
     async def submit(self, method: str, path: str, body: Any = None) -> str:
         """Start an asynchronous API call; returns its job location."""
         async with self.session.request(method, f"{self.base}/zstack/v1{path}", json=body) as r:

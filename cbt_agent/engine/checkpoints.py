@@ -91,9 +91,9 @@ def private_dir(path: Path) -> None:
 
 
 async def create_scratch(path: Path, size: int) -> None:
-    private_dir(path.parent)
+    await asyncio.to_thread(private_dir, path.parent)
     await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size))
-    os.chmod(path, 0o600)  # holds guest data from before the checkpoint
+    await asyncio.to_thread(os.chmod, path, 0o600)  # holds guest data from before the checkpoint
 
 
 def nbd_address(cfg: Config, server: NbdServer, export_name: str) -> nbdio.NbdAddress:

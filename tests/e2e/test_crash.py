@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,9 +29,7 @@ async def agent(tmp_path: Path, qmp_socket_template: str) -> AsyncIterator[Agent
     write_config(config, port, tmp_path / "state", qmp_socket_template, "11900:11999")
     a = AgentProcess(config, port)
     yield a
-    if a.proc is not None:
-        await a.stop(signal.SIGKILL)
-    await a.session.close()
+    await a.close()
 
 
 async def call(agent: AgentProcess, method: str, path: str, body: Any = None) -> Any:

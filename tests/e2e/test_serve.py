@@ -43,9 +43,7 @@ async def agent_factory(
 
     yield make
     for agent in made:
-        if agent.proc is not None:
-            await agent.stop(signal.SIGKILL)
-        await agent.session.close()
+        await agent.close()
 
 
 def test_bad_config_is_refused_with_key_and_reason(tmp_path: Path) -> None:

@@ -44,9 +44,7 @@ async def agent(tmp_path: Path, qmp_socket_template: str) -> AsyncIterator[Agent
         await proc.start()
         yield proc
     finally:
-        if proc.proc is not None:
-            await proc.stop(signal.SIGKILL if proc.proc.returncode is None else signal.SIGTERM)
-        await proc.session.close()
+        await proc.close()
 
 
 @dataclass

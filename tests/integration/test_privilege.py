@@ -448,9 +448,7 @@ async def https_agent(
         await agent.start()
         yield agent
     finally:
-        if agent.proc is not None:
-            await agent.stop(signal.SIGKILL if agent.proc.returncode is None else signal.SIGTERM)
-        await agent.session.close()
+        await agent.close()
 
 
 async def test_https_api_verifies_with_the_ca_and_refuses_plain_http(
