@@ -388,15 +388,20 @@ async def start_vm(hv: Hypervisor, work: Path, n_disks: int) -> BenchVm:
         vm.vm_uuid, vm.disks, vm.socket, description=f"{VM_MARK} pid={os.getpid()} (bench)"
     )
     conn = await hv.connection()
-    await asyncio.to_thread(conn.defineXML, xml)
-    vm.defined = True
-    dom = await asyncio.to_thread(conn.lookupByName, vm.vm_uuid)
-    await asyncio.to_thread(dom.create)
-    deadline = time.monotonic() + 10
-    while not vm.socket.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"extra QMP socket {vm.socket} did not appear")
-        await asyncio.sleep(0.01)
+    try:
+        await asyncio.to_thread(conn.defineXML, xml)
+        vm.defined = True
+        dom = await asyncio.to_thread(conn.lookupByName, vm.vm_uuid)
+        await asyncio.to_thread(dom.create)
+        deadline = time.monotonic() + 10
+        while not await asyncio.to_thread(vm.socket.exists):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"extra QMP socket {vm.socket} did not appear")
+            await asyncio.sleep(0.01)
+    except BaseException:
+        # interrupted or failed half-way: the caller never gets the VM, so undo it here
+        await asyncio.shield(remove_vm(hv, vm))
+        raise
     return vm
 
 
