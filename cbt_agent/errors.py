@@ -57,6 +57,11 @@ class QmpCommandError(HypervisorError):
         self.reply = reply
 
 
+class QmpInterrupted(HypervisorError):
+    """A QMP command whose reply never came (timeout, EOF, connection lost): QEMU may or may
+    not have run it. Whoever sent it reads QEMU's state back instead of assuming either."""
+
+
 class ConfigError(CbtError):
     """The configuration file is invalid: names the key and the reason."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -55,7 +55,8 @@ class Checkpoint:
     """One Enable's cut: a persistent bitmap of the same name on every disk it covers.
 
     `seq` orders checkpoints of a task. Bitmap `name` on a disk records writes from this
-    checkpoint until the next one (then it is frozen).
+    checkpoint until the next one (then it is frozen). `handed_out`: its Enable reached
+    Running, so a caller holds its name; only such a checkpoint is a default base.
     """
 
     task_uuid: str
@@ -64,9 +65,14 @@ class Checkpoint:
     volumes: frozenset[str]
     created: datetime
     sizes: tuple[tuple[str, int], ...] = ()  # (volume uuid, virtual size) when it was cut
+    handed_out: bool = True
+    tops: tuple[tuple[str, str], ...] = ()  # (volume uuid, top image) when it was cut
 
     def size_of(self, volume_uuid: str) -> int | None:
         return dict(self.sizes).get(volume_uuid)
+
+    def top_of(self, volume_uuid: str) -> str | None:
+        return dict(self.tops).get(volume_uuid)
 
 
 def checkpoint_name(task_uuid: str, seq: int) -> str:
@@ -76,6 +82,15 @@ def checkpoint_name(task_uuid: str, seq: int) -> str:
 
 def temp_bitmap_name(task_uuid: str, seq: int) -> str:
     return f"cbt-tmp-{task_uuid[:12]}-{seq:06d}"
+
+
+def checkpoint_seq(task_uuid: str, bitmap: str) -> int | None:
+    """The seq of a bitmap named like this task's checkpoints (not its temporary ones)."""
+    prefix = f"cbt-{task_uuid[:12]}-"
+    rest = bitmap.removeprefix(prefix)
+    if rest == bitmap or len(rest) != 6 or not rest.isdigit():
+        return None
+    return int(rest)
 
 
 @dataclass(frozen=True)
@@ -92,18 +107,35 @@ class BitmapState:
 
 
 @dataclass(frozen=True)
+class Layer:
+    """One image of a disk's backing chain as QEMU holds it (the top first in a chain)."""
+
+    node: str  # its format node, where its bitmaps live
+    filename: str
+    size: int  # virtual size
+    bitmaps: Mapping[str, BitmapState]
+    read_only: bool = False
+    driver: str = "qcow2"
+
+
+# A bitmap on one layer of a disk: (node name, bitmap name), as block-dirty-bitmap-merge takes it.
+Source = tuple[str, str]
+
+
+@dataclass(frozen=True)
 class DiskPlan:
     """What one Enable does for one disk."""
 
     volume_uuid: str
     mode: str  # "full" | "incremental"
     since: str | None  # the checkpoint the changes are counted from (incremental)
-    merge: tuple[str, ...]  # frozen bitmaps whose union is the change set (incremental)
+    merge: tuple[Source, ...]  # bitmaps whose union is the change set (incremental)
     reason: str | None  # why full
-    freeze: str | None  # the recording bitmap to disable in the checkpoint transaction
+    freeze: str | None  # the recording bitmap on the top to disable in the transaction
 
 
 FULL_FIRST = "first checkpoint of this disk: no earlier change tracking"
+FULL_NONE_HANDED_OUT = "no checkpoint of this task was handed out yet"
 FULL_UNKNOWN = "checkpoint {name} is unknown to this task"
 FULL_REMOVED = "checkpoint {name} was removed by retention"
 TRACKING_LOST = "change tracking lost after unclean shutdown"
@@ -111,26 +143,111 @@ FULL_NEW_DISK = "disk was added after checkpoint {name}"
 FULL_RESIZED = "disk was resized since checkpoint {name} ({old} -> {new} bytes)"
 FULL_MISSING = "bitmap {bitmap} is missing on this disk (change tracking lost)"
 FULL_INCONSISTENT = "change tracking lost after unclean shutdown (bitmap {bitmap} inconsistent)"
+FULL_NEW_TOP = (
+    "the disk's top image changed from {old} to {new} without change tracking "
+    "(bitmap {bitmap} is not on it: a snapshot or copy made outside libvirt, or offline)"
+)
+FULL_GAP = (
+    "bitmap {bitmap} is missing on backing image {image}: changes made while it was the top "
+    "are not tracked"
+)
+FULL_LAYER_SIZE = "backing image {image} is {old} bytes, the disk {new}: its bitmaps cannot merge"
+
+
+def default_base(checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:
+    """The base of an Enable without `bitmapName`: the latest checkpoint handed out."""
+    for c in reversed(checkpoints):
+        if c.handed_out:
+            return c
+    return None
+
+
+def chain_sources(
+    names: Sequence[str],
+    layers: Sequence[Layer],
+    recorded_top: str | None = None,
+    before: str | None = None,
+    base_top: str | None = None,
+) -> tuple[Source, ...] | str:
+    """Which bitmaps of which layers hold every change since `names[0]`, or why none can.
+
+    `names` are the checkpoints base .. latest; `layers` the disk's chain, top first; `before`
+    the live checkpoint just before the base on this disk (None: there is none). A bitmap
+    records writes to its layer only from when it is made (a checkpoint, or libvirt's empty
+    copy onto a new snapshot overlay of the bitmap recording then), so the union of the
+    task's bitmaps base .. latest over every layer never holds a write from before the base:
+    all of them are merged. Whether they hold every write since it is what the rest checks:
+    the top must hold the latest bitmap; on each layer the bitmaps run unbroken back from the
+    one it must hold; where the run stops at j above the base, the layer was made while j
+    recorded, so the layer below must hold j (it took the writes of j's time until then).
+    Where the run reaches the base on a layer that was not the top when the base was cut
+    (`base_top`, recorded then) and lacks `before`, the layer was made during the base's time,
+    and the layer below must hold the base too. A missing bitmap there is a gap, an
+    inconsistent one lost tracking: a full, with the reason. (`recorded_top` is the top when
+    the latest was cut: it names what changed when the top has no tracking.)
+    """
+    wanted = set(names)
+    for layer in layers:
+        for name in names:
+            state = layer.bitmaps.get(name)
+            if state is not None and state.inconsistent:
+                return FULL_INCONSISTENT.format(bitmap=name)
+    need = len(names) - 1
+    required = True
+    missing: str | None = None
+    for depth, layer in enumerate(layers):
+        if names[need] not in layer.bitmaps:
+            if depth == 0:
+                if recorded_top is not None and recorded_top != layer.filename:
+                    return FULL_NEW_TOP.format(
+                        old=recorded_top, new=layer.filename, bitmap=names[need]
+                    )
+                return FULL_MISSING.format(bitmap=names[need])
+            if required:
+                return FULL_GAP.format(bitmap=names[need], image=layer.filename)
+            break
+        if layer.size != layers[0].size:
+            return FULL_LAYER_SIZE.format(image=layer.filename, old=layer.size, new=layers[0].size)
+        j = need
+        while j >= 0 and names[j] in layer.bitmaps:
+            j -= 1
+        if j >= 0:
+            need, required, missing = j + 1, True, names[j]
+        elif layer.filename == base_top or (before is not None and before in layer.bitmaps):
+            missing = None
+            break  # this layer was there when the base was cut: nothing below is newer
+        else:
+            need, required, missing = 0, before is not None, None
+    if missing is not None:
+        return FULL_MISSING.format(bitmap=missing)
+    return tuple(
+        (layer.node, name)
+        for layer in layers
+        for name in reversed(names)
+        if name in wanted and name in layer.bitmaps
+    )
 
 
 def plan_disk(
     volume_uuid: str,
     checkpoints: Sequence[Checkpoint],
     since_name: str | None,
-    bitmaps: dict[str, BitmapState],
+    layers: Sequence[Layer],
     removed_names: Iterable[str] = (),
     size: int | None = None,
 ) -> DiskPlan:
     """Decide full or incremental for one disk, and which bitmaps make the change set.
 
     `checkpoints` are the task's live checkpoints in seq order; `since_name` the asked
-    checkpoint (None = the latest); `bitmaps` what QEMU has on the disk, by name. Never an
-    incremental built on a bitmap that is missing, inconsistent, or of a disk added later.
+    checkpoint (None = the latest handed out); `layers` the disk's backing chain as QEMU holds
+    it, top first. Never an incremental built on a bitmap that is missing or inconsistent on a
+    layer that needs it, or of a disk added later.
     """
+    top = layers[0] if layers else Layer("", "", size or 0, {})
     latest = checkpoints[-1] if checkpoints else None
     freeze: str | None = None
     if latest is not None and volume_uuid in latest.volumes:
-        state = bitmaps.get(latest.name)
+        state = top.bitmaps.get(latest.name)
         if state is not None and state.recording and not state.inconsistent:
             freeze = latest.name
 
@@ -143,7 +260,10 @@ def plan_disk(
         return full(FULL_FIRST)
     names = [c.name for c in checkpoints]
     if since_name is None:
-        since_name = names[-1]
+        base = default_base(checkpoints)
+        if base is None:
+            return full(FULL_NONE_HANDED_OUT)
+        since_name = base.name
     if since_name not in names:
         if since_name in set(removed_names):
             return full(FULL_REMOVED.format(name=since_name))
@@ -155,14 +275,20 @@ def plan_disk(
         old = cp.size_of(volume_uuid)
         if size is not None and old is not None and old != size:
             return full(FULL_RESIZED.format(name=cp.name, old=old, new=size))
-        state = bitmaps.get(cp.name)
-        if state is None:
-            return full(FULL_MISSING.format(bitmap=cp.name))
-        if state.inconsistent:
-            return full(FULL_INCONSISTENT.format(bitmap=cp.name))
-    return DiskPlan(
-        volume_uuid, "incremental", since_name, tuple(c.name for c in chain), None, freeze
+    if not layers:
+        return full(FULL_MISSING.format(bitmap=chain[-1].name))
+    first = names.index(since_name)
+    before = checkpoints[first - 1] if first > 0 else None
+    sources = chain_sources(
+        [c.name for c in chain],
+        layers,
+        chain[-1].top_of(volume_uuid),
+        before.name if before is not None and volume_uuid in before.volumes else None,
+        chain[0].top_of(volume_uuid),
     )
+    if isinstance(sources, str):
+        return full(sources)
+    return DiskPlan(volume_uuid, "incremental", since_name, sources, None, freeze)
 
 
 @dataclass(frozen=True, slots=True)

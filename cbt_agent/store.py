@@ -24,7 +24,7 @@ import sqlite_utils
 from cbt_agent.errors import NotFound, OperationError
 from cbt_agent.model import CbtTask, Checkpoint, TaskStatus, check_transition
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -143,6 +143,16 @@ _MIGRATIONS: list[list[str]] = [
         # of host:port, and whether it requires TLS
         "ALTER TABLE tasks ADD COLUMN nbd_socket TEXT",
         "ALTER TABLE tasks ADD COLUMN nbd_tls INTEGER NOT NULL DEFAULT 0",
+    ],
+    [
+        # handed_out: the checkpoint's Enable reached Running (only those are default bases);
+        # tops: each disk's top image when it was cut (names what changed when it is replaced)
+        "ALTER TABLE checkpoints ADD COLUMN handed_out INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE checkpoints ADD COLUMN tops TEXT NOT NULL DEFAULT '{}'",
+        """UPDATE checkpoints SET handed_out = 1 WHERE EXISTS (
+            SELECT 1 FROM transitions t WHERE t.task_uuid = checkpoints.task_uuid
+            AND t.to_status = 'Running'
+            AND t.reason LIKE 'checkpoint ' || checkpoints.name || ' %')""",
     ],
 ]
 
@@ -410,6 +420,8 @@ class SyncStore:
             volumes=frozenset(json.loads(r["volumes"])),
             created=_dt(r["created"]),
             sizes=tuple(sorted(json.loads(r["sizes"]).items())),
+            handed_out=bool(r["handed_out"]),
+            tops=tuple(sorted(json.loads(r["tops"]).items())),
         )
 
     def checkpoints(self, task_uuid: str) -> list[Checkpoint]:
@@ -442,7 +454,13 @@ class SyncStore:
         return seq
 
     def add_checkpoint(
-        self, task_uuid: str, seq: int, name: str, volumes: list[str], sizes: dict[str, int]
+        self,
+        task_uuid: str,
+        seq: int,
+        name: str,
+        volumes: list[str],
+        sizes: dict[str, int],
+        tops: dict[str, str] | None = None,
     ) -> None:
         self.db.table("checkpoints").insert(
             {
@@ -451,10 +469,42 @@ class SyncStore:
                 "name": name,
                 "volumes": json.dumps(sorted(volumes)),
                 "sizes": json.dumps(sizes, sort_keys=True),
+                "tops": json.dumps(tops or {}, sort_keys=True),
                 "created": _ts(utcnow()),
                 "removed": None,
+                "handed_out": 0,
             }
         )
+
+    def mark_handed_out(self, task_uuid: str, name: str) -> None:
+        self.db.execute(
+            "UPDATE checkpoints SET handed_out = 1 WHERE task_uuid = ? AND name = ?",
+            (task_uuid, name),
+        )
+
+    def known_checkpoint_names(self, task_uuid: str) -> set[str]:
+        """Every checkpoint name the task has recorded, live or removed by retention."""
+        return {
+            r["name"]
+            for r in self._rows("SELECT name FROM checkpoints WHERE task_uuid = ?", (task_uuid,))
+        }
+
+    def adopt_checkpoint(
+        self,
+        task_uuid: str,
+        seq: int,
+        name: str,
+        volumes: list[str],
+        sizes: dict[str, int],
+        tops: dict[str, str],
+    ) -> None:
+        """Record a checkpoint found on the disks but not here (an Enable whose outcome was
+        lost): it joins the chain, not handed out; later seqs are never reused."""
+        with self._tx():
+            self.add_checkpoint(task_uuid, seq, name, volumes, sizes, tops)
+            self.db.execute(
+                "UPDATE tasks SET next_seq = MAX(next_seq, ?) WHERE uuid = ?", (seq + 1, task_uuid)
+            )
 
     def mark_checkpoint_removed(self, task_uuid: str, name: str) -> None:
         self.db.execute(

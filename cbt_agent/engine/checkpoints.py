@@ -12,21 +12,22 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cbt_agent.config import UNIX_PATH_MAX, Config
-from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError
+from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.model import (
     TRACKING_LOST,
-    BitmapState,
     DiskPlan,
+    Layer,
     bitmap_base64,
     bitmap_from_extents,
     changed_bytes,
     checkpoint_name,
+    checkpoint_seq,
     full_bitmap,
     plan_disk,
     retention_victims,
@@ -68,6 +69,9 @@ class EnableContext:
     vm: VmInfo
     task_uuid: str
     step: StepHook | None = None
+    # a working channel again after a lost reply (the old connection may be gone)
+    reconnect: Callable[[], Awaitable[QmpChannel]] | None = None
+    notes: list[str] = field(default_factory=list)  # for the task's history (adoptions)
 
     async def at(self, name: str) -> None:
         if self.step is not None:
@@ -184,73 +188,150 @@ async def enable_dirty_bitmap_migration(qmp: QmpChannel) -> None:
     )
 
 
-async def enable(
-    ctx: EnableContext, since_name: str | None, lost: str | None = None
-) -> list[dict[str, Any]]:
-    """Cut a checkpoint on every disk of the VM and export each disk's point-in-time view with
-    the changes since `since_name` (None: the latest checkpoint). Returns VolumeCbtBackupInfos.
-    On failure everything made is removed again and the checkpoint chain stays whole."""
-    cfg, store, qmp, task_uuid = ctx.config, ctx.store, ctx.qmp, ctx.task_uuid
-    disks = list(ctx.vm.disks)
-    if not disks:
-        raise OperationError(f"VM [uuid: {ctx.vm.vm_uuid}] has no disk with a volume uuid (serial)")
+@dataclass(frozen=True)
+class DiskView:
+    """One disk of the VM as Enable plans it: libvirt's view, QEMU's device and its chain."""
+
+    disk: DiskInfo
+    dev: blockdev.BlockDevice
+    chain: list[Layer]  # top first
+
+    @property
+    def top(self) -> Layer:
+        return self.chain[0]
+
+
+async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
+    """Every disk of the VM with its backing chain and bitmaps, as QEMU holds them now."""
     devices = await blockdev.block_devices(qmp)
-    nodes = await blockdev.named_nodes(qmp)
-    plans: list[tuple[DiskInfo, blockdev.BlockDevice, DiskPlan, dict[str, BitmapState]]] = []
-    checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
-    removed = await store.run(SyncStore.removed_checkpoint_names, task_uuid)
-    for disk in disks:
+    nodes = await blockdev.chain_nodes(qmp)
+    views: list[DiskView] = []
+    for disk in vm.disks:
         dev = devices.get(disk.alias)
         if dev is None or not dev.node_name:
             raise HypervisorError(f"disk {disk.volume_uuid} ({disk.alias}) not found in QEMU")
         if dev.driver == "copy-before-write":
             raise OperationError(f"disk {disk.volume_uuid} is already being exported")
-        bitmaps = blockdev.bitmaps_of(nodes.get(dev.node_name))
+        chain = blockdev.disk_chain(nodes, dev.node_name)
+        if not chain:
+            raise HypervisorError(f"disk {disk.volume_uuid}: node {dev.node_name} not found")
+        views.append(DiskView(disk, dev, chain))
+    return views
+
+
+async def refuse_block_jobs(qmp: QmpChannel, vm_uuid: str) -> None:
+    """A commit, stream or copy moves bitmaps between layers when it ends: a checkpoint cut in
+    the middle of one could miss them. Refused with the job named; retried once it ended."""
+    jobs = await blockdev.foreign_block_jobs(qmp)
+    if jobs:
+        raise OperationError(
+            f"VM [uuid: {vm_uuid}] has a block job running ({', '.join(jobs)}): "
+            "retry when it has ended"
+        )
+
+
+async def adopt_unknown_checkpoints(
+    store: Store, task_uuid: str, views: list[DiskView]
+) -> list[str]:
+    """Bitmaps named like this task's checkpoints that the database does not know (an Enable
+    whose transaction ran but whose reply was lost, or a database restored from an older
+    copy) join the chain, not handed out: merged through, never a default base, never lost."""
+    known = await store.run(SyncStore.known_checkpoint_names, task_uuid)
+    found: dict[str, set[str]] = {}
+    for v in views:
+        for layer in v.chain:
+            for name in layer.bitmaps:
+                if checkpoint_seq(task_uuid, name) is not None and name not in known:
+                    found.setdefault(name, set()).add(v.disk.volume_uuid)
+    adopted: list[str] = []
+    for name in sorted(found, key=lambda n: checkpoint_seq(task_uuid, n) or 0):
+        seq = checkpoint_seq(task_uuid, name)
+        assert seq is not None
+        vols = sorted(found[name])
+        sizes = {
+            v.disk.volume_uuid: v.dev.virtual_size for v in views if v.disk.volume_uuid in vols
+        }
+        await store.run(SyncStore.adopt_checkpoint, task_uuid, seq, name, vols, sizes, {})
+        log.warning(
+            "task %s: checkpoint %s found on disks %s but not in the database: adopted",
+            task_uuid,
+            name,
+            ", ".join(vols),
+        )
+        adopted.append(name)
+    return adopted
+
+
+async def _checkpoint_in_qemu(qmp: QmpChannel, exports: list[VolumeExport], name: str) -> bool:
+    """Whether bitmap `name` exists on any disk's top: the checkpoint transaction ran."""
+    nodes = await blockdev.named_nodes(qmp)
+    return any(name in blockdev.bitmaps_of(nodes.get(e.device_node)) for e in exports)
+
+
+async def enable(
+    ctx: EnableContext, since_name: str | None, lost: str | None = None
+) -> list[dict[str, Any]]:
+    """Cut a checkpoint on every disk of the VM and export each disk's point-in-time view with
+    the changes since `since_name` (None: the latest checkpoint handed out), merged over every
+    layer of each disk's backing chain. Returns VolumeCbtBackupInfos. On failure everything
+    made is removed again and the checkpoint chain stays whole."""
+    cfg, store, qmp, task_uuid = ctx.config, ctx.store, ctx.qmp, ctx.task_uuid
+    if not ctx.vm.disks:
+        raise OperationError(f"VM [uuid: {ctx.vm.vm_uuid}] has no disk with a volume uuid (serial)")
+    await refuse_block_jobs(qmp, ctx.vm.vm_uuid)
+    views = await read_disks(qmp, ctx.vm)
+    ctx.notes.extend(
+        f"adopted checkpoint {n} found on the disks"
+        for n in await adopt_unknown_checkpoints(store, task_uuid, views)
+    )
+    checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
+    removed = await store.run(SyncStore.removed_checkpoint_names, task_uuid)
+    plans: list[DiskPlan] = []
+    for v in views:
         plan = plan_disk(
-            disk.volume_uuid, checkpoints, since_name, bitmaps, removed, dev.virtual_size
+            v.disk.volume_uuid, checkpoints, since_name, v.chain, removed, v.dev.virtual_size
         )
         if lost is not None:
             # every bitmap of the task is suspect: no incremental until a new full
-            plan = DiskPlan(disk.volume_uuid, "full", None, (), lost, plan.freeze)
-        plans.append((disk, dev, plan, bitmaps))
+            plan = DiskPlan(v.disk.volume_uuid, "full", None, (), lost, plan.freeze)
+        plans.append(plan)
 
-    # Bitmaps that cannot be trusted or were left behind: inconsistent ones (unclean shutdown)
-    # and temporary ones from an interrupted Enable.
-    for _disk, dev, _plan, bitmaps in plans:
-        for b in bitmaps.values():
+    # Bitmaps that cannot be trusted or were left behind, on the writable top: inconsistent
+    # ones (unclean shutdown) and temporary ones from an interrupted Enable.
+    for v in views:
+        for b in v.top.bitmaps.values():
             if (ours(task_uuid, b.name) and b.inconsistent) or (
                 is_temp(task_uuid, b.name) and not b.busy
             ):
                 log.warning(
                     "removing bitmap %s on %s (%s)",
                     b.name,
-                    dev.node_name,
+                    v.top.node,
                     "inconsistent" if b.inconsistent else "left over",
                 )
-                await blockdev.remove_bitmap(qmp, dev.node_name, b.name)
+                await blockdev.remove_bitmap(qmp, v.top.node, b.name)
 
     seq = await store.run(SyncStore.next_checkpoint_seq, task_uuid)
     new_name = checkpoint_name(task_uuid, seq)
     tmp_name = temp_bitmap_name(task_uuid, seq)
     exports: list[VolumeExport] = []
-    for disk, dev, plan, bitmaps in plans:
-        since_state = bitmaps.get(plan.merge[0]) if plan.merge else None
+    for v, plan in zip(views, plans, strict=True):
         exports.append(
             VolumeExport(
                 task_uuid=task_uuid,
-                volume_uuid=disk.volume_uuid,
+                volume_uuid=v.disk.volume_uuid,
                 checkpoint=new_name,
-                device_node=dev.node_name,
-                scratch_node=scratch_node_name(disk.volume_uuid),
-                scratch_path=str(cfg.scratch_dir / f"{task_uuid}-{disk.volume_uuid}.qcow2"),
-                job_id=f"cbtjob-{disk.volume_uuid}",
-                export_id=f"cbtexp-{disk.volume_uuid}",
+                device_node=v.top.node,
+                scratch_node=scratch_node_name(v.disk.volume_uuid),
+                scratch_path=str(cfg.scratch_dir / f"{task_uuid}-{v.disk.volume_uuid}.qcow2"),
+                job_id=f"cbtjob-{v.disk.volume_uuid}",
+                export_id=f"cbtexp-{v.disk.volume_uuid}",
                 temp_bitmap=tmp_name if plan.mode == "incremental" else None,
                 mode=plan.mode,
                 since=plan.since,
                 reason=plan.reason,
-                size=dev.virtual_size,
-                granularity=since_state.granularity if since_state else 65536,
+                size=v.dev.virtual_size,
+                granularity=_granularity(v.chain, plan),
                 phase="planned",
             )
         )
@@ -264,11 +345,13 @@ async def enable(
                 new_name,
                 [e.volume_uuid for e in exports],
                 {e.volume_uuid: e.size for e in exports},
+                {v.disk.volume_uuid: v.top.filename for v in views},
             )
 
     await store.run(record_plan)
 
     committed = False
+    sent = False  # the checkpoint transaction went to QEMU (its outcome may be unknown)
     try:
         await ctx.at("enable:planned")
         await asyncio.gather(*(create_scratch(Path(e.scratch_path), e.size) for e in exports))
@@ -286,7 +369,7 @@ async def enable(
         await ctx.at("enable:scratch")
 
         actions: list[dict[str, Any]] = []
-        for e, (_disk, _dev, plan, _b) in zip(exports, plans, strict=True):
+        for e, plan in zip(exports, plans, strict=True):
             actions.append(
                 {
                     "type": "blockdev-backup",
@@ -311,8 +394,10 @@ async def enable(
                     "data": {"node": e.device_node, "name": new_name, "persistent": True},
                 }
             )
+        sent = True
         await qmp.execute("transaction", {"actions": actions})
         committed = True
+        await ctx.at("enable:transaction")
         await enable_dirty_bitmap_migration(qmp)
         await ctx.at("enable:checkpoint")
 
@@ -322,7 +407,7 @@ async def enable(
             state = blockdev.bitmaps_of(after.get(e.device_node)).get(new_name)
             new_granularity[e.volume_uuid] = state.granularity if state else 65536
 
-        for e, (_disk, _dev, plan, _b) in zip(exports, plans, strict=True):
+        for e, plan in zip(exports, plans, strict=True):
             if e.temp_bitmap is None:
                 continue
             await qmp.execute(
@@ -337,7 +422,11 @@ async def enable(
             )
             await qmp.execute(
                 "block-dirty-bitmap-merge",
-                {"node": e.device_node, "target": e.temp_bitmap, "bitmaps": list(plan.merge)},
+                {
+                    "node": e.device_node,
+                    "target": e.temp_bitmap,
+                    "bitmaps": [{"node": node, "name": name} for node, name in plan.merge],
+                },
             )
         exports = [
             e
@@ -379,24 +468,33 @@ async def enable(
         # ~90 ms of protocol round trips here, whatever the disk's size
         maps = await asyncio.gather(*(dirty_map(e) for e in exports))
         infos = [
-            _volume_info(disk, e, server, bits, changed)
-            for e, (disk, _dev, _plan, _b), (bits, changed) in zip(
-                exports, plans, maps, strict=True
-            )
+            _volume_info(v.disk, e, server, bits, changed)
+            for e, v, (bits, changed) in zip(exports, views, maps, strict=True)
         ]
 
         def exported(s: SyncStore) -> None:
             with s._tx():
                 s.save_exports(exports, server.host, server.port, server)
                 s.set_export_phase(task_uuid, "exported")
-                s.sync_volume_refs(task_uuid, [d.volume_uuid for d in disks])
+                s.sync_volume_refs(task_uuid, [v.disk.volume_uuid for v in views])
 
         await store.run(exported)
-    except BaseException:
-        # Keep the new checkpoint if the transaction ran (the new bitmap records since then and
-        # the previous one is frozen: the chain is whole); otherwise forget it.
+    except BaseException as exc:
+        now = qmp
+        if isinstance(exc, QmpInterrupted) and ctx.reconnect is not None:
+            with contextlib.suppress(Exception):
+                now = await ctx.reconnect()
+        if sent and not committed:
+            # The transaction's reply was lost or it failed: read back whether it ran. If it
+            # did, the new bitmap records and the previous one is frozen: keep the checkpoint.
+            # Unreadable: forget it here; the next Enable adopts it if it is on the disks.
+            with contextlib.suppress(Exception):
+                committed = await _checkpoint_in_qemu(now, exports, new_name)
+            if committed:
+                log.warning("task %s: checkpoint %s ran in QEMU: kept", task_uuid, new_name)
+        # Keep the new checkpoint if the transaction ran (the chain is whole); else forget it.
         with contextlib.suppress(Exception):
-            await teardown_exports(ctx.config, store, qmp, task_uuid, force=True)
+            await teardown_exports(ctx.config, store, now, task_uuid, force=True)
         if not committed:
             with contextlib.suppress(Exception):
                 await store.run(SyncStore.drop_checkpoint, task_uuid, new_name)
@@ -407,31 +505,46 @@ async def enable(
         for old in checkpoints:
             await store.run(SyncStore.mark_checkpoint_removed, task_uuid, old.name)
         await store.run(SyncStore.set_tracking_lost, task_uuid, None)
-    await apply_retention(cfg, store, qmp, task_uuid, exports)
+    await apply_retention(cfg, store, qmp, task_uuid)
     return infos
+
+
+def _granularity(chain: list[Layer], plan: DiskPlan) -> int:
+    """The change set's granularity: that of the newest bitmap it merges (QEMU's default, the
+    cluster size, for a full: replaced by the new bitmap's once it exists)."""
+    layers = {layer.node: layer for layer in chain}
+    for node, name in plan.merge:
+        state = layers[node].bitmaps.get(name) if node in layers else None
+        if state is not None:
+            return state.granularity
+    return 65536
 
 
 async def verify_checkpoints(
     store: Store, qmp: QmpChannel, task_uuid: str, vm: VmInfo
 ) -> list[str]:
-    """After a VM start: remove the task's inconsistent bitmaps and find missing ones. Either
-    means QEMU stopped uncleanly; the task is then marked so its next Enable is a full.
-    Returns the bitmaps found broken."""
+    """After a VM start: remove the task's inconsistent bitmaps and find missing ones, over
+    every layer of each disk's chain. Either means QEMU stopped uncleanly; the task is then
+    marked so its next Enable is a full. Returns the bitmaps found broken. (A chain changed
+    offline, e.g. a new top from qemu-img, is judged per disk at the next Enable.)"""
     checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
     devices = await blockdev.block_devices(qmp)
-    nodes = await blockdev.named_nodes(qmp)
+    nodes = await blockdev.chain_nodes(qmp)
     broken: list[str] = []
     for disk in vm.disks:
         dev = devices.get(disk.alias)
         if dev is None or dev.driver == "copy-before-write":
             continue
-        bitmaps = blockdev.bitmaps_of(nodes.get(dev.node_name))
-        for b in bitmaps.values():
-            if ours(task_uuid, b.name) and b.inconsistent:
-                await blockdev.remove_bitmap(qmp, dev.node_name, b.name)
-                broken.append(f"{disk.volume_uuid}/{b.name} (inconsistent)")
+        chain = blockdev.disk_chain(nodes, dev.node_name)
+        for layer in chain:
+            for b in layer.bitmaps.values():
+                if ours(task_uuid, b.name) and b.inconsistent:
+                    if not layer.read_only:
+                        await blockdev.remove_bitmap(qmp, layer.node, b.name)
+                    broken.append(f"{disk.volume_uuid}/{b.name} (inconsistent)")
+        present = {name for layer in chain for name in layer.bitmaps}
         for cp in checkpoints:
-            if disk.volume_uuid in cp.volumes and cp.name not in bitmaps:
+            if disk.volume_uuid in cp.volumes and cp.name not in present:
                 broken.append(f"{disk.volume_uuid}/{cp.name} (missing)")
     if broken:
         log.warning("task %s: %s: %s", task_uuid, TRACKING_LOST, ", ".join(broken))
@@ -440,22 +553,21 @@ async def verify_checkpoints(
     return broken
 
 
-async def apply_retention(
-    cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str, exports: list[VolumeExport]
-) -> None:
-    """Remove checkpoints beyond `[checkpoints] keep`, oldest first, from every disk."""
+async def apply_retention(cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str) -> None:
+    """Remove checkpoints beyond `[checkpoints] keep`, oldest first, from every layer of every
+    disk. A bitmap left on a layer that could not be written is harmless (never merged again)
+    and logged."""
     checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
-    for victim in retention_victims(checkpoints, cfg.checkpoints.keep):
-        for e in exports:
-            try:
-                await blockdev.remove_bitmap(qmp, e.device_node, victim.name)
-            except QmpCommandError as err:
-                log.warning(
-                    "retention: cannot remove %s on %s: %s", victim.name, e.device_node, err
-                )
-                return
+    victims = retention_victims(checkpoints, cfg.checkpoints.keep)
+    if not victims:
+        return
+    names = {v.name for v in victims}
+    _removed, left = await remove_bitmaps(qmp, lambda n: n in names)
+    for victim in victims:
         await store.run(SyncStore.mark_checkpoint_removed, task_uuid, victim.name)
         log.info("retention: removed checkpoint %s of task %s", victim.name, task_uuid)
+    if left:
+        log.warning("retention: bitmaps left on layers that could not be written: %s", left)
 
 
 async def teardown_exports(
@@ -495,13 +607,67 @@ async def teardown_exports(
     await store.run(SyncStore.clear_exports, task_uuid)
 
 
-async def remove_task_bitmaps(qmp: QmpChannel, task_uuid: str) -> list[str]:
-    """Remove every bitmap of the task from every node of the VM; returns 'node/name' removed."""
+async def remove_bitmaps(
+    qmp: QmpChannel, wanted: Callable[[str], bool]
+) -> tuple[list[str], list[str]]:
+    """Remove every bitmap whose name is `wanted` from every node of the VM, backing layers
+    included: a read-only layer is reopened read-write for it (as libvirt does) and read-only
+    again. Returns ('node/name' removed, 'node/name: why' left)."""
+    nodes = await blockdev.chain_nodes(qmp)
+    layers: dict[str, tuple[Layer, str | None]] = {}
+    for dev in (await blockdev.block_devices(qmp)).values():
+        chain = blockdev.disk_chain(nodes, dev.node_name)
+        for i, layer in enumerate(chain):
+            layers.setdefault(
+                layer.node, (layer, chain[i + 1].node if i + 1 < len(chain) else None)
+            )
     removed: list[str] = []
-    for node_name, node in (await blockdev.named_nodes(qmp)).items():
-        for name in blockdev.bitmaps_of(node):
-            if not (ours(task_uuid, name) or is_temp(task_uuid, name)):
+    left: list[str] = []
+    for node in nodes:
+        node_name = str(node.get("node-name"))
+        names = [n for n in blockdev.bitmaps_of(node) if wanted(n)]
+        if not names:
+            continue
+        reopened = False
+        if node.get("ro"):
+            known = layers.get(node_name)
+            file_node = blockdev.file_child(nodes, known[0]) if known else None
+            if known is None or file_node is None:
+                left += [
+                    f"{node_name}/{n}: read-only layer outside the disks' chains" for n in names
+                ]
                 continue
-            if await blockdev.remove_bitmap(qmp, node_name, name):
-                removed.append(f"{node_name}/{name}")
+            layer, backing = known
+            try:
+                await blockdev.reopen(
+                    qmp, node_name, layer.driver, file_node, backing, read_only=False
+                )
+                reopened = True
+            except QmpCommandError as e:
+                left += [f"{node_name}/{n}: cannot reopen read-write: {e.reply}" for n in names]
+                continue
+        try:
+            for name in names:
+                try:
+                    if await blockdev.remove_bitmap(qmp, node_name, name):
+                        removed.append(f"{node_name}/{name}")
+                except QmpCommandError as e:
+                    left.append(f"{node_name}/{name}: {e.reply}")
+        finally:
+            if reopened:
+                layer, backing = layers[node_name]
+                await blockdev.reopen(
+                    qmp, node_name, layer.driver, str(file_node), backing, read_only=True
+                )
+    return removed, left
+
+
+async def remove_task_bitmaps(qmp: QmpChannel, task_uuid: str) -> list[str]:
+    """Remove every bitmap of the task from every layer of every disk; returns 'node/name'
+    removed. Raises HypervisorError naming what could not be removed."""
+    removed, left = await remove_bitmaps(qmp, lambda n: ours(task_uuid, n) or is_temp(task_uuid, n))
+    if left:
+        raise HypervisorError(
+            f"bitmaps of task {task_uuid} could not be removed: {'; '.join(left)}"
+        )
     return removed

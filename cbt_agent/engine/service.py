@@ -21,7 +21,14 @@ from cbt_agent.api import zstack
 from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext, StepHook
-from cbt_agent.errors import CbtError, HypervisorError, InvalidArgument, NotFound, OperationError
+from cbt_agent.errors import (
+    CbtError,
+    HypervisorError,
+    InvalidArgument,
+    NotFound,
+    OperationError,
+    QmpInterrupted,
+)
 from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInfo
 from cbt_agent.model import TRACKING_LOST, CbtTask, TaskStatus
 from cbt_agent.qemu import blockdev
@@ -211,18 +218,33 @@ class CbtService:
             )
             try:
                 qmp = await self.qmp.channel(vm_uuid)
-                ctx = EnableContext(self.config, self.store, qmp, vm, task.uuid, self.step)
+
+                async def reconnect() -> QmpChannel:
+                    return await self.qmp.channel(vm_uuid)
+
+                ctx = EnableContext(
+                    self.config, self.store, qmp, vm, task.uuid, self.step, reconnect
+                )
                 lost = await self.store.run(SyncStore.tracking_lost, task.uuid)
                 infos = await checkpoints.enable(ctx, cmd.bitmap_name, lost)
             except Exception as e:
                 await self._fail(task.uuid, f"enable failed: {_reason(e)}")
                 raise
             modes = ", ".join(f"{i['volume']['volumeUuid'][:8]}={i['mode']}" for i in infos)
-            await self._status(
-                task.uuid,
-                TaskStatus.RUNNING,
-                f"checkpoint {infos[0]['bitmapName']} exported ({modes})",
-            )
+            name = str(infos[0]["bitmapName"])
+            notes = "".join(f"; {n}" for n in ctx.notes)
+
+            def running(s: SyncStore) -> CbtTask:
+                # handed out: from now on the caller holds this name, a default base
+                with s._tx():
+                    s.mark_handed_out(task.uuid, name)
+                    return s.set_status(
+                        task.uuid,
+                        TaskStatus.RUNNING,
+                        f"checkpoint {name} exported ({modes}){notes}",
+                    )
+
+            await self.store.run(running)
         return {"volumeCbtBackupInfos": infos}
 
     async def teardown_task(self, task: CbtTask, *, force: bool) -> None:
@@ -231,9 +253,18 @@ class CbtService:
         vm = await self.hypervisor.find_vm(task.vm_uuid)
         if vm is not None and vm.running:
             qmp = await self.qmp.channel(task.vm_uuid)
-            await checkpoints.teardown_exports(
-                self.config, self.store, qmp, task.uuid, force=force, step=self.step
-            )
+            try:
+                await checkpoints.teardown_exports(
+                    self.config, self.store, qmp, task.uuid, force=force, step=self.step
+                )
+            except QmpInterrupted as lost:
+                # a reply was lost: teardown reads QEMU's state and removes what is still
+                # there, so running it again on a fresh connection settles it
+                log.warning("task %s: %s; reading QEMU's state back", task.uuid, lost.message)
+                qmp = await self.qmp.channel(task.vm_uuid)
+                await checkpoints.teardown_exports(
+                    self.config, self.store, qmp, task.uuid, force=force, step=self.step
+                )
             return
         # QEMU is gone: its exports, jobs and nodes went with it; scratch files (and the NBD
         # socket of a killed QEMU) did not.
@@ -384,15 +415,14 @@ class CbtService:
             removed = await checkpoints.remove_task_bitmaps(qmp, task.uuid)
             log.info("task %s: removed bitmaps %s", task.uuid, removed)
             return
-        # VM shut off: the bitmaps live in the qcow2 files; remove them there.
-        names = [c.name for c in await self.store.run(SyncStore.checkpoints, task.uuid)]
+        # VM shut off: the bitmaps live in the qcow2 files of every layer; remove them there.
         for disk in vm.disks:
             if disk.format != "qcow2" or not os.path.isabs(disk.install_path):
                 continue
-            present = await _qcow2_bitmaps(disk.install_path)
-            for name in names:
-                if name in present:
-                    await _run("qemu-img", "bitmap", "--remove", disk.install_path, name)
+            for path, present in await _chain_bitmaps(disk.install_path):
+                for name in sorted(present):
+                    if checkpoints.ours(task.uuid, name) or checkpoints.is_temp(task.uuid, name):
+                        await _run("qemu-img", "bitmap", "--remove", path, name)
 
 
 def _reason(e: BaseException) -> str:
@@ -411,7 +441,13 @@ async def _run(*cmd: str) -> str:
     return out.decode()
 
 
-async def _qcow2_bitmaps(path: str) -> set[str]:
-    info = json.loads(await _run("qemu-img", "info", "-U", "--output=json", path))
-    bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-    return {str(b["name"]) for b in bitmaps}
+async def _chain_bitmaps(path: str) -> list[tuple[str, set[str]]]:
+    """Each qcow2 file of the backing chain of `path` (top first) with its bitmaps' names."""
+    out = json.loads(await _run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
+    chain: list[tuple[str, set[str]]] = []
+    for info in out if isinstance(out, list) else [out]:
+        if info.get("format") != "qcow2":
+            continue
+        bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        chain.append((str(info["filename"]), {str(b["name"]) for b in bitmaps}))
+    return chain

@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 import libvirt
 import libvirt_qemu
 
-from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError
+from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError, QmpInterrupted
 
 T = TypeVar("T")
 
@@ -374,7 +374,13 @@ class Hypervisor:
         name = str(command.get("execute", ""))
         arguments = command.get("arguments", {})
         dom = await self._domain(vm_uuid)
-        text = await self._call(libvirt_qemu.qemuMonitorCommand, dom, json.dumps(command), 0)
+        try:
+            text = await asyncio.to_thread(
+                libvirt_qemu.qemuMonitorCommand, dom, json.dumps(command), 0
+            )
+        except libvirt.libvirtError as e:
+            # the monitor went away or timed out: whether QEMU ran the command is unknown
+            raise QmpInterrupted(f"QMP {name} through libvirt was interrupted: {e}") from e
         try:
             reply = json.loads(text)
         except ValueError as e:

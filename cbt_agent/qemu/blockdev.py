@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cbt_agent.errors import HypervisorError, QmpCommandError
-from cbt_agent.model import BitmapState
+from cbt_agent.model import BitmapState, Layer
 from cbt_agent.qemu.qmp import QmpChannel
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,104 @@ async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
 async def named_nodes(qmp: QmpChannel) -> dict[str, dict[str, Any]]:
     nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
     return {str(n["node-name"]): n for n in nodes}
+
+
+async def chain_nodes(qmp: QmpChannel) -> list[dict[str, Any]]:
+    """Every named node with its image's whole backing chain (filenames and formats)."""
+    return list(await qmp.execute("query-named-block-nodes", {"flat": False}))
+
+
+# protocol drivers: the `file` child of a format node is one of these
+PROTOCOL_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
+
+
+def disk_chain(nodes: list[dict[str, Any]], top: str) -> list[Layer]:
+    """The backing chain below format node `top`, top first, as QEMU holds it now.
+
+    QEMU 7.2 names no backing node in `query-named-block-nodes`; each node's `image` lists
+    its backing images by filename and format. A layer is the format node of that filename
+    and driver (its protocol node has the same filename but driver `file`). The walk stops at
+    an image no named node holds (then the chain is only as long as what could be matched).
+    """
+    by_name = {str(n.get("node-name")): n for n in nodes}
+    node = by_name.get(top)
+    if node is None:
+        return []
+    layers = [_layer(node)]
+    used = {top}
+    image = (node.get("image") or {}).get("backing-image")
+    while image:
+        filename, fmt = image.get("filename"), image.get("format")
+        match = next(
+            (
+                n
+                for n in nodes
+                if n.get("file") == filename
+                and n.get("drv") == fmt
+                and str(n.get("node-name")) not in used
+            ),
+            None,
+        )
+        if match is None:
+            log.warning("backing image %s of %s: no node holds it", filename, top)
+            break
+        used.add(str(match["node-name"]))
+        layers.append(_layer(match))
+        image = image.get("backing-image")
+    return layers
+
+
+def _layer(node: dict[str, Any]) -> Layer:
+    return Layer(
+        node=str(node["node-name"]),
+        filename=str(node.get("file", "")),
+        size=int((node.get("image") or {}).get("virtual-size", 0)),
+        bitmaps=bitmaps_of(node),
+        read_only=bool(node.get("ro", False)),
+        driver=str(node.get("drv", "")),
+    )
+
+
+def file_child(nodes: list[dict[str, Any]], layer: Layer) -> str | None:
+    """The protocol node under a layer's format node (same filename, a protocol driver)."""
+    for n in nodes:
+        if (
+            n.get("file") == layer.filename
+            and n.get("drv") in PROTOCOL_DRIVERS
+            and n.get("node-name") != layer.node
+        ):
+            return str(n["node-name"])
+    return None
+
+
+async def foreign_block_jobs(qmp: QmpChannel) -> list[str]:
+    """Block jobs not started by the agent (commit, stream, mirror, backup), as 'type id'."""
+    return [
+        f"{j.get('type', 'block')} job {j.get('device')}"
+        for j in await qmp.execute("query-block-jobs")
+        if not str(j.get("device", "")).startswith("cbtjob-")
+    ]
+
+
+async def reopen(
+    qmp: QmpChannel,
+    node: str,
+    driver: str,
+    file_node: str,
+    backing: str | None,
+    *,
+    read_only: bool,
+) -> None:
+    """blockdev-reopen a format node read-write or read-only, keeping its children."""
+    options: dict[str, Any] = {
+        "node-name": node,
+        "driver": driver,
+        "file": file_node,
+        "read-only": read_only,
+    }
+    if backing is not None:
+        options["backing"] = backing
+    await qmp.execute("blockdev-reopen", {"options": [options]})
 
 
 def bitmaps_of(node: dict[str, Any] | None) -> dict[str, BitmapState]:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
-from cbt_agent.errors import HypervisorError, QmpCommandError
+from cbt_agent.errors import HypervisorError, QmpCommandError, QmpInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class SocketQmp:
             except ExecuteError as e:
                 raise QmpCommandError(command, dict(arguments or {}), str(e)) from None
             except (ExecInterruptedError, StateError, ConnectionError, TimeoutError) as e:
-                raise HypervisorError(
+                raise QmpInterrupted(
                     f"QMP {command} on {self.path} was interrupted: {e or type(e).__name__}"
                 ) from None
 
