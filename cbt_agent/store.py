@@ -420,8 +420,9 @@ class SyncStore:
             volumes=frozenset(json.loads(r["volumes"])),
             created=_dt(r["created"]),
             sizes=tuple(sorted(json.loads(r["sizes"]).items())),
-            handed_out=bool(r["handed_out"]),
-            tops=tuple(sorted(json.loads(r["tops"]).items())),
+            # a read-only view of a database not yet migrated to schema 3 has neither column
+            handed_out=bool(r.get("handed_out", 1)),
+            tops=tuple(sorted(json.loads(r.get("tops") or "{}").items())),
         )
 
     def checkpoints(self, task_uuid: str) -> list[Checkpoint]:

@@ -369,7 +369,7 @@ async def enable(
         await ctx.at("enable:scratch")
 
         actions: list[dict[str, Any]] = []
-        for e, plan in zip(exports, plans, strict=True):
+        for e, plan, view in zip(exports, plans, views, strict=True):
             actions.append(
                 {
                     "type": "blockdev-backup",
@@ -381,11 +381,11 @@ async def enable(
                     },
                 }
             )
-            if plan.freeze:
+            for name in _to_freeze(task_uuid, view.top, plan):
                 actions.append(
                     {
                         "type": "block-dirty-bitmap-disable",
-                        "data": {"node": e.device_node, "name": plan.freeze},
+                        "data": {"node": e.device_node, "name": name},
                     }
                 )
             actions.append(
@@ -507,6 +507,23 @@ async def enable(
         await store.run(SyncStore.set_tracking_lost, task_uuid, None)
     await apply_retention(cfg, store, qmp, task_uuid)
     return infos
+
+
+def _to_freeze(task_uuid: str, top: Layer, plan: DiskPlan) -> list[str]:
+    """The recording bitmaps of the task on the top to disable in the checkpoint transaction:
+    the latest checkpoint's, and any other still recording (an adopted one whose transaction
+    lost its reply recorded on beside the next): only the new one may record afterwards."""
+    names = [plan.freeze] if plan.freeze else []
+    for b in top.bitmaps.values():
+        if (
+            b.name != plan.freeze
+            and checkpoint_seq(task_uuid, b.name) is not None
+            and b.recording
+            and not b.inconsistent
+            and not b.busy
+        ):
+            names.append(b.name)
+    return names
 
 
 def _granularity(chain: list[Layer], plan: DiskPlan) -> int:

@@ -145,3 +145,69 @@ async def test_async_store_runs_on_its_own_thread(tmp_path: Path) -> None:
     await store.run(SyncStore.create_task, TASK, "n", None, VM, [])
     assert (await store.run(SyncStore.require_task, TASK)).name == "n"
     await store.close()
+
+
+def _schema_2_db(path: Path) -> None:
+    """A database as schema 2 left it: checkpoint 1 handed out (its Enable reached Running),
+    checkpoint 2 kept after a failed Enable."""
+    from cbt_agent.store import _MIGRATIONS
+
+    conn = sqlite3.connect(path)
+    for statement in _MIGRATIONS[0] + _MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO tasks (uuid, name, vm_uuid, status, create_date, last_op_date) "
+        f"VALUES ('{TASK}', 'n', '{VM}', 'Failed', '2026-01-01T00:00:00+00:00', "
+        "'2026-01-01T00:00:00+00:00')"
+    )
+    for seq in (1, 2):
+        conn.execute(
+            "INSERT INTO checkpoints (task_uuid, seq, name, volumes, created) VALUES "
+            f"('{TASK}', {seq}, 'cbt-222222222222-00000{seq}', '[\"v1\"]', "
+            "'2026-01-01T00:00:00+00:00')"
+        )
+    for to, reason in (
+        ("Running", "checkpoint cbt-222222222222-000001 exported (v1=full)"),
+        ("Failed", "enable failed: injected"),
+    ):
+        conn.execute(
+            "INSERT INTO transitions (task_uuid, from_status, to_status, reason, at) VALUES "
+            f"('{TASK}', 'Starting', '{to}', '{reason}', '2026-01-01T00:00:00+00:00')"
+        )
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+
+
+def test_schema_2_migration_marks_the_checkpoints_that_were_handed_out(tmp_path: Path) -> None:
+    path = tmp_path / "cbt-agent.db"
+    _schema_2_db(path)
+    old = SyncStore(path, readonly=True)  # `cbt-agent status` before the agent migrated it
+    assert [c.name for c in old.checkpoints(TASK)] == [
+        "cbt-222222222222-000001",
+        "cbt-222222222222-000002",
+    ]
+    old.close()
+    s = SyncStore(path)
+    try:
+        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert [(c.seq, c.handed_out, c.tops) for c in s.checkpoints(TASK)] == [
+            (1, True, ()),
+            (2, False, ()),
+        ]
+    finally:
+        s.close()
+
+
+def test_adopted_checkpoint_joins_the_chain_and_bumps_the_sequence(store: SyncStore) -> None:
+    store.create_task(TASK, "n", None, VM, ["v1"])
+    assert store.next_checkpoint_seq(TASK) == 1
+    store.add_checkpoint(TASK, 1, "c1", ["v1"], {"v1": 1}, {"v1": "/a.qcow2"})
+    store.mark_handed_out(TASK, "c1")
+    store.adopt_checkpoint(TASK, 7, "c7", ["v1"], {"v1": 1}, {})
+    assert [(c.name, c.handed_out, c.tops) for c in store.checkpoints(TASK)] == [
+        ("c1", True, (("v1", "/a.qcow2"),)),
+        ("c7", False, ()),
+    ]
+    assert store.known_checkpoint_names(TASK) == {"c1", "c7"}
+    assert store.next_checkpoint_seq(TASK) == 8
