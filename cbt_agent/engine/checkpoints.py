@@ -540,10 +540,11 @@ def _granularity(chain: list[Layer], plan: DiskPlan) -> int:
 async def verify_checkpoints(
     store: Store, qmp: QmpChannel, task_uuid: str, vm: VmInfo
 ) -> list[str]:
-    """After a VM start: remove the task's inconsistent bitmaps and find missing ones, over
-    every layer of each disk's chain. Either means QEMU stopped uncleanly; the task is then
-    marked so its next Enable is a full. Returns the bitmaps found broken. (A chain changed
-    offline, e.g. a new top from qemu-img, is judged per disk at the next Enable.)"""
+    """After a VM start: remove the task's inconsistent bitmaps and find the latest one
+    missing, over every layer of each disk's chain. Either means QEMU stopped uncleanly; the
+    task is then marked so its next Enable is a full. Returns the bitmaps found broken. (A
+    chain changed offline, e.g. a new top from qemu-img, is judged per disk at the next
+    Enable.)"""
     checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
     devices = await blockdev.block_devices(qmp)
     nodes = await blockdev.chain_nodes(qmp)
@@ -559,10 +560,14 @@ async def verify_checkpoints(
                     if not layer.read_only:
                         await blockdev.remove_bitmap(qmp, layer.node, b.name)
                     broken.append(f"{disk.volume_uuid}/{b.name} (inconsistent)")
+        # The latest checkpoint's bitmap is gone from every layer only when QEMU did not close
+        # the image (a bitmap added at runtime reaches the file on a clean close). An older one
+        # may be gone for a good reason (a stream drops a base's frozen bitmaps): each Enable
+        # judges that per disk.
         present = {name for layer in chain for name in layer.bitmaps}
-        for cp in checkpoints:
-            if disk.volume_uuid in cp.volumes and cp.name not in present:
-                broken.append(f"{disk.volume_uuid}/{cp.name} (missing)")
+        mine = [cp for cp in checkpoints if disk.volume_uuid in cp.volumes]
+        if mine and mine[-1].name not in present:
+            broken.append(f"{disk.volume_uuid}/{mine[-1].name} (missing)")
     if broken:
         log.warning("task %s: %s: %s", task_uuid, TRACKING_LOST, ", ".join(broken))
         await store.run(SyncStore.set_tracking_lost, task_uuid, TRACKING_LOST)

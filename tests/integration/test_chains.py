@@ -49,7 +49,7 @@ async def make_agent(
 ) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
     agents: list[Agent] = []
 
-    async def make(step: Callable[[str], Awaitable[None]] | None = None) -> Agent:
+    async def make(step: Callable[[str], Awaitable[None]] | None = None, keep: int = 16) -> Agent:
         config = parse_config(
             {
                 "api": {"tokens": ["t"]},
@@ -57,6 +57,7 @@ async def make_agent(
                 "libvirt": {"uri": stack.LIBVIRT_URI},
                 "qmp": {"socket_template": qmp_socket_template},
                 "nbd": {"listen": "127.0.0.1", "port_range": "11400:11499"},
+                "checkpoints": {"keep": keep},
             }
         )
         agent = Agent(config, step)
@@ -566,3 +567,30 @@ async def test_delete_removes_bitmaps_from_every_layer(
         )
         assert '"bitmaps"' not in info, path
     assert await agent.store.run(SyncStore.list_tasks) == []
+
+
+async def test_retention_removes_old_checkpoints_from_backing_layers_too(
+    vm_factory: Callable[..., stack.TestVm],
+    make_agent: Callable[..., Awaitable[Agent]],
+    tmp_path: Path,
+) -> None:
+    vm = vm_factory(disks_mib=[16])
+    v0, _, size = vm.volumes[0]
+    agent = await make_agent(keep=2)
+    task = await agent.create(vm)
+    names = []
+    for i in range(4):
+        names.append((await agent.enable(task))[0]["bitmapName"])
+        await agent.disable(task)
+        await vm.write(v0, i * MIB, 512, 0x80 + i)
+        await asyncio.to_thread(chainops.snapshot, vm, [v0], tmp_path / "snaps")
+    # five layers; only the two newest checkpoints are left anywhere
+    assert len(chainops.chain_files(vm, v0)) == 5
+    left = {name for names_on in task_bitmaps(vm).values() for name in names_on}
+    assert left == set(names[2:])
+    ro = [n["ro"] for n in vm.qmp("query-named-block-nodes", {"flat": True})]
+    assert ro.count(True) == 4  # the backing layers' format nodes are read-only again
+    info = (await agent.enable(task, since=names[2]))[0]
+    assert info["mode"] == "incremental"
+    assert dirty_runs(info) == expected_runs([(2 * MIB, 512), (3 * MIB, 512)], size)
+    await agent.disable(task)
