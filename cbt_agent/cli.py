@@ -160,6 +160,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                         "name": c.name,
                         "created": c.created.isoformat(timespec="seconds"),
                         "volumes": sorted(c.volumes),
+                        "handedOut": c.handed_out,
+                        "tops": dict(c.tops),
                     }
                     for c in store.checkpoints(task.uuid)
                 ],
@@ -184,7 +186,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     print(f"task {out['uuid']}  {out.get('name', '')}  VM {out.get('vmInstanceUuid', '-')}")
     print(f"status: {out['status']}" + (f" ({out['reason']})" if out.get("reason") else ""))
     for c in out.get("checkpoints", []):
-        print(f"  checkpoint {c['name']}  {c['created']}  disks: {len(c['volumes'])}")
+        kept = "" if c["handedOut"] else "  (kept after a failed Enable: not a default base)"
+        print(f"  checkpoint {c['name']}  {c['created']}  disks: {len(c['volumes'])}{kept}")
     for e in out.get("exports", []):
         print(f"  export {e['volumeUuid']}  {e['mode']}  since {e['since'] or '-'}  {e['phase']}")
     print("history:")

@@ -85,6 +85,12 @@ async def test_status_without_agent_and_restarts_keep_exports(
     assert [(r["uuid"], r["status"], r["checkpoints"]) for r in rows] == [(task, "Running", 1)]
     assert rows[0]["nbd"] == f"127.0.0.1:{info['nbdPort']}"
     out = cli("tasks", "--config", str(agent.config), task, "--json")
+    [cp] = json.loads(out.stdout)["checkpoints"]
+    assert (cp["name"], cp["handedOut"], cp["tops"]) == (
+        info["bitmapName"],
+        True,
+        {vol: info["volume"]["installPath"]},
+    )
     history = json.loads(out.stdout)["history"]
     assert [(h["from_status"], h["to_status"]) for h in history] == [
         (None, "Created"),
