@@ -397,7 +397,6 @@ async def enable(
         sent = True
         await qmp.execute("transaction", {"actions": actions})
         committed = True
-        await ctx.at("enable:transaction")
         await enable_dirty_bitmap_migration(qmp)
         await ctx.at("enable:checkpoint")
 
