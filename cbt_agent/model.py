@@ -48,6 +48,7 @@ class CbtTask:
     last_op_date: datetime
     reason: str | None = None  # why the last transition happened (kept for Failed)
     operation: str | None = None  # enable | disable | delete while one is in flight
+    released: str | None = None  # why its disks belong elsewhere now (VM migrated away)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,10 @@ class DiskPlan:
 
 
 FULL_FIRST = "first checkpoint of this disk: no earlier change tracking"
-FULL_NONE_HANDED_OUT = "no checkpoint of this task was handed out yet"
+FULL_NONE_HANDED_OUT = (
+    "no checkpoint of this task was handed out on this host yet: pass bitmapName (the last "
+    "checkpoint you hold) for an incremental"
+)
 FULL_UNKNOWN = "checkpoint {name} is unknown to this task"
 FULL_REMOVED = "checkpoint {name} was removed by retention"
 TRACKING_LOST = "change tracking lost after unclean shutdown"
@@ -152,6 +156,53 @@ FULL_GAP = (
     "are not tracked"
 )
 FULL_LAYER_SIZE = "backing image {image} is {old} bytes, the disk {new}: its bitmaps cannot merge"
+
+
+def found_checkpoints(
+    task_uuid: str,
+    disks: Mapping[str, Sequence[tuple[str, Iterable[str]]]],
+    sizes: Mapping[str, int],
+    created: datetime,
+) -> list[Checkpoint]:
+    """The task's checkpoints as its disks hold them (a task arriving from another host, or a
+    database lost): `disks` maps each volume to its chain, top first, as (image, bitmap names).
+
+    Each checkpoint covers every disk that carries any bitmap of the task, so a disk missing
+    one is judged by the chain rules (a full naming the bitmap), never guessed. None is handed
+    out here: the caller names its last checkpoint to get an incremental. The latest one's top
+    is recorded where it sits on the current top (then a later top swap is named)."""
+    where: dict[str, set[str]] = {}
+    for volume, layers in disks.items():
+        for _image, names in layers:
+            for name in names:
+                if checkpoint_seq(task_uuid, name) is not None:
+                    where.setdefault(name, set()).add(volume)
+    carriers = frozenset(v for vols in where.values() for v in vols)
+    ordered = sorted(where, key=lambda n: checkpoint_seq(task_uuid, n) or 0)
+    out: list[Checkpoint] = []
+    for name in ordered:
+        tops: tuple[tuple[str, str], ...] = ()
+        if name == ordered[-1]:
+            tops = tuple(
+                sorted(
+                    (v, layers[0][0])
+                    for v, layers in disks.items()
+                    if layers and name in set(layers[0][1])
+                )
+            )
+        out.append(
+            Checkpoint(
+                task_uuid=task_uuid,
+                seq=checkpoint_seq(task_uuid, name) or 0,
+                name=name,
+                volumes=carriers,
+                created=created,
+                sizes=tuple(sorted((v, sizes[v]) for v in carriers if v in sizes)),
+                handed_out=False,
+                tops=tops,
+            )
+        )
+    return out
 
 
 def default_base(checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:

@@ -149,6 +149,9 @@ _MIGRATIONS: list[list[str]] = [
         # tops: each disk's top image when it was cut (names what changed when it is replaced)
         "ALTER TABLE checkpoints ADD COLUMN handed_out INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE checkpoints ADD COLUMN tops TEXT NOT NULL DEFAULT '{}'",
+        # released: why the disks are no longer this host's to change (the VM migrated away or
+        # was undefined here): Delete then removes only the local record
+        "ALTER TABLE tasks ADD COLUMN released TEXT",
         """UPDATE checkpoints SET handed_out = 1 WHERE EXISTS (
             SELECT 1 FROM transitions t WHERE t.task_uuid = checkpoints.task_uuid
             AND t.to_status = 'Running'
@@ -216,6 +219,7 @@ class SyncStore:
             last_op_date=_dt(row["last_op_date"]),
             reason=row["reason"],
             operation=row["operation"],
+            released=row.get("released"),
         )
 
     def _row(self, sql: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
@@ -254,8 +258,11 @@ class SyncStore:
         description: str | None,
         vm_uuid: str,
         volumes: list[str],
+        adopted: list[Checkpoint] | None = None,
+        reason: str = "created",
     ) -> CbtTask:
-        """Insert a task, its resource refs and its first transition in one transaction."""
+        """Insert a task, its resource refs, the checkpoints adopted from its disks (a task
+        arriving from another host) and its first transition, in one transaction."""
         now = _ts(utcnow())
         with self._tx():
             existing = self.task_for_vm(vm_uuid)
@@ -273,11 +280,16 @@ class SyncStore:
                     "description": description,
                     "vm_uuid": vm_uuid,
                     "status": TaskStatus.CREATED.value,
-                    "reason": "created",
+                    "reason": reason,
                     "create_date": now,
                     "last_op_date": now,
+                    "next_seq": max((c.seq for c in adopted or []), default=0) + 1,
                 }
             )
+            for c in adopted or []:
+                self.add_checkpoint(
+                    uuid, c.seq, c.name, sorted(c.volumes), dict(c.sizes), dict(c.tops)
+                )
             refs = [(vm_uuid, "VmInstanceVO")] + [(v, "VolumeVO") for v in volumes]
             for resource_uuid, kind in refs:
                 self.db.table("resource_refs").insert(
@@ -289,7 +301,7 @@ class SyncStore:
                         "last_op_date": now,
                     }
                 )
-            self._add_transition(uuid, None, TaskStatus.CREATED, "created", now)
+            self._add_transition(uuid, None, TaskStatus.CREATED, reason, now)
         return self.require_task(uuid)
 
     def _add_transition(
@@ -340,6 +352,9 @@ class SyncStore:
     def tracking_lost(self, task_uuid: str) -> str | None:
         row = self._row("SELECT tracking_lost FROM tasks WHERE uuid = ?", (task_uuid,))
         return None if row is None else row["tracking_lost"]
+
+    def set_released(self, task_uuid: str, reason: str) -> None:
+        self.db.execute("UPDATE tasks SET released = ? WHERE uuid = ?", (reason, task_uuid))
 
     def set_tracking_lost(self, task_uuid: str, reason: str | None) -> None:
         """Mark (or clear) that the task's bitmaps can no longer be trusted, and why."""

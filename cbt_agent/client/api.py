@@ -189,13 +189,16 @@ class CbtApi:
             return None
         return TaskRef(str(tasks[0]["uuid"]), str(tasks[0]["status"]))
 
-    async def create_task(self, vm_uuid: str, name: str) -> TaskRef:
-        reply = await self.call(
-            "CreateCbtTask",
-            "POST",
-            "/cbt-task/create",
-            {"params": {"name": name, "vmInstanceUuid": vm_uuid}},
-        )
+    async def create_task(
+        self, vm_uuid: str, name: str, resource_uuid: str | None = None
+    ) -> TaskRef:
+        """CreateCbtTask; with `resource_uuid` the agent adopts that task's checkpoints where
+        the VM's disks carry them (the VM came from another host, or the agent lost its
+        database)."""
+        params = {"name": name, "vmInstanceUuid": vm_uuid}
+        if resource_uuid is not None:
+            params["resourceUuid"] = resource_uuid
+        reply = await self.call("CreateCbtTask", "POST", "/cbt-task/create", {"params": params})
         inv = reply["inventory"]
         return TaskRef(str(inv["uuid"]), str(inv["status"]))
 

@@ -177,7 +177,12 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
         async with CbtApi(opts.url, opts.token, cafile=opts.cafile) as api:
             task = await api.find_task(opts.vm_uuid)
             if task is None:
-                task = await api.create_task(opts.vm_uuid, opts.task_name or "cbt-backup")
+                # the backups so far were made with the manifest's task: on a host that does not
+                # know it (the VM migrated here, or the agent lost its database) asking for that
+                # uuid lets the agent adopt the checkpoints the disks still carry
+                task = await api.create_task(
+                    opts.vm_uuid, opts.task_name or "cbt-backup", manifest.task_uuid
+                )
                 note(f"created CBT task {task.uuid} for VM {opts.vm_uuid}")
             elif task.status in BUSY:
                 note(

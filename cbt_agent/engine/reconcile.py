@@ -68,12 +68,9 @@ async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
         running = vm is not None and vm.running
         if task.status not in (TaskStatus.STARTING, TaskStatus.RUNNING) and not exports:
             if vm is None and task.status is not TaskStatus.FAILED:
-                await store.run(
-                    SyncStore.set_status,
-                    task.uuid,
-                    TaskStatus.FAILED,
-                    "VM not found on this host at agent start (undefined or migrated away)",
-                )
+                reason = "VM not found on this host at agent start (undefined or migrated away)"
+                await store.run(SyncStore.set_released, task.uuid, reason)
+                await store.run(SyncStore.set_status, task.uuid, TaskStatus.FAILED, reason)
             elif vm is not None and running:
                 qmp = await service.qmp.channel(task.vm_uuid)
                 await checkpoints.verify_checkpoints(store, qmp, task.uuid, vm)

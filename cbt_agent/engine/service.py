@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections import defaultdict
@@ -23,15 +22,14 @@ from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext, StepHook
 from cbt_agent.errors import (
     CbtError,
-    HypervisorError,
     InvalidArgument,
     NotFound,
     OperationError,
     QmpInterrupted,
 )
 from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInfo
-from cbt_agent.model import TRACKING_LOST, CbtTask, TaskStatus
-from cbt_agent.qemu import blockdev
+from cbt_agent.model import TRACKING_LOST, CbtTask, Checkpoint, TaskStatus, found_checkpoints
+from cbt_agent.qemu import blockdev, images
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.store import ApiJob, ResourceRef, Store, SyncStore
@@ -184,6 +182,9 @@ class CbtService:
     # -- operations ------------------------------------------------------------------------------
 
     async def create(self, cmd: commands.CreateTask) -> Result:
+        """A new task; with `resourceUuid` of a task whose bitmaps the VM's disks carry (the VM
+        came from another host, or this host lost its database), that task, adopted: its
+        checkpoints rebuilt from the disks, the history saying where they were found."""
         vm = await self.hypervisor.find_vm(cmd.vm_uuid)
         if vm is None:
             raise NotFound(
@@ -191,6 +192,10 @@ class CbtService:
                 field="vmInstanceUuid",
             )
         async with self._locks[cmd.vm_uuid]:
+            found: list[Checkpoint] = []
+            reason = "created"
+            if cmd.resource_uuid is not None:
+                found, reason = await self._found_on_disks(vm, cmd.resource_uuid)
             task = await self.store.run(
                 SyncStore.create_task,
                 cmd.resource_uuid or zstack.new_uuid(),
@@ -198,8 +203,46 @@ class CbtService:
                 cmd.description,
                 cmd.vm_uuid,
                 [d.volume_uuid for d in vm.disks],
+                found,
+                reason,
             )
+        if found:
+            log.warning("task %s: %s", task.uuid, reason)
         return {"inventory": await self.task_inventory(task.uuid)}
+
+    async def _found_on_disks(self, vm: VmInfo, task_uuid: str) -> tuple[list[Checkpoint], str]:
+        """The checkpoints of `task_uuid` that the VM's disks carry, on every layer, and the
+        history's reason ("created" when there are none)."""
+        if await self.store.run(SyncStore.get_task, task_uuid) is not None:
+            return [], "created"  # create_task refuses it, naming the field
+        chains: dict[str, list[tuple[str, list[str]]]] = {}
+        sizes: dict[str, int] = {}
+        if vm.running:
+            qmp = await self.qmp.channel(vm.vm_uuid)
+            for view in await checkpoints.read_disks(qmp, vm):
+                chains[view.disk.volume_uuid] = [
+                    (layer.filename, list(layer.bitmaps)) for layer in view.chain
+                ]
+                sizes[view.disk.volume_uuid] = view.dev.virtual_size
+        else:
+            for disk in vm.disks:
+                if disk.format == "qcow2" and os.path.isabs(disk.install_path):
+                    files = await images.chain_bitmaps(disk.install_path)
+                    chains[disk.volume_uuid] = [(f, sorted(names)) for f, names in files]
+                    sizes[disk.volume_uuid] = await images.virtual_size(disk.install_path)
+        found = found_checkpoints(task_uuid, chains, sizes, datetime.now(UTC))
+        if not found:
+            return [], "created"
+        ours = {c.name for c in found}
+        places = []
+        for volume, layers in chains.items():
+            holding = [f for f, names in layers if ours & set(names)]
+            if holding:
+                places.append(f"{volume} ({', '.join(holding)})")
+        span = found[0].name if len(found) == 1 else f"{found[0].name} .. {found[-1].name}"
+        where = "; ".join(places)
+        reason = f"adopted: {len(found)} checkpoint(s) {span} found on the disks: {where}"
+        return found, reason[:2000]
 
     async def _vm_of(self, task_uuid: str) -> str:
         return (await self.store.run(SyncStore.require_task, task_uuid)).vm_uuid
@@ -350,9 +393,13 @@ class CbtService:
             exports = await self.store.run(SyncStore.exports, task.uuid)
             await self.teardown_task(task, force=True)
             if ev.kind is VmEventKind.MIGRATED_AWAY:
-                await self._fail(task.uuid, f"VM migrated away from this host ({ev.detail})")
+                reason = f"VM migrated away from this host ({ev.detail})"
+                await self.store.run(SyncStore.set_released, task.uuid, reason)
+                await self._fail(task.uuid, reason)
             elif ev.kind is VmEventKind.UNDEFINED:
-                await self._fail(task.uuid, f"VM undefined on this host ({ev.detail})")
+                reason = f"VM undefined on this host ({ev.detail})"
+                await self.store.run(SyncStore.set_released, task.uuid, reason)
+                await self._fail(task.uuid, reason)
             elif ev.kind is VmEventKind.CRASHED:
                 if exports or task.status in (TaskStatus.RUNNING, TaskStatus.STARTING):
                     await self._fail(task.uuid, f"VM crashed: {TRACKING_LOST} ({ev.detail})")
@@ -407,6 +454,10 @@ class CbtService:
         }
 
     async def _remove_bitmaps(self, task: CbtTask) -> None:
+        if task.released is not None:
+            # the disks belong to the VM's new host now: its agent tracks on them
+            log.info("task %s: bitmaps left on the disks (%s)", task.uuid, task.released)
+            return
         vm = await self.hypervisor.find_vm(task.vm_uuid)
         if vm is None:
             return  # the VM and its disks are gone from this host
@@ -419,35 +470,13 @@ class CbtService:
         for disk in vm.disks:
             if disk.format != "qcow2" or not os.path.isabs(disk.install_path):
                 continue
-            for path, present in await _chain_bitmaps(disk.install_path):
+            for path, present in await images.chain_bitmaps(disk.install_path):
                 for name in sorted(present):
                     if checkpoints.ours(task.uuid, name) or checkpoints.is_temp(task.uuid, name):
-                        await _run("qemu-img", "bitmap", "--remove", path, name)
+                        await images.remove_bitmap(path, name)
 
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, CbtError):
         return e.message
     return f"{type(e).__name__}: {e}"
-
-
-async def _run(*cmd: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise HypervisorError(f"{cmd[0]} {cmd[1]} failed: {err.decode(errors='replace').strip()}")
-    return out.decode()
-
-
-async def _chain_bitmaps(path: str) -> list[tuple[str, set[str]]]:
-    """Each qcow2 file of the backing chain of `path` (top first) with its bitmaps' names."""
-    out = json.loads(await _run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
-    chain: list[tuple[str, set[str]]] = []
-    for info in out if isinstance(out, list) else [out]:
-        if info.get("format") != "qcow2":
-            continue
-        bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-        chain.append((str(info["filename"]), {str(b["name"]) for b in bitmaps}))
-    return chain

@@ -23,6 +23,7 @@ from cbt_agent.model import (
     check_transition,
     checkpoint_name,
     checkpoint_seq,
+    found_checkpoints,
     full_bitmap,
     plan_disk,
     retention_victims,
@@ -327,3 +328,39 @@ def test_a_new_top_that_was_the_top_when_the_base_was_cut_needs_nothing_below() 
     # without the recorded top it cannot tell when the new top was made: a full, never a guess
     bare = [replace(c, tops=()) for c in (c1, c2)]
     assert plan_disk("v1", bare, None, chain).mode == "full"
+
+
+def test_found_checkpoints_rebuild_the_chain_from_every_layer_of_every_disk() -> None:
+    names = [checkpoint_name(TASK, i) for i in (1, 2, 3)]
+    other = checkpoint_name("cd" * 16, 9)
+    disks = {
+        # a snapshot during c2: c1, c2 below, c2, c3 on the top
+        "v1": [("/img/ov.qcow2", names[1:]), ("/img/base.qcow2", [*names[:2], other])],
+        "v2": [("/img/v2.qcow2", [names[0], names[2], temp_bitmap_name(TASK, 3)])],
+        "v3": [("/img/v3.qcow2", [])],  # no tracking of this task: not covered
+    }
+    found = found_checkpoints(TASK, disks, {"v1": SIZE, "v2": 2 * SIZE, "v3": SIZE}, NOW)
+    assert [(c.seq, c.name, c.handed_out) for c in found] == [
+        (1, names[0], False),
+        (2, names[1], False),
+        (3, names[2], False),
+    ]
+    assert {c.volumes for c in found} == {frozenset({"v1", "v2"})}
+    assert found[0].sizes == (("v1", SIZE), ("v2", 2 * SIZE))
+    # the latest sits on both tops: recorded, so a later swap of a top is named
+    assert [c.tops for c in found] == [(), (), (("v1", "/img/ov.qcow2"), ("v2", "/img/v2.qcow2"))]
+    # v2 lacks c2: since c1 it is a full naming the bitmap, v1 is exact over both layers
+    chain_v2 = [
+        Layer("v2", "/img/v2.qcow2", 2 * SIZE, {n: bm(n) for n in (names[0], names[2])}),
+    ]
+    assert plan_disk("v2", found, names[0], chain_v2, size=2 * SIZE).reason == (
+        f"bitmap {names[1]} is missing on this disk (change tracking lost)"
+    )
+    chain_v1 = [
+        Layer("ov", "/img/ov.qcow2", SIZE, {n: bm(n) for n in names[1:]}),
+        Layer("base", "/img/base.qcow2", SIZE, {n: bm(n) for n in names[:2]}),
+    ]
+    plan = plan_disk("v1", found, names[0], chain_v1, size=SIZE)
+    assert plan.mode == "incremental"
+    # none was handed out here: without bitmapName a full that says what to pass
+    assert plan_disk("v1", found, None, chain_v1).reason == FULL_NONE_HANDED_OUT

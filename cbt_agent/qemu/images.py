@@ -1,0 +1,42 @@
+"""qemu-img on image files of a VM that is shut off: the bitmaps of each file of a chain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from cbt_agent.errors import HypervisorError
+
+
+async def run(*cmd: str) -> str:
+    """Run a command; its stdout, or HypervisorError with its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        text = (err or out).decode(errors="replace").strip()
+        raise HypervisorError(f"{' '.join(cmd[:2])} failed: {text}")
+    return out.decode()
+
+
+async def chain_bitmaps(path: str) -> list[tuple[str, set[str]]]:
+    """Each qcow2 file of the backing chain of `path`, top first, with its bitmaps' names.
+    Read with -U: the files of a shut-off VM are not locked, of a running one this is a look."""
+    out = json.loads(await run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
+    chain: list[tuple[str, set[str]]] = []
+    for info in out if isinstance(out, list) else [out]:
+        if info.get("format") != "qcow2":
+            continue
+        bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        chain.append((str(info["filename"]), {str(b["name"]) for b in bitmaps}))
+    return chain
+
+
+async def remove_bitmap(path: str, name: str) -> None:
+    await run("qemu-img", "bitmap", "--remove", path, name)
+
+
+async def virtual_size(path: str) -> int:
+    info = json.loads(await run("qemu-img", "info", "-U", "--output=json", path))
+    return int(info["virtual-size"])
