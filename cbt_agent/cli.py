@@ -223,6 +223,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         pause_after=pause_after_from_env(),
         cafile=args.cacert,
         nbd_tls_dir=args.nbd_tls_dir,
+        quiesce=args.quiesce,
     )
     try:
         asyncio.run(_cancel_on_sigterm(run_backup(opts)))
@@ -314,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--cacert", help="CA certificate (PEM) of an https agent")
     bk.add_argument(
         "--nbd-tls-dir", help="directory with the ca-cert.pem of the agent's NBD TLS exports"
+    )
+    bk.add_argument(
+        "--quiesce",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="freeze the guest's filesystems for the checkpoint (fails without a guest "
+        "agent); --no-quiesce: never; default: the agent's [checkpoints] quiesce",
     )
     bk.set_defaults(fn=cmd_backup)
     rs = sub.add_parser("restore", help="standalone qcow2 images of a checkpoint's disks")

@@ -85,6 +85,10 @@ class CreateTask:
 class EnableTask:
     task_uuid: str
     bitmap_name: str | None
+    quiesce: str | None = None  # "always" | "never" from a quiesce:: system tag; None: config
+
+
+QUIESCE_TAG = "quiesce::"
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,18 @@ def enable_task(task_uuid: str, body: object) -> EnableTask:
             "(letters, digits, '.', '_', ':', '-'; at most 255)",
             field="bitmapName",
         )
-    return EnableTask(require_uuid(task_uuid, "uuid"), bitmap or None)
+    quiesce: str | None = None
+    assert isinstance(body, dict)
+    for tag in _string_list(body, "systemTags"):
+        if tag.startswith(QUIESCE_TAG):
+            value = tag[len(QUIESCE_TAG) :].lower()
+            if value not in ("true", "false"):
+                raise InvalidArgument(
+                    f"system tag [{tag:.60}] must be quiesce::true or quiesce::false",
+                    field="systemTags",
+                )
+            quiesce = "always" if value == "true" else "never"
+    return EnableTask(require_uuid(task_uuid, "uuid"), bitmap or None, quiesce)
 
 
 def disable_task(task_uuid: str, body: object) -> DisableTask:

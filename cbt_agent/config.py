@@ -51,9 +51,16 @@ class NbdConfig:
         return self.socket_dir / f"{vm_uuid}.sock"
 
 
+QUIESCE_MODES = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     keep: int = 16  # live checkpoints per task; older ones are removed oldest first
+    # freeze the guest's filesystems (qemu-guest-agent) for the checkpoint transaction:
+    # "auto" when the guest has a connected agent, "always" (Enable fails without one), "never"
+    quiesce: str = "auto"
+    freeze_timeout: int = 10  # seconds a guest may stay frozen before the agent thaws it
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ _KNOWN: dict[str, set[str]] = {
     "libvirt": {"uri"},
     "qmp": {"socket_template"},
     "nbd": {"listen", "port_range", "transport", "socket_dir", "tls_cert_dir"},
-    "checkpoints": {"keep"},
+    "checkpoints": {"keep", "quiesce", "freeze_timeout"},
     "jobs": {"keep_seconds"},
     "log": {"level"},
 }
@@ -332,10 +339,21 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         libvirt_uri=uri,
         qmp_socket_template=template,
         nbd=nbd_cfg,
-        checkpoints=CheckpointConfig(keep=_int(cps, "checkpoints", "keep", 16, 1, 1000)),
+        checkpoints=CheckpointConfig(
+            keep=_int(cps, "checkpoints", "keep", 16, 1, 1000),
+            quiesce=_quiesce(cps),
+            freeze_timeout=_int(cps, "checkpoints", "freeze_timeout", 10, 1, 600),
+        ),
         jobs=JobsConfig(keep_seconds=_int(jobs, "jobs", "keep_seconds", 7 * 24 * 3600, 60, 10**9)),
         log_level=level,
     )
+
+
+def _quiesce(cps: dict[str, Any]) -> str:
+    mode = _str(cps, "checkpoints", "quiesce", "auto")
+    if mode not in QUIESCE_MODES:
+        raise ConfigError("checkpoints.quiesce", f'{mode!r} is not "auto", "always" or "never"')
+    return mode
 
 
 def load_config(path: Path | None = None) -> Config:

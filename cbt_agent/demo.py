@@ -37,9 +37,13 @@ def throwaway_domain_xml(
     *,
     memory_mib: int = 64,
     description: str = "cbt-agent throwaway VM",
+    kernel: tuple[Path, Path] | None = None,
+    console_log: Path | None = None,
 ) -> str:
-    """A ZStack-style TCG domain without an OS: name = vm uuid, disk serial = volume uuid,
-    optionally ZStack's extra QMP socket through <qemu:commandline>."""
+    """A ZStack-style TCG domain: name = vm uuid, disk serial = volume uuid, optionally ZStack's
+    extra QMP socket through <qemu:commandline>. Without `kernel` it has no OS; with (vmlinuz,
+    initrd) it boots Linux from them with the first disk as root, a serial console (to
+    `console_log`) and the qemu-guest-agent channel, like a real guest."""
     parts = []
     for i, (volume_uuid, path) in enumerate(disks):
         parts.append(
@@ -59,10 +63,10 @@ def throwaway_domain_xml(
         f"<name>{vm_uuid}</name><uuid>{uuid.UUID(hex=vm_uuid)}</uuid>"
         f"<description>{escape(description)}</description>"
         f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
-        "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+        f"<os><type arch='x86_64' machine='q35'>hvm</type>{_kernel_boot(kernel)}</os>"
         "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
         "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
-        f"{''.join(parts)}"
+        f"{''.join(parts)}{_guest_devices(kernel, console_log)}"
         "<controller type='usb' model='none'/><memballoon model='none'/>"
         # a PCIe root port per disk, and two spare: q35 hot-plugs a disk only into a free one
         "<controller type='pci' index='0' model='pcie-root'/>"
@@ -70,6 +74,30 @@ def throwaway_domain_xml(
         * (len(disks) + 2)
         + "</devices>"
         f"{cmdline}</domain>"
+    )
+
+
+def _kernel_boot(kernel: tuple[Path, Path] | None) -> str:
+    if kernel is None:
+        return ""
+    vmlinuz, initrd = kernel
+    return (
+        f"<kernel>{escape(str(vmlinuz))}</kernel><initrd>{escape(str(initrd))}</initrd>"
+        "<cmdline>root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0</cmdline>"
+    )
+
+
+def _guest_devices(kernel: tuple[Path, Path] | None, console_log: Path | None) -> str:
+    if kernel is None:
+        return ""
+    console = (
+        f"<serial type='file'><source path={quoteattr(str(console_log))}/></serial>"
+        if console_log is not None
+        else "<serial type='null'/>"
+    )
+    return (
+        f"{console}<controller type='virtio-serial'/>"
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
     )
 
 

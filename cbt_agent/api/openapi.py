@@ -91,7 +91,11 @@ def _body(params: Schema, description: str, *, required: bool) -> Schema:
         "type": "object",
         "properties": {
             "params": params,
-            "systemTags": _string_list("ZStack system tags (accepted, not used)"),
+            "systemTags": _string_list(
+                "ZStack system tags; EnableCbtTask reads quiesce::true (freeze the guest's "
+                "filesystems for the checkpoint; fails without a guest agent) and quiesce::false; "
+                "others are accepted and not used"
+            ),
             "userTags": _string_list("ZStack user tags (accepted, not used)"),
         },
         "additionalProperties": True,
@@ -254,11 +258,16 @@ def _components() -> Schema:
             },
             "target": {"type": "string", "description": "scratch file behind the view"},
             "scratchNodeName": {"type": "string"},
+            "quiesced": {
+                "type": "boolean",
+                "description": "the guest's filesystems were frozen through its guest agent "
+                "for the checkpoint (application-consistent); false: crash-consistent",
+            },
             "metadata": {
                 "type": "string",
                 "description": "JSON object text repeating exportName, dirtyBitmapContext, "
-                "sinceBitmapName, reason, granularity, size, changedBytes, and nbdSocket and "
-                "nbdTls when present",
+                "sinceBitmapName, reason, granularity, size, changedBytes, quiesced, and "
+                "nbdSocket and nbdTls when present",
             },
         },
         "additionalProperties": True,

@@ -202,11 +202,16 @@ class CbtApi:
         inv = reply["inventory"]
         return TaskRef(str(inv["uuid"]), str(inv["status"]))
 
-    async def enable(self, task_uuid: str, bitmap_name: str | None) -> list[VolumeBackupInfo]:
+    async def enable(
+        self, task_uuid: str, bitmap_name: str | None, quiesce: bool | None = None
+    ) -> list[VolumeBackupInfo]:
+        """EnableCbtTask; `quiesce` True asks for a frozen guest (the agent fails without a
+        guest agent), False forbids it, None leaves it to the agent's configuration."""
         params = {} if bitmap_name is None else {"bitmapName": bitmap_name}
-        reply = await self.call(
-            "EnableCbtTask", "POST", f"/cbt-task/enable/{task_uuid}", {"params": params}
-        )
+        body: dict[str, Any] = {"params": params}
+        if quiesce is not None:
+            body["systemTags"] = [f"quiesce::{'true' if quiesce else 'false'}"]
+        reply = await self.call("EnableCbtTask", "POST", f"/cbt-task/enable/{task_uuid}", body)
         infos = reply.get("volumeCbtBackupInfos")
         if not isinstance(infos, list) or not infos:
             raise BackupError(f"EnableCbtTask returned no volumeCbtBackupInfos: {reply}")

@@ -75,6 +75,7 @@ class BackupOptions:
     pause_after: int | None = None  # requests; see PAUSE_ENV
     cafile: str | None = None  # CA of an https agent (default: the system's)
     nbd_tls_dir: str | None = None  # ca-cert.pem for exports that require TLS (nbdTls)
+    quiesce: bool | None = None  # ask for a frozen guest (True), forbid it (False), or the agent's
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class _Run:
     progress: Progress
     pause_after: int | None
     nbd_tls_dir: str | None = None
+    quiesce: bool | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     made: list[Path] = field(default_factory=list)  # removed again on failure
     requests_done: int = 0
@@ -173,7 +175,7 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
             raise BackupError(f"{dest} holds backups of VM {manifest.vm_uuid}, not {opts.vm_uuid}")
         for name in remove_leftovers(dest):
             note(f"removed {name}, left by an interrupted backup")
-        run = _Run(dest, progress or Progress(), opts.pause_after, opts.nbd_tls_dir)
+        run = _Run(dest, progress or Progress(), opts.pause_after, opts.nbd_tls_dir, opts.quiesce)
         async with CbtApi(opts.url, opts.token, cafile=opts.cafile) as api:
             task = await api.find_task(opts.vm_uuid)
             if task is None:
@@ -222,7 +224,7 @@ async def _backup(
     api: CbtApi, task: TaskRef, manifest: Manifest, run: _Run
 ) -> tuple[Manifest, list[DiskResult]]:
     since = next_bitmap_name(manifest)
-    infos = await api.enable(task.uuid, since)
+    infos = await api.enable(task.uuid, since, run.quiesce)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     names = {i.bitmap_name for i in infos}
     if len(names) != 1:

@@ -14,11 +14,11 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cbt_agent.config import UNIX_PATH_MAX, Config
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
-from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
+from cbt_agent.hypervisor.libvirt import DiskInfo, GuestAgentUnavailable, VmInfo
 from cbt_agent.model import (
     TRACKING_LOST,
     DiskPlan,
@@ -61,6 +61,28 @@ def scratch_node_name(volume_uuid: str) -> str:
     return f"cbtsc-{volume_uuid[:24]}"
 
 
+class GuestFreezer(Protocol):
+    """The VM's guest agent: freeze and thaw its filesystems (libvirt fsFreeze/fsThaw)."""
+
+    async def freeze(self) -> int: ...
+
+    async def thaw(self) -> int: ...
+
+
+@dataclass
+class Freeze:
+    """What quiescing did for one checkpoint: frozen or why not, and for how long."""
+
+    quiesced: bool = False
+    why_not: str | None = None  # crash-consistent: the reason
+    millis: float = 0.0
+
+    def note(self) -> str:
+        if self.quiesced:
+            return f"quiesced (guest filesystems frozen {self.millis:.0f} ms)"
+        return f"crash-consistent ({self.why_not})" if self.why_not else "crash-consistent"
+
+
 @dataclass
 class EnableContext:
     config: Config
@@ -72,6 +94,9 @@ class EnableContext:
     # a working channel again after a lost reply (the old connection may be gone)
     reconnect: Callable[[], Awaitable[QmpChannel]] | None = None
     notes: list[str] = field(default_factory=list)  # for the task's history (adoptions)
+    guest: GuestFreezer | None = None  # the VM's guest agent, for quiesced checkpoints
+    quiesce: str = "never"  # "auto" | "always" | "never"
+    freeze_timeout: float = 10.0
 
     async def at(self, name: str) -> None:
         if self.step is not None:
@@ -141,7 +166,12 @@ async def start_nbd_server(
 
 
 def _volume_info(
-    disk: DiskInfo, export: VolumeExport, server: NbdServer, bits: bytes, changed: int
+    disk: DiskInfo,
+    export: VolumeExport,
+    server: NbdServer,
+    bits: bytes,
+    changed: int,
+    quiesced: bool,
 ) -> dict[str, Any]:
     context = f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else None
     extension: dict[str, Any] = {
@@ -152,6 +182,7 @@ def _volume_info(
         "granularity": export.granularity,
         "size": export.size,
         "changedBytes": changed,
+        "quiesced": quiesced,
     }
     # only when used, so a plain TCP export's info is exactly ZStack's fields plus the above
     if server.socket is not None:
@@ -352,6 +383,7 @@ async def enable(
 
     committed = False
     sent = False  # the checkpoint transaction went to QEMU (its outcome may be unknown)
+    freeze = Freeze()
     try:
         await ctx.at("enable:planned")
         await asyncio.gather(*(create_scratch(Path(e.scratch_path), e.size) for e in exports))
@@ -395,8 +427,9 @@ async def enable(
                 }
             )
         sent = True
-        await qmp.execute("transaction", {"actions": actions})
+        await _checkpoint_transaction(ctx, qmp, actions, freeze)
         committed = True
+        ctx.notes.insert(0, freeze.note())
         await enable_dirty_bitmap_migration(qmp)
         await ctx.at("enable:checkpoint")
 
@@ -467,7 +500,7 @@ async def enable(
         # ~90 ms of protocol round trips here, whatever the disk's size
         maps = await asyncio.gather(*(dirty_map(e) for e in exports))
         infos = [
-            _volume_info(v.disk, e, server, bits, changed)
+            _volume_info(v.disk, e, server, bits, changed, freeze.quiesced)
             for e, v, (bits, changed) in zip(exports, views, maps, strict=True)
         ]
 
@@ -506,6 +539,62 @@ async def enable(
         await store.run(SyncStore.set_tracking_lost, task_uuid, None)
     await apply_retention(cfg, store, qmp, task_uuid)
     return infos
+
+
+async def _checkpoint_transaction(
+    ctx: EnableContext, qmp: QmpChannel, actions: list[dict[str, Any]], freeze: Freeze
+) -> None:
+    """Run the checkpoint transaction, inside a freeze of the guest's filesystems when asked
+    and possible: the guest is frozen for the transaction only, and thawed on every path (a
+    transaction slower than the freeze timeout is given up on: its outcome is then read back
+    like a lost reply's)."""
+    loop = asyncio.get_running_loop()
+    if ctx.quiesce != "never" and ctx.guest is not None:
+        start = loop.time()
+        try:
+            await ctx.guest.freeze()
+            freeze.quiesced = True
+        except GuestAgentUnavailable as e:
+            if ctx.quiesce == "always":
+                raise OperationError(
+                    f"quiesce was asked for but VM [uuid: {ctx.vm.vm_uuid}] has no guest agent "
+                    f"to freeze its filesystems: {e.message}"
+                ) from None
+            freeze.why_not = f"no guest agent: {e.message}"
+        if freeze.quiesced:
+            try:
+                await asyncio.wait_for(
+                    qmp.execute("transaction", {"actions": actions}), ctx.freeze_timeout
+                )
+            except TimeoutError:
+                raise QmpInterrupted(
+                    f"the checkpoint transaction did not answer within the freeze timeout "
+                    f"({ctx.freeze_timeout:.0f} s)"
+                ) from None
+            finally:
+                try:
+                    await thaw(ctx.guest)
+                finally:
+                    freeze.millis = (loop.time() - start) * 1000
+            return
+    elif ctx.quiesce == "never":
+        freeze.why_not = "quiesce not asked for"
+    await qmp.execute("transaction", {"actions": actions})
+
+
+async def thaw(guest: GuestFreezer, attempts: int = 3) -> None:
+    """Thaw the guest, retried: a guest left frozen stalls every write it makes."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await guest.thaw()
+            return
+        except GuestAgentUnavailable:
+            return  # no agent (any more): nothing of ours is frozen there
+        except HypervisorError as e:
+            if attempt == attempts:
+                raise HypervisorError(f"thawing the guest failed: {e.message}") from None
+            log.warning("thawing the guest failed (attempt %d): %s", attempt, e.message)
+            await asyncio.sleep(0.1 * attempt)
 
 
 def _to_freeze(task_uuid: str, top: Layer, plan: DiskPlan) -> list[str]:

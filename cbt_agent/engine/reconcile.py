@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cbt_agent.api import zstack
 from cbt_agent.engine import checkpoints
-from cbt_agent.engine.service import CbtService
+from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
 from cbt_agent.qemu import blockdev
@@ -81,6 +81,10 @@ async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
             if all(e.phase == "exported" and e.export_id in live for e in exports):
                 log.info("task %s: exports alive, stays Running", task.uuid)
                 return
+        if task.status is TaskStatus.STARTING and running:
+            # the agent may have died with the guest frozen for the checkpoint: thaw it
+            # (harmless when it is not frozen; nothing to do without a guest agent)
+            await checkpoints.thaw(GuestOf(service.hypervisor, task.vm_uuid))
         if task.status is TaskStatus.STARTING and exports and running:
             # The checkpoint stays in the chain if its bitmap reached QEMU (the transaction ran:
             # the new bitmap records, the previous one is frozen); otherwise it never existed.

@@ -63,6 +63,20 @@ def inventory(task: CbtTask, refs: list[ResourceRef]) -> dict[str, Any]:
     return inv
 
 
+class GuestOf:
+    """A VM's guest agent through libvirt (fsFreeze / fsThaw)."""
+
+    def __init__(self, hypervisor: Hypervisor, vm_uuid: str) -> None:
+        self.hypervisor = hypervisor
+        self.vm_uuid = vm_uuid
+
+    async def freeze(self) -> int:
+        return await self.hypervisor.fs_freeze(self.vm_uuid)
+
+    async def thaw(self) -> int:
+        return await self.hypervisor.fs_thaw(self.vm_uuid)
+
+
 class CbtService:
     """Runs CreateCbtTask, EnableCbtTask, DisableCbtTask and DeleteCbtTask."""
 
@@ -266,7 +280,16 @@ class CbtService:
                     return await self.qmp.channel(vm_uuid)
 
                 ctx = EnableContext(
-                    self.config, self.store, qmp, vm, task.uuid, self.step, reconnect
+                    self.config,
+                    self.store,
+                    qmp,
+                    vm,
+                    task.uuid,
+                    self.step,
+                    reconnect,
+                    guest=GuestOf(self.hypervisor, vm_uuid),
+                    quiesce=cmd.quiesce or self.config.checkpoints.quiesce,
+                    freeze_timeout=self.config.checkpoints.freeze_timeout,
                 )
                 lost = await self.store.run(SyncStore.tracking_lost, task.uuid)
                 infos = await checkpoints.enable(ctx, cmd.bitmap_name, lost)

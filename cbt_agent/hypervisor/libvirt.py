@@ -168,6 +168,21 @@ def lifecycle_event(vm_uuid: str, event: int, detail: int) -> VmEvent | None:
     return VmEvent(vm_uuid, VmEventKind.STOPPED, text)
 
 
+# libvirt's answers when a guest has no agent to talk to: not configured (no channel), not
+# connected, not answering, out of sync
+_NO_AGENT = frozenset(
+    {
+        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+        libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+        libvirt.VIR_ERR_AGENT_UNSYNCED,
+    }
+)
+
+
+class GuestAgentUnavailable(HypervisorError):
+    """The VM has no connected qemu-guest-agent (not configured, not running, not answering)."""
+
+
 _events_lock = threading.Lock()
 _events_running = False
 
@@ -367,6 +382,28 @@ class Hypervisor:
             return None
         return pid if pid > 0 else None
 
+    # ---- guest agent ------------------------------------------------------------------------
+
+    async def fs_freeze(self, vm_uuid: str) -> int:
+        """Freeze the guest's filesystems through its qemu-guest-agent; how many it froze.
+        Raises GuestAgentUnavailable when the VM has no connected, answering agent."""
+        dom = await self._domain(vm_uuid)
+        return int(await self._agent_call(dom.fsFreeze))
+
+    async def fs_thaw(self, vm_uuid: str) -> int:
+        """Thaw the guest's filesystems; how many it thawed (0: none was frozen)."""
+        dom = await self._domain(vm_uuid)
+        return int(await self._agent_call(dom.fsThaw))
+
+    @staticmethod
+    async def _agent_call(fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in _NO_AGENT:
+                raise GuestAgentUnavailable(str(e)) from e
+            raise HypervisorError(str(e)) from e
+
     # ---- monitor ----------------------------------------------------------------------------
 
     async def qmp_passthrough(self, vm_uuid: str, command: dict[str, Any]) -> Any:
@@ -454,6 +491,7 @@ def _hmp_error(output: str) -> bool:
 
 __all__ = [
     "DiskInfo",
+    "GuestAgentUnavailable",
     "Hypervisor",
     "VmInfo",
     "parse_domain_xml",

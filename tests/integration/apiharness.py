@@ -38,6 +38,7 @@ EXTENSION_FIELDS = (
     "granularity",
     "size",
     "changedBytes",
+    "quiesced",
 )
 INFO_FIELDS = {
     "volume",

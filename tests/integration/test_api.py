@@ -132,6 +132,7 @@ async def test_create_enable_disable_delete(
         assert info["size"] == vol.size
         assert info["granularity"] == 65536
         assert info["changedBytes"] == vol.size
+        assert info["quiesced"] is False  # no guest agent in this VM: crash-consistent
         clusters = -(-vol.size // info["granularity"])
         bits = base64.b64decode(info["bitmapBase64"], validate=True)
         assert len(bits) == -(-clusters // 8)
