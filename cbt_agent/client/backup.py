@@ -51,6 +51,7 @@ from cbt_agent.client.copy import (
     open_source,
     open_target,
     source_runs,
+    zero_ranges,
 )
 from cbt_agent.client.errors import BackupError
 from cbt_agent.client.manifest import load_manifest, save_manifest
@@ -283,7 +284,10 @@ async def _backup_disk(
         run.nbd_tls_dir if info.nbd_tls else None,
     )
     part = run.dest / (target.file + PART_SUFFIX)
-    src = await run.in_thread(open_source, address, context)
+    # an incremental also asks for base:allocation: dirty clusters that read as zero (trimmed,
+    # discarded) are stored as zero clusters without reading them
+    contexts = (context,) if target.mode == FULL else (context, ALLOCATION)
+    src = await run.in_thread(open_source, address, *contexts)
     try:
         size = int(src.get_size())
         if size != info.size:
@@ -298,7 +302,14 @@ async def _backup_disk(
                     f"disk {info.volume_uuid}: the dirty map over NBD ({extents.total(runs)} "
                     f"bytes) differs from bitmapBase64 ({extents.total(expected)} bytes)"
                 )
-        reqs = list(extents.requests(runs, gran))
+        zero_runs: list[tuple[int, int]] = []
+        data_runs = runs
+        if target.backing is not None:
+            data_runs, zero_runs = extents.split_zero(
+                runs, await run.in_thread(zero_ranges, src), gran
+            )
+        reqs = list(extents.requests(data_runs, gran))
+        zeros = list(extents.requests(zero_runs, gran))
         backing = target.backing.file if target.backing is not None else None
         run.made.append(part)
         await create_image(part, size, gran, backing)
@@ -316,6 +327,7 @@ async def _backup_disk(
                     keep_zero=target.backing is not None,
                     on_done=run.on_request_done,
                     stop=run.stop,
+                    zeros=zeros,
                 )
                 await run.in_thread(finish_target, dst)
             except nbd.Error as e:

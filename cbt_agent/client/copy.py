@@ -52,9 +52,25 @@ class BufferPool:
 POOL = BufferPool()
 
 
-def open_source(address: nbdio.NbdAddress, context: str) -> Any:
-    """A libnbd handle on the export with `context` negotiated."""
-    return nbdio.connect(address, (context,))
+def open_source(address: nbdio.NbdAddress, *contexts: str) -> Any:
+    """A libnbd handle on the export with `contexts` negotiated."""
+    return nbdio.connect(address, contexts)
+
+
+def zero_ranges(h: Any) -> list[tuple[int, int]]:
+    """The export's ranges that read as zero (`base:allocation`), merged."""
+    out: list[tuple[int, int]] = []
+    try:
+        for pos, n, flags in nbdio.iter_extents(h, ALLOCATION):
+            if not flags & nbdio.STATE_ZERO:
+                continue
+            if out and out[-1][0] + out[-1][1] == pos:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((pos, n))
+    except nbd.Error as e:
+        raise BackupError(f"NBD block status ({ALLOCATION}) failed: {e}") from None
+    return out
 
 
 def open_target(socket_path: Path) -> Any:
@@ -113,22 +129,33 @@ def copy_requests(
     stop: threading.Event,
     pool: BufferPool = POOL,
     max_in_flight: int = MAX_IN_FLIGHT,
+    zeros: Iterable[tuple[int, int]] = (),
 ) -> None:
     """Copy every (offset, length) of `reqs` from `src` to `dst` at the same offset.
 
     A read that returns only zeroes is written as a write-zeroes when `keep_zero` (it must
     shadow an older backing file) and skipped otherwise (a standalone file reads zero there).
-    `on_done(length)` runs after each request is stored. Raises CopyInterrupted when `stop` is
-    set, nbd.Error when a request fails.
+    `zeros` are written as zeroes without a read (the export reports them zero). `on_done(length)`
+    runs after each request is stored. Raises CopyInterrupted when `stop` is set, nbd.Error
+    when a request fails.
     """
+    can_zero = bool(dst.can_zero())
+    if not can_zero:
+        reqs = [*zeros, *reqs]  # read them after all: the target cannot write zeroes
+        zeros = ()
+    zero_writes = iter(zeros)
     pending = iter(reqs)
     reads: deque[tuple[int, Any, int, int]] = deque()
     writes: deque[tuple[int, Any | None, int]] = deque()
-    can_zero = bool(dst.can_zero())
     exhausted = False
     while True:
         if stop.is_set():
             raise CopyInterrupted("copy interrupted")
+        while len(writes) < max_in_flight:
+            zero = next(zero_writes, None)
+            if zero is None:
+                break
+            writes.append((dst.aio_zero(zero[1], zero[0]), None, zero[1]))
         while not exhausted and len(reads) + len(writes) < max_in_flight:
             req = next(pending, None)
             if req is None:

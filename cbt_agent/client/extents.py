@@ -71,3 +71,38 @@ def bitmap_runs(bitmap_b64: str, granularity: int, size: int) -> list[tuple[int,
 
 def total(runs: Iterable[tuple[int, int]]) -> int:
     return sum(n for _, n in runs)
+
+
+def split_zero(
+    runs: Iterable[tuple[int, int]], zero: Iterable[tuple[int, int]], granularity: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split cluster runs into (runs to read, runs to write as zeroes): the clusters that the
+    export's `base:allocation` reports wholly zero (trimmed, discarded, zero-written) need no
+    read; the backup stores them as zero clusters. Both inputs sorted and non-overlapping."""
+    zeros = [
+        (s, e)
+        for s, e in (
+            (-(-start // granularity) * granularity, (start + length) // granularity * granularity)
+            for start, length in zero
+        )
+        if e > s
+    ]
+    data: list[tuple[int, int]] = []
+    zeroed: list[tuple[int, int]] = []
+    i = 0
+    for start, length in runs:
+        pos, end = start, start + length
+        while i < len(zeros) and zeros[i][1] <= pos:
+            i += 1
+        j = i
+        while pos < end:
+            if j >= len(zeros) or zeros[j][0] >= end:
+                data.append((pos, end - pos))
+                break
+            zs, ze = max(zeros[j][0], pos), min(zeros[j][1], end)
+            if zs > pos:
+                data.append((pos, zs - pos))
+            zeroed.append((zs, ze - zs))
+            pos = ze
+            j += 1
+    return data, zeroed

@@ -211,3 +211,17 @@ def test_progress_draws_only_on_a_terminal() -> None:
     p.finish()
     assert "disk aaaa full:       1.0 / 4.0 MiB ( 25.0 %)" in tty.getvalue()
     assert tty.getvalue().endswith("\n")
+
+
+def test_split_zero_reads_only_what_is_not_zero() -> None:
+    from cbt_agent.client.extents import split_zero
+
+    g = 64 * 1024
+    runs = [(0, 4 * g), (10 * g, 2 * g), (20 * g, g)]
+    # zero: clusters 1-2 wholly, half of cluster 10 (not whole: read), 20-30
+    zero = [(g, 2 * g), (10 * g + g // 2, g // 2), (20 * g, 10 * g)]
+    data, zeroed = split_zero(runs, zero, g)
+    assert data == [(0, g), (3 * g, g), (10 * g, 2 * g)]
+    assert zeroed == [(g, 2 * g), (20 * g, g)]
+    assert split_zero(runs, [], g) == (runs, [])
+    assert split_zero([], zero, g) == ([], [])
