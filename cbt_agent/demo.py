@@ -45,9 +45,11 @@ def throwaway_domain_xml(
     initrd) it boots Linux from them with the first disk as root, a serial console (to
     `console_log`) and the qemu-guest-agent channel, like a real guest."""
     parts = []
+    # a real guest's trims reach the image (and its dirty bitmaps) as discards
+    discard = " discard='unmap'" if kernel is not None else ""
     for i, (volume_uuid, path) in enumerate(disks):
         parts.append(
-            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'{discard}/>"
             f"<source file={quoteattr(str(path))}/>"
             f"<target dev='vd{chr(ord('a') + i)}' bus='virtio'/>"
             f"<serial>{volume_uuid}</serial></disk>"

