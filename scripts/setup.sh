@@ -9,7 +9,8 @@ ROOT=$PWD
 log() { printf '[setup] %s\n' "$*"; }
 
 PKGS=(qemu-system-x86 qemu-utils python3-libnbd libnbd-bin openssl
-      libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
+      libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
+      debootstrap e2fsprogs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

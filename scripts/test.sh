@@ -9,5 +9,7 @@ echo "[test] ruff"
 .venv/bin/ruff format --check cbt_agent tests bench
 echo "[test] mypy --strict"
 .venv/bin/mypy
+echo "[test] guest image (built once, cached: scripts/guest-image.sh)"
+bash scripts/guest-image.sh >/dev/null
 echo "[test] pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"

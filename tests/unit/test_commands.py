@@ -76,3 +76,20 @@ def test_disable_force_and_delete_mode() -> None:
     with pytest.raises(InvalidArgument) as err:
         commands.delete_task(VM, False, "Sometimes")
     assert err.value.field == "deleteMode"
+
+
+def test_enable_reads_the_quiesce_system_tag() -> None:
+    task = VM
+    assert commands.enable_task(task, {"params": {}}).quiesce is None
+    on = commands.enable_task(task, {"systemTags": ["other::x", "quiesce::true"]})
+    assert on.quiesce == "always"
+    assert commands.enable_task(task, {"systemTags": ["quiesce::FALSE"]}).quiesce == "never"
+    with pytest.raises(InvalidArgument) as err:
+        commands.enable_task(task, {"systemTags": ["quiesce::maybe"]})
+    assert (err.value.field, err.value.message) == (
+        "systemTags",
+        "system tag [quiesce::maybe] must be quiesce::true or quiesce::false",
+    )
+    with pytest.raises(InvalidArgument) as err:
+        commands.enable_task(task, {"systemTags": "quiesce::true"})
+    assert err.value.field == "systemTags"

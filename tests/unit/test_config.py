@@ -21,6 +21,7 @@ def test_example_config_loads_with_contract_keys() -> None:
     assert cfg.qmp_socket_template == "/var/lib/libvirt/qemu/zstack/{vm_uuid}.sock"
     assert (cfg.nbd.listen, cfg.nbd.port_first, cfg.nbd.port_last) == ("127.0.0.1", 10501, 10999)
     assert cfg.db_path == Path("/var/lib/cbt-agent/cbt-agent.db")
+    assert (cfg.checkpoints.quiesce, cfg.checkpoints.freeze_timeout) == ("auto", 10)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +38,16 @@ def test_example_config_loads_with_contract_keys() -> None:
             "{vm_uuid}",
         ),
         ({"api": {"tokens": ["t"]}, "checkpoints": {"keep": 0}}, "checkpoints.keep", "between"),
+        (
+            {"api": {"tokens": ["t"]}, "checkpoints": {"quiesce": "sometimes"}},
+            "checkpoints.quiesce",
+            '"auto", "always" or "never"',
+        ),
+        (
+            {"api": {"tokens": ["t"]}, "checkpoints": {"freeze_timeout": 0}},
+            "checkpoints.freeze_timeout",
+            "between",
+        ),
         ({"api": {"tokens": ["t"], "colour": "red"}}, "api.colour", "unknown key"),
         ({"api": {"tokens": ["t"]}, "extra": {}}, "extra", "unknown section"),
         ({"api": {"tokens": ["t"]}, "log": {"level": "LOUD"}}, "log.level", "DEBUG"),
