@@ -68,6 +68,8 @@ class Checkpoint:
     sizes: tuple[tuple[str, int], ...] = ()  # (volume uuid, virtual size) when it was cut
     handed_out: bool = True
     tops: tuple[tuple[str, str], ...] = ()  # (volume uuid, top image) when it was cut
+    # (volume uuid, why): the disk's tracking was interrupted before this checkpoint was cut
+    breaks: tuple[tuple[str, str], ...] = ()
 
     def size_of(self, volume_uuid: str) -> int | None:
         return dict(self.sizes).get(volume_uuid)
@@ -155,6 +157,7 @@ FULL_GAP = (
     "bitmap {bitmap} is missing on backing image {image}: changes made while it was the top "
     "are not tracked"
 )
+FULL_BROKEN = "change tracking of this disk was interrupted before checkpoint {name}: {why}"
 FULL_LAYER_SIZE = "backing image {image} is {old} bytes, the disk {new}: its bitmaps cannot merge"
 
 
@@ -203,6 +206,23 @@ def found_checkpoints(
             )
         )
     return out
+
+
+def tracking_break(
+    volume_uuid: str, checkpoints: Sequence[Checkpoint], layers: Sequence[Layer]
+) -> str | None:
+    """Why the disk's tracking is not continuous since the latest checkpoint covering it
+    (None: it is). Checked at every cut and VM start, and recorded: a later stream or copy can
+    fold an older layer's bitmaps into a top that was untracked, and then look whole."""
+    mine = [c for c in checkpoints if volume_uuid in c.volumes]
+    if not mine or not layers:
+        return None
+    latest = mine[-1]
+    before = mine[-2].name if len(mine) > 1 else None
+    sources = chain_sources(
+        [latest.name], layers, latest.top_of(volume_uuid), before, latest.top_of(volume_uuid)
+    )
+    return sources if isinstance(sources, str) else None
 
 
 def default_base(checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:
@@ -286,13 +306,16 @@ def plan_disk(
     layers: Sequence[Layer],
     removed_names: Iterable[str] = (),
     size: int | None = None,
+    pending_break: str | None = None,
 ) -> DiskPlan:
     """Decide full or incremental for one disk, and which bitmaps make the change set.
 
     `checkpoints` are the task's live checkpoints in seq order; `since_name` the asked
     checkpoint (None = the latest handed out); `layers` the disk's backing chain as QEMU holds
-    it, top first. Never an incremental built on a bitmap that is missing or inconsistent on a
-    layer that needs it, or of a disk added later.
+    it, top first; `pending_break` why the disk's tracking was seen interrupted since the
+    latest checkpoint (a top without tracking at a VM start). Never an incremental built on a
+    bitmap that is missing or inconsistent on a layer that needs it, across an interruption of
+    the disk's tracking, or of a disk added later.
     """
     top = layers[0] if layers else Layer("", "", size or 0, {})
     latest = checkpoints[-1] if checkpoints else None
@@ -320,6 +343,12 @@ def plan_disk(
             return full(FULL_REMOVED.format(name=since_name))
         return full(FULL_UNKNOWN.format(name=since_name))
     chain = checkpoints[names.index(since_name) :]
+    if pending_break is not None:
+        return full(pending_break)
+    for cp in chain[1:]:
+        why = dict(cp.breaks).get(volume_uuid)
+        if why is not None:
+            return full(FULL_BROKEN.format(name=cp.name, why=why))
     for cp in chain:
         if volume_uuid not in cp.volumes:
             return full(FULL_NEW_DISK.format(name=cp.name))

@@ -149,6 +149,11 @@ _MIGRATIONS: list[list[str]] = [
         # tops: each disk's top image when it was cut (names what changed when it is replaced)
         "ALTER TABLE checkpoints ADD COLUMN handed_out INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE checkpoints ADD COLUMN tops TEXT NOT NULL DEFAULT '{}'",
+        # breaks: disks whose change tracking was interrupted before this checkpoint (a top
+        # without tracking): no incremental of theirs may span it. pending_breaks: seen at a VM
+        # start, recorded in the next checkpoint
+        "ALTER TABLE checkpoints ADD COLUMN breaks TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE tasks ADD COLUMN pending_breaks TEXT NOT NULL DEFAULT '{}'",
         # released: why the disks are no longer this host's to change (the VM migrated away or
         # was undefined here): Delete then removes only the local record
         "ALTER TABLE tasks ADD COLUMN released TEXT",
@@ -356,6 +361,23 @@ class SyncStore:
     def set_released(self, task_uuid: str, reason: str) -> None:
         self.db.execute("UPDATE tasks SET released = ? WHERE uuid = ?", (reason, task_uuid))
 
+    def pending_breaks(self, task_uuid: str) -> dict[str, str]:
+        """Disks whose tracking was seen interrupted (at a VM start), by volume: why."""
+        row = self._row("SELECT pending_breaks FROM tasks WHERE uuid = ?", (task_uuid,))
+        return {} if row is None else dict(json.loads(row["pending_breaks"] or "{}"))
+
+    def add_pending_breaks(self, task_uuid: str, breaks: dict[str, str]) -> None:
+        with self._tx():
+            current = self.pending_breaks(task_uuid)
+            current.update({k: v for k, v in breaks.items() if k not in current})
+            self.db.execute(
+                "UPDATE tasks SET pending_breaks = ? WHERE uuid = ?",
+                (json.dumps(current, sort_keys=True), task_uuid),
+            )
+
+    def clear_pending_breaks(self, task_uuid: str) -> None:
+        self.db.execute("UPDATE tasks SET pending_breaks = '{}' WHERE uuid = ?", (task_uuid,))
+
     def set_tracking_lost(self, task_uuid: str, reason: str | None) -> None:
         """Mark (or clear) that the task's bitmaps can no longer be trusted, and why."""
         self.db.execute("UPDATE tasks SET tracking_lost = ? WHERE uuid = ?", (reason, task_uuid))
@@ -438,6 +460,7 @@ class SyncStore:
             # a read-only view of a database not yet migrated to schema 3 has neither column
             handed_out=bool(r.get("handed_out", 1)),
             tops=tuple(sorted(json.loads(r.get("tops") or "{}").items())),
+            breaks=tuple(sorted(json.loads(r.get("breaks") or "{}").items())),
         )
 
     def checkpoints(self, task_uuid: str) -> list[Checkpoint]:
@@ -477,6 +500,7 @@ class SyncStore:
         volumes: list[str],
         sizes: dict[str, int],
         tops: dict[str, str] | None = None,
+        breaks: dict[str, str] | None = None,
     ) -> None:
         self.db.table("checkpoints").insert(
             {
@@ -486,6 +510,7 @@ class SyncStore:
                 "volumes": json.dumps(sorted(volumes)),
                 "sizes": json.dumps(sizes, sort_keys=True),
                 "tops": json.dumps(tops or {}, sort_keys=True),
+                "breaks": json.dumps(breaks or {}, sort_keys=True),
                 "created": _ts(utcnow()),
                 "removed": None,
                 "handed_out": 0,

@@ -32,6 +32,7 @@ from cbt_agent.model import (
     plan_disk,
     retention_victims,
     temp_bitmap_name,
+    tracking_break,
 )
 from cbt_agent.qemu import blockdev
 from cbt_agent.qemu import nbd as nbdio
@@ -317,10 +318,16 @@ async def enable(
     )
     checkpoints = await store.run(SyncStore.checkpoints, task_uuid)
     removed = await store.run(SyncStore.removed_checkpoint_names, task_uuid)
+    pending = await store.run(SyncStore.pending_breaks, task_uuid)
     plans: list[DiskPlan] = []
+    breaks: dict[str, str] = {}  # disks whose tracking broke since the latest checkpoint
     for v in views:
+        vol = v.disk.volume_uuid
+        why = pending.get(vol) or tracking_break(vol, checkpoints, v.chain)
+        if why is not None:
+            breaks[vol] = why
         plan = plan_disk(
-            v.disk.volume_uuid, checkpoints, since_name, v.chain, removed, v.dev.virtual_size
+            vol, checkpoints, since_name, v.chain, removed, v.dev.virtual_size, pending.get(vol)
         )
         if lost is not None:
             # every bitmap of the task is suspect: no incremental until a new full
@@ -377,6 +384,7 @@ async def enable(
                 [e.volume_uuid for e in exports],
                 {e.volume_uuid: e.size for e in exports},
                 {v.disk.volume_uuid: v.top.filename for v in views},
+                breaks,
             )
 
     await store.run(record_plan)
@@ -429,6 +437,8 @@ async def enable(
         sent = True
         await _checkpoint_transaction(ctx, qmp, actions, freeze)
         committed = True
+        if pending:  # recorded in the checkpoint just cut
+            await store.run(SyncStore.clear_pending_breaks, task_uuid)
         ctx.notes.insert(0, freeze.note())
         await enable_dirty_bitmap_migration(qmp)
         await ctx.at("enable:checkpoint")
@@ -637,6 +647,7 @@ async def verify_checkpoints(
     devices = await blockdev.block_devices(qmp)
     nodes = await blockdev.chain_nodes(qmp)
     broken: list[str] = []
+    breaks: dict[str, str] = {}
     for disk in vm.disks:
         dev = devices.get(disk.alias)
         if dev is None or dev.driver == "copy-before-write":
@@ -656,9 +667,17 @@ async def verify_checkpoints(
         mine = [cp for cp in checkpoints if disk.volume_uuid in cp.volumes]
         if mine and mine[-1].name not in present:
             broken.append(f"{disk.volume_uuid}/{mine[-1].name} (missing)")
+        # a top without tracking (a snapshot made with qemu-img while the VM was off): noted
+        # now, so that a stream or copy before the next Enable cannot make it look whole
+        why = tracking_break(disk.volume_uuid, checkpoints, chain)
+        if why is not None:
+            breaks[disk.volume_uuid] = f"{why} (seen at VM start)"
     if broken:
         log.warning("task %s: %s: %s", task_uuid, TRACKING_LOST, ", ".join(broken))
         await store.run(SyncStore.set_tracking_lost, task_uuid, TRACKING_LOST)
+    if breaks:
+        log.warning("task %s: tracking interrupted: %s", task_uuid, breaks)
+        await store.run(SyncStore.add_pending_breaks, task_uuid, breaks)
     await enable_dirty_bitmap_migration(qmp)
     return broken
 

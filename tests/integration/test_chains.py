@@ -25,8 +25,9 @@ from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
 from cbt_agent import commands
 from cbt_agent.config import parse_config
 from cbt_agent.errors import CbtError, QmpInterrupted
+from cbt_agent.hypervisor.libvirt import VmEvent, VmEventKind
 from cbt_agent.model import (
-    FULL_GAP,
+    FULL_BROKEN,
     FULL_NEW_TOP,
     DirtyExtent,
     TaskStatus,
@@ -312,7 +313,9 @@ async def test_snapshot_behind_libvirts_back_is_full_for_that_disk_only(
     # since the first checkpoint: the new top's writes before `second` were never tracked
     infos = by_volume(await agent.enable(task, since=first))
     assert infos[v0]["mode"] == "full"
-    assert infos[v0]["reason"] == FULL_GAP.format(bitmap=second, image=path0)
+    assert infos[v0]["reason"] == FULL_BROKEN.format(
+        name=second, why=FULL_NEW_TOP.format(old=path0, new=overlay, bitmap=first)
+    )
     assert infos[v1]["mode"] == "incremental"
     await agent.disable(task)
 
@@ -593,4 +596,50 @@ async def test_retention_removes_old_checkpoints_from_backing_layers_too(
     info = (await agent.enable(task, since=names[2]))[0]
     assert info["mode"] == "incremental"
     assert dirty_runs(info) == expected_runs([(2 * MIB, 512), (3 * MIB, 512)], size)
+    await agent.disable(task)
+
+
+async def test_an_interruption_seen_at_vm_start_is_never_spanned(
+    vm_factory: Callable[..., stack.TestVm],
+    make_agent: Callable[..., Awaitable[Agent]],
+    tmp_path: Path,
+) -> None:
+    """qemu-img snapshot while the VM is off, start, writes on the untracked top, then a copy
+    of the disk before the next Enable. The interruption is noted at the VM start (and at each
+    cut) and recorded in the next checkpoint: no incremental of that disk ever spans it, even
+    if a later chain operation left a top that holds older bitmaps (libvirt 9.0 carries only
+    the bitmaps the top has through a copy or stream, but the rule does not rely on it)."""
+    vm = vm_factory(disks_mib=[16, 16])
+    (v0, path0, size0), (v1, _, _) = vm.volumes
+    agent = await make_agent()
+    task = await agent.create(vm)
+    first = (await agent.enable(task))[0]["bitmapName"]
+    await agent.disable(task)
+    await vm.write(v0, 1 * MIB, 512, 0x91)
+    await asyncio.to_thread(vm.shutdown)
+    overlay = tmp_path / "offline.qcow2"
+    await asyncio.to_thread(chainops.offline_snapshot, vm, v0, overlay)
+    await asyncio.to_thread(vm.start)
+    # libvirt tells the agent the VM started (the harness has no event subscription)
+    await agent.service.on_vm_event(VmEvent(vm.vm_uuid, VmEventKind.STARTED, "2/0"))
+    await vm.write(v0, 3 * MIB, 512, 0x92)  # on the untracked top
+    pending = await agent.store.run(SyncStore.pending_breaks, task)
+    assert list(pending) == [v0]
+    await asyncio.to_thread(chainops.copy, vm, v0, tmp_path / "copy.qcow2")
+    await vm.write(v1, 5 * MIB, 512, 0x93)
+    infos = by_volume(await agent.enable(task))
+    why = FULL_NEW_TOP.format(old=path0, new=overlay, bitmap=first) + " (seen at VM start)"
+    assert (infos[v0]["mode"], infos[v0]["reason"]) == ("full", why)
+    assert infos[v1]["mode"] == "incremental" and dirty_runs(infos[v1]) == [(5 * MIB, G)]
+    assert read_export(infos[v0], 3 * MIB, 512) == b"\x92" * 512
+    second = infos[v0]["bitmapName"]
+    assert await agent.store.run(SyncStore.pending_breaks, task) == {}
+    await agent.disable(task)
+    await vm.write(v0, 7 * MIB, 512, 0x94)
+    infos = by_volume(await agent.enable(task))
+    assert dirty_runs(infos[v0]) == expected_runs([(7 * MIB, 512)], size0)  # exact again
+    await agent.disable(task)
+    infos = by_volume(await agent.enable(task, since=first))
+    assert infos[v0]["reason"] == FULL_BROKEN.format(name=second, why=why)
+    assert infos[v1]["mode"] == "incremental"
     await agent.disable(task)

@@ -127,7 +127,8 @@ async def test_quiesced_backups_restore_to_filesystems_that_boot(
     dest = tmp_path / "backup"
     expected: dict[str, dict[str, str]] = {}
     rounds = [
-        "dd if=/dev/urandom of=/data/a.bin bs=64k count=40 status=none; echo one >> /data/log",
+        "dd if=/dev/urandom of=/data/a.bin bs=64k count=40 conv=fsync status=none;"
+        " echo one >> /data/log",
         "dd if=/dev/urandom of=/data/b.bin bs=4k count=7 status=none; echo two >> /data/log;"
         " dd if=/dev/urandom of=/data/a.bin bs=4k count=3 seek=5 conv=notrunc status=none",
         "rm /data/b.bin; echo three >> /data/log; mkdir -p /data/d; echo x > /data/d/y",

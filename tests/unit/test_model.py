@@ -10,8 +10,10 @@ import pytest
 
 from cbt_agent.errors import OperationError
 from cbt_agent.model import (
+    FULL_BROKEN,
     FULL_INCONSISTENT,
     FULL_LAYER_SIZE,
+    FULL_NEW_TOP,
     FULL_NONE_HANDED_OUT,
     BitmapState,
     Checkpoint,
@@ -28,6 +30,7 @@ from cbt_agent.model import (
     plan_disk,
     retention_victims,
     temp_bitmap_name,
+    tracking_break,
 )
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
@@ -364,3 +367,32 @@ def test_found_checkpoints_rebuild_the_chain_from_every_layer_of_every_disk() ->
     assert plan.mode == "incremental"
     # none was handed out here: without bitmapName a full that says what to pass
     assert plan_disk("v1", found, None, chain_v1).reason == FULL_NONE_HANDED_OUT
+
+
+def test_an_interruption_recorded_in_a_checkpoint_is_never_spanned() -> None:
+    cps = chain_cps(3)
+    cps[1] = replace(cps[1], breaks=(("v1", "top changed"),))
+    chain = [layer("top", cps)]
+    assert plan_disk("v1", cps, cps[1].name, chain).mode == "incremental"  # from it: fine
+    assert plan_disk("v1", cps, cps[2].name, chain).mode == "incremental"
+    plan = plan_disk("v1", cps, cps[0].name, chain)
+    assert plan.reason == FULL_BROKEN.format(name=cps[1].name, why="top changed")
+    assert plan_disk("v2", cps, cps[0].name, chain).reason != plan.reason  # other disks: own
+    # a pending one (seen at a VM start) makes the next Enable of that disk a full, whatever
+    # the base
+    plan = plan_disk("v1", cps, None, chain, pending_break="seen at start")
+    assert (plan.mode, plan.reason) == ("full", "seen at start")
+
+
+def test_tracking_break_is_a_top_without_the_latest_bitmap() -> None:
+    c1 = replace(cp(1, {"v1"}), tops=(("v1", "/img/old.qcow2"),))
+    tracked = [Layer("old", "/img/old.qcow2", SIZE, {c1.name: bm(c1.name, recording=True)})]
+    assert tracking_break("v1", [c1], tracked) is None
+    untracked = [Layer("new", "/img/new.qcow2", SIZE, {}), *tracked]
+    assert tracking_break("v1", [c1], untracked) == FULL_NEW_TOP.format(
+        old="/img/old.qcow2", new="/img/new.qcow2", bitmap=c1.name
+    )
+    # a libvirt snapshot copied the bitmap onto the new top: continuous
+    copied = [Layer("new", "/img/new.qcow2", SIZE, {c1.name: bm(c1.name)}), *tracked]
+    assert tracking_break("v1", [c1], copied) is None
+    assert tracking_break("v2", [c1], untracked) is None  # not a disk of any checkpoint
