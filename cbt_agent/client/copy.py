@@ -8,8 +8,10 @@ a buffer handed to `aio_pread`, so buffers are reused, never dropped.
 
 from __future__ import annotations
 
+import errno
 import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -73,13 +75,26 @@ def zero_ranges(h: Any) -> list[tuple[int, int]]:
     return out
 
 
-def open_target(socket_path: Path) -> Any:
-    h = nbd.NBD()
-    try:
-        h.connect_unix(str(socket_path))
-    except nbd.Error as e:
-        raise BackupError(f"NBD connect to qemu-nbd at {socket_path} failed: {e}") from None
-    return h
+CONNECT_RETRY = 2.0  # seconds
+
+
+def open_target(socket_path: Path, retry: float = CONNECT_RETRY) -> Any:
+    """A libnbd handle on the target's qemu-nbd. qemu-nbd creates its socket file (bind) a
+    moment before it listens: a connect in between is refused, so that is retried briefly
+    (a probe connection is no option: qemu-nbd serves one client, then exits)."""
+    deadline = time.monotonic() + retry
+    while True:
+        h = nbd.NBD()
+        try:
+            h.connect_unix(str(socket_path))
+            return h
+        except nbd.Error as e:
+            # libnbd 1.14's Python binding gives the errno's name, later ones its number
+            refused = e.errno in (errno.ECONNREFUSED, "ECONNREFUSED")
+            if refused and time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            raise BackupError(f"NBD connect to qemu-nbd at {socket_path} failed: {e}") from None
 
 
 def source_runs(h: Any, mode: str, context: str, granularity: int) -> list[tuple[int, int]]:
