@@ -199,8 +199,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cbt_agent.demo import run_demo
+    from cbt_agent.demo import run_demo, run_guest_demo
 
+    if args.guest:
+        return asyncio.run(run_guest_demo(Path(args.guest), keep=args.keep))
     return asyncio.run(run_demo(keep=args.keep))
 
 
@@ -334,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(fn=cmd_verify)
     dm = sub.add_parser("demo", help="a throwaway VM through a full CBT cycle")
     dm.add_argument("--keep", action="store_true", help="keep the work directory")
+    dm.add_argument(
+        "--guest",
+        metavar="IMAGE_DIR",
+        help="a real guest instead (scripts/guest-image.sh's directory): quiesced checkpoints",
+    )
     dm.set_defaults(fn=cmd_demo)
     return p
 

@@ -102,3 +102,47 @@ class AgentProcess:
                 if r.status != 202:
                     return r.status, await r.json()
             await asyncio.sleep(0.02)
+
+
+CLI_TIMEOUT = 300.0
+
+
+async def cli(*args: str) -> str:
+    """`cbt-agent ARGS` as a user runs it; its stdout. Fails the test on a non-zero exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cbt_agent",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, f"cbt-agent {args[0]} failed:\n{out.decode()}\n{err.decode()}"
+    return out.decode()
+
+
+async def restored_images(dest: Path, checkpoint: str, out: Path) -> list[Path]:
+    """`cbt-agent restore` of one checkpoint into `out`; the standalone images it made."""
+    await cli("restore", "--dest", str(dest), "--checkpoint", checkpoint, "--out", str(out))
+    return await asyncio.to_thread(lambda: sorted(out.glob("*.qcow2")))
+
+
+async def restored_disks(dest: Path, checkpoint: str, out: Path) -> dict[str, bytes]:
+    """Each disk's raw content as of `checkpoint`, by volume uuid (the images are removed)."""
+    disks: dict[str, bytes] = {}
+    for image in await restored_images(dest, checkpoint, out):
+        raw = image.with_suffix(".raw")
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)
+        )
+        assert await proc.wait() == 0
+        disks[image.stem] = await asyncio.to_thread(raw.read_bytes)
+        await asyncio.to_thread(raw.unlink)
+        await asyncio.to_thread(image.unlink)
+    return disks

@@ -10,6 +10,7 @@ import pytest
 import stack
 from aiohttp.test_utils import TestClient, TestServer
 from apiharness import TOKENS, Api
+from cbtharness import Agent
 
 from cbt_agent.api.app import make_app
 from cbt_agent.config import Config, parse_config
@@ -54,3 +55,36 @@ async def start_api(
 @pytest.fixture
 async def api(start_api: Callable[..., Awaitable[Api]]) -> Api:
     return await start_api()
+
+
+@pytest.fixture
+async def make_agent(
+    tmp_path: Path, qmp_socket_template: str
+) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
+    """The worker on the real stack (its own state directory, this test's), closed at teardown:
+    `make_agent(step=None, keep=16, ports="11400:11499")`."""
+    agents: list[Agent] = []
+
+    async def make(
+        step: Callable[[str], Awaitable[None]] | None = None,
+        keep: int = 16,
+        ports: str = "11400:11499",
+    ) -> Agent:
+        config = parse_config(
+            {
+                "api": {"tokens": ["t"]},
+                "state": {"dir": str(tmp_path / "state")},
+                "libvirt": {"uri": stack.LIBVIRT_URI},
+                "qmp": {"socket_template": qmp_socket_template},
+                "nbd": {"listen": "127.0.0.1", "port_range": ports},
+                "checkpoints": {"keep": keep},
+            }
+        )
+        agent = Agent(config, step)
+        await agent.open()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        await agent.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import stack
 from cbtharness import Agent, address, by_volume, dirty_runs, expected_runs, read_export
 
 from cbt_agent import commands
-from cbt_agent.config import parse_config
 from cbt_agent.errors import CbtError
 from cbt_agent.model import DirtyExtent, TaskStatus, bitmap_from_extents
 from cbt_agent.qemu import nbd as nbdio
@@ -30,33 +29,6 @@ pytestmark = pytest.mark.stack
 KIB = 1024
 MIB = 1 << 20
 G = 64 * KIB  # bitmap granularity = qcow2 cluster size
-
-
-@pytest.fixture
-async def make_agent(
-    tmp_path: Path, qmp_socket_template: str
-) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
-    agents: list[Agent] = []
-
-    async def make(keep: int = 16, step: Callable[[str], Awaitable[None]] | None = None) -> Agent:
-        config = parse_config(
-            {
-                "api": {"tokens": ["t"]},
-                "state": {"dir": str(tmp_path / "state")},
-                "libvirt": {"uri": stack.LIBVIRT_URI},
-                "qmp": {"socket_template": qmp_socket_template},
-                "nbd": {"listen": "127.0.0.1", "port_range": "11500:11599"},
-                "checkpoints": {"keep": keep},
-            }
-        )
-        agent = Agent(config, step)
-        await agent.open()
-        agents.append(agent)
-        return agent
-
-    yield make
-    for agent in agents:
-        await agent.close()
 
 
 def qemu_state(vm: stack.TestVm) -> dict[str, Any]:

@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import chainops
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, free_port, write_config
+from agentproc import TOKEN, AgentProcess, cli, free_port, restored_disks, write_config
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
 
 from cbt_agent import commands
-from cbt_agent.config import parse_config
 from cbt_agent.errors import CbtError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import VmEvent, VmEventKind
 from cbt_agent.model import (
@@ -42,33 +40,6 @@ pytestmark = pytest.mark.stack
 KIB = 1024
 MIB = 1 << 20
 G = 64 * KIB
-
-
-@pytest.fixture
-async def make_agent(
-    tmp_path: Path, qmp_socket_template: str
-) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
-    agents: list[Agent] = []
-
-    async def make(step: Callable[[str], Awaitable[None]] | None = None, keep: int = 16) -> Agent:
-        config = parse_config(
-            {
-                "api": {"tokens": ["t"]},
-                "state": {"dir": str(tmp_path / "state")},
-                "libvirt": {"uri": stack.LIBVIRT_URI},
-                "qmp": {"socket_template": qmp_socket_template},
-                "nbd": {"listen": "127.0.0.1", "port_range": "11400:11499"},
-                "checkpoints": {"keep": keep},
-            }
-        )
-        agent = Agent(config, step)
-        await agent.open()
-        agents.append(agent)
-        return agent
-
-    yield make
-    for agent in agents:
-        await agent.close()
 
 
 def task_bitmaps(vm: stack.TestVm) -> dict[str, list[str]]:
@@ -146,7 +117,7 @@ async def test_snapshot_between_backups_loses_nothing_api_and_client(
         second = await backup(agent, vm, dest)
         assert {d["mode"] for d in second["disks"]} == {"incremental"}
         for name, want_data in ((first["name"], before), (second["name"], model)):
-            got = await restore(dest, name, out)
+            got = await restored_disks(dest, name, out)
             assert got == {v: bytes(d) for v, d in want_data.items()}, name
     finally:
         await agent.close()
@@ -160,41 +131,6 @@ async def backup(agent: AgentProcess, vm: stack.TestVm, dest: Path) -> dict[str,
     cp = dict(manifest["checkpoints"][-1])
     cp["taskUuid"] = manifest["taskUuid"]
     return cp
-
-
-async def restore(dest: Path, checkpoint: str, out: Path) -> dict[str, bytes]:
-    """`cbt-agent restore` of one checkpoint; each disk's raw content, by volume uuid."""
-    await cli("restore", "--dest", str(dest), "--checkpoint", checkpoint, "--out", str(out))
-    disks: dict[str, bytes] = {}
-    for image in await asyncio.to_thread(lambda: sorted(out.glob("*.qcow2"))):
-        raw = image.with_suffix(".raw")
-        await run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(image), str(raw))
-        disks[image.stem] = await asyncio.to_thread(raw.read_bytes)
-        await asyncio.to_thread(raw.unlink)
-        await asyncio.to_thread(image.unlink)
-    return disks
-
-
-async def cli(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cbt_agent",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, f"cbt-agent {args[0]} failed:\n{out.decode()}\n{err.decode()}"
-    return out.decode()
-
-
-async def run(*cmd: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    _out, err = await proc.communicate()
-    assert proc.returncode == 0, f"{cmd}: {err.decode()}"
 
 
 # ---- libvirt's block jobs keep the change set exact --------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,10 @@ from typing import Any
 import guest
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, free_port, write_config
+from agentproc import TOKEN, AgentProcess, cli, free_port, restored_images, write_config
 from cbtharness import Agent
 
 from cbt_agent import commands
-from cbt_agent.config import parse_config
 from cbt_agent.engine.reconcile import reconcile
 from cbt_agent.errors import CbtError
 from cbt_agent.model import TaskStatus
@@ -69,46 +67,6 @@ async def agent_proc(tmp_path: Path, qmp_socket_template: str) -> AsyncIterator[
         yield proc
     finally:
         await proc.close()
-
-
-@pytest.fixture
-async def make_agent(
-    tmp_path: Path, qmp_socket_template: str
-) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
-    agents: list[Agent] = []
-
-    async def make(step: Callable[[str], Awaitable[None]] | None = None) -> Agent:
-        config = parse_config(
-            {
-                "api": {"tokens": ["t"]},
-                "state": {"dir": str(tmp_path / "state")},
-                "libvirt": {"uri": stack.LIBVIRT_URI},
-                "qmp": {"socket_template": qmp_socket_template},
-                "nbd": {"listen": "127.0.0.1", "port_range": "11000:11049"},
-            }
-        )
-        agent = Agent(config, step)
-        await agent.open()
-        agents.append(agent)
-        return agent
-
-    yield make  # each test has its own state directory: its own task for the shared guest
-    for agent in agents:
-        await agent.close()
-
-
-async def cli(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cbt_agent",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 300)
-    assert proc.returncode == 0, f"cbt-agent {args[0]} failed:\n{out.decode()}\n{err.decode()}"
-    return out.decode()
 
 
 def files_in_guest(vm: stack.TestVm) -> dict[str, str]:
@@ -164,8 +122,7 @@ async def test_quiesced_backups_restore_to_filesystems_that_boot(
     try:
         for name in expected:
             out = tmp_path / name
-            await cli("restore", "--dest", str(dest), "--checkpoint", name, "--out", str(out))
-            [restored] = list(out.glob("*.qcow2"))
+            [restored] = await restored_images(dest, name, out)
             await fsck_clean(restored)
             vms.append(
                 await asyncio.to_thread(guest.make_guest_vm, image, out / "vm", root=restored)
@@ -197,7 +154,7 @@ async def test_quiesce_failure_paths_always_thaw(
                 "block-dirty-bitmap-add", {"node": node[0], "name": exports[0].checkpoint}
             )
 
-    agent = await make_agent(step=hook)
+    agent = await make_agent(step=hook, ports="11000:11049")
     task = await agent.create(vm)
     node.append(vm.node_name(vm.volumes[0].volume_uuid))
     quiesced = commands.enable_task(task, {"params": {}, "systemTags": ["quiesce::true"]})
@@ -235,7 +192,7 @@ async def test_without_a_guest_agent_auto_is_crash_consistent_and_always_fails(
     vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
 ) -> None:
     vm = vm_factory(disks_mib=[16])  # no OS, no guest agent channel
-    agent = await make_agent()
+    agent = await make_agent(ports="11000:11049")
     task = await agent.create(vm)
     info = (await agent.enable(task))[0]  # [checkpoints] quiesce = "auto" by default
     assert info["quiesced"] is False
@@ -297,9 +254,7 @@ async def test_fstrim_makes_no_data_in_the_incremental(
     data = sum(m["length"] for m in mapping if m["data"] and m["depth"] == 0)
     assert data < 4 << 20, f"{data} bytes of data in the incremental"
     # and the restore is a clean filesystem
-    out = tmp_path / "out"
-    await cli("restore", "--dest", str(dest), "--checkpoint", inc["name"], "--out", str(out))
-    [restored] = list(out.glob("*.qcow2"))
+    [restored] = await restored_images(dest, inc["name"], tmp_path / "out")
     await fsck_clean(restored)
 
 

@@ -13,19 +13,17 @@ import contextlib
 import json
 import os
 import signal
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, free_port, write_config
+from agentproc import TOKEN, AgentProcess, cli, free_port, restored_disks, write_config
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs
 from qemu.qmp import QMPClient
 
 from cbt_agent import commands
-from cbt_agent.config import parse_config
 from cbt_agent.hypervisor.libvirt import VmEvent, VmEventKind
 from cbt_agent.model import FULL_NONE_HANDED_OUT, TaskStatus
 from cbt_agent.qemu import images
@@ -37,32 +35,6 @@ pytestmark = pytest.mark.stack
 KIB = 1024
 MIB = 1 << 20
 G = 64 * KIB
-
-
-async def cli(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cbt_agent",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, f"cbt-agent {args[0]} failed:\n{out.decode()}\n{err.decode()}"
-    return out.decode()
-
-
-async def restored(dest: Path, checkpoint: str, out: Path) -> dict[str, bytes]:
-    await cli("restore", "--dest", str(dest), "--checkpoint", checkpoint, "--out", str(out))
-    disks: dict[str, bytes] = {}
-    for image in await asyncio.to_thread(lambda: sorted(out.glob("*.qcow2"))):
-        raw = image.with_suffix(".raw")
-        await images.run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw))
-        disks[image.stem] = await asyncio.to_thread(raw.read_bytes)
-        await asyncio.to_thread(raw.unlink)
-        await asyncio.to_thread(image.unlink)
-    return disks
 
 
 def agent_process(tmp_path: Path, name: str, qmp_template: str, ports: str) -> AgentProcess:
@@ -122,7 +94,7 @@ async def test_new_host_adopts_the_task_and_the_next_backup_is_incremental_and_e
         # exactly the two clusters written since the last backup, one per disk
         assert disks[v0]["copiedBytes"] == G and disks[v1]["copiedBytes"] == G
         for name, want in snapshots.items():
-            assert await restored(dest, name, out) == want, name
+            assert await restored_disks(dest, name, out) == want, name
 
         # the new host's history says where the chain was found
         text = await cli("tasks", "--config", str(new.config), task, "--json")
@@ -140,38 +112,12 @@ async def test_new_host_adopts_the_task_and_the_next_backup_is_incremental_and_e
 # ---- (c) the database lost while tracking -------------------------------------------------------
 
 
-@pytest.fixture
-async def make_agent(
-    tmp_path: Path, qmp_socket_template: str
-) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
-    agents: list[Agent] = []
-
-    async def make() -> Agent:
-        config = parse_config(
-            {
-                "api": {"tokens": ["t"]},
-                "state": {"dir": str(tmp_path / "state")},
-                "libvirt": {"uri": stack.LIBVIRT_URI},
-                "qmp": {"socket_template": qmp_socket_template},
-                "nbd": {"listen": "127.0.0.1", "port_range": "11150:11199"},
-            }
-        )
-        agent = Agent(config)
-        await agent.open()
-        agents.append(agent)
-        return agent
-
-    yield make
-    for agent in agents:
-        await agent.close()
-
-
 async def test_a_lost_database_costs_nothing_with_resource_uuid(
     vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
 ) -> None:
     vm = vm_factory(disks_mib=[16, 16])
     (v0, _, size0), (v1, _, _) = vm.volumes
-    agent = await make_agent()
+    agent = await make_agent(ports="11150:11199")
     task = await agent.create(vm)
     names = []
     for i in range(3):
@@ -183,7 +129,7 @@ async def test_a_lost_database_costs_nothing_with_resource_uuid(
     # the VM is shut off meanwhile: the chain is read from the image files
     await asyncio.to_thread(vm.shutdown)
 
-    fresh = await make_agent()
+    fresh = await make_agent(ports="11150:11199")
     body = {"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid, "resourceUuid": task}}
     created = await fresh.service.create(commands.create_task(body))
     assert created["inventory"]["uuid"] == task
@@ -217,13 +163,13 @@ async def test_default_enable_after_adoption_is_full_saying_what_to_pass(
     vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
 ) -> None:
     vm = vm_factory(disks_mib=[16])
-    agent = await make_agent()
+    agent = await make_agent(ports="11150:11199")
     task = await agent.create(vm)
     await agent.enable(task)
     await agent.disable(task)
     await agent.close()
     await asyncio.to_thread(agent.config.db_path.unlink)
-    fresh = await make_agent()
+    fresh = await make_agent(ports="11150:11199")
     body = {"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid, "resourceUuid": task}}
     await fresh.service.create(commands.create_task(body))
     info = (await fresh.enable(task))[0]
@@ -240,7 +186,7 @@ async def test_source_host_lets_go_and_delete_keeps_the_disks_bitmaps(
     """libvirt cannot migrate on one host: the event it sends on the source (stopped,
     migrated) is handed to the agent as libvirt would, with the VM gone from QEMU here."""
     vm = vm_factory(disks_mib=[16])
-    agent = await make_agent()
+    agent = await make_agent(ports="11150:11199")
     task = await agent.create(vm)
     name = (await agent.enable(task))[0]["bitmapName"]
     await asyncio.to_thread(vm.shutdown)  # QEMU gone from this host; the images stay shared
