@@ -246,8 +246,9 @@ def chain_sources(
     the live checkpoint just before the base on this disk (None: there is none). A bitmap
     records writes to its layer only from when it is made (a checkpoint, or libvirt's empty
     copy onto a new snapshot overlay of the bitmap recording then), so the union of the
-    task's bitmaps base .. latest over every layer never holds a write from before the base:
-    all of them are merged. Whether they hold every write since it is what the rest checks:
+    task's bitmaps base .. latest over the layers that took writes since the base never holds a
+    write from before it: all of them are merged. Whether they hold every write since it is
+    what the rest checks:
     the top must hold the latest bitmap; on each layer the bitmaps run unbroken back from the
     one it must hold; where the run stops at j above the base, the layer was made while j
     recorded, so the layer below must hold j (it took the writes of j's time until then).
@@ -266,6 +267,7 @@ def chain_sources(
     need = len(names) - 1
     required = True
     missing: str | None = None
+    walked = 0  # the layers that took writes since the base: the top and those it needs
     for depth, layer in enumerate(layers):
         if names[need] not in layer.bitmaps:
             if depth == 0:
@@ -279,6 +281,7 @@ def chain_sources(
             break
         if layer.size != layers[0].size:
             return FULL_LAYER_SIZE.format(image=layer.filename, old=layer.size, new=layers[0].size)
+        walked = depth + 1
         j = need
         while j >= 0 and names[j] in layer.bitmaps:
             j -= 1
@@ -293,7 +296,7 @@ def chain_sources(
         return FULL_MISSING.format(bitmap=missing)
     return tuple(
         (layer.node, name)
-        for layer in layers
+        for layer in layers[:walked]
         for name in reversed(names)
         if name in wanted and name in layer.bitmaps
     )
