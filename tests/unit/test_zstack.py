@@ -1059,3 +1059,27 @@ def test_new_uuid_form_and_uniqueness() -> None:
         assert len(u) == 32
         assert u == u.lower()
         assert "-" not in u
+
+
+@pytest.mark.timeout(10)  # the regex it replaced ran for minutes on the last cases
+def test_like_matches_as_sql_like_does_without_backtracking() -> None:
+    """LikePattern against a regex translation of LIKE on many small random cases, and the
+    pattern that made the regex run for minutes (``%`` * 40 then a literal that never comes)."""
+    import random
+    import re
+
+    from cbt_agent.api.zstack import LikePattern
+
+    def regex(pattern: str) -> re.Pattern[str]:
+        parts = [".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern]
+        return re.compile("".join(parts), re.DOTALL)
+
+    rng = random.Random(7)
+    for _ in range(5000):
+        pattern = "".join(rng.choice("ab%_") for _ in range(rng.randrange(0, 7)))
+        value = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 8)))
+        want = regex(pattern).fullmatch(value) is not None
+        assert LikePattern(pattern).matches(value) is want, (pattern, value)
+    assert not LikePattern("%" * 40 + "!").matches("a" * 255)
+    assert not LikePattern("%a_" * 20 + "!").matches("a" * 255)
+    assert LikePattern("%a_" * 20 + "!").matches("ab" * 60 + "!")
