@@ -514,7 +514,11 @@ def _paths(prefix: str) -> Schema:
                 "minItems": 1,
                 "maxItems": 1,
             },
-            "resourceUuid": _uuid("the new task's uuid, chosen by the caller"),
+            "resourceUuid": _uuid(
+                "the new task's uuid, chosen by the caller; when the VM's disks carry bitmaps "
+                "of a task with this uuid (the VM came from another host, or the agent lost its "
+                "database), that task is adopted with the checkpoints they hold"
+            ),
             "tagUuids": {"type": "array", "items": _uuid("a tag")},
         },
         "additionalProperties": True,
