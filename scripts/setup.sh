@@ -55,7 +55,8 @@ for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/li
 done
 log "installing the agent into .venv"
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e ".[dev]"
+# every version exactly as the suite last passed with it (constraints.txt)
+.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
 .venv/bin/python -c 'import nbd, libvirt, qemu.qmp, aiohttp, sqlite_utils' \
   || { echo "python dependencies did not import" >&2; exit 1; }
 log "ready: .venv/bin/cbt-agent"
