@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -76,6 +77,11 @@ class Checkpoint:
 
     def top_of(self, volume_uuid: str) -> str | None:
         return dict(self.tops).get(volume_uuid)
+
+
+def new_uuid() -> str:
+    """A fresh ZStack uuid (32 lowercase hex digits)."""
+    return uuid.uuid4().hex
 
 
 def checkpoint_name(task_uuid: str, seq: int) -> str:

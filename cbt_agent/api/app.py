@@ -20,6 +20,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from cbt_agent import __version__, commands
 from cbt_agent.api import openapi, zstack
+from cbt_agent.api.jobs import Jobs
 from cbt_agent.config import Config
 from cbt_agent.engine.checkpoints import StepHook
 from cbt_agent.engine.reconcile import reconcile
@@ -32,6 +33,7 @@ from cbt_agent.store import ApiJob, Store, SyncStore
 log = logging.getLogger(__name__)
 
 SERVICE: web.AppKey[CbtService] = web.AppKey("service", CbtService)
+JOBS: web.AppKey[Jobs] = web.AppKey("jobs", Jobs)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 PREFIXES = ("/zstack/v1", "/v1")
 JOB_UUID = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -151,9 +153,9 @@ async def _submit(
     async def operation() -> dict[str, Any]:
         return await run(build())
 
-    service = request.app[SERVICE]
     want_schema = "X-JSON-Schema" in request.headers
-    if not await service.submit(job_uuid, api, operation, task_uuid, want_schema, webhook):
+    jobs = request.app[JOBS]
+    if not await jobs.submit(job_uuid, api, operation, task_uuid, want_schema, webhook):
         return _plain(400, f"Duplicate job uuid[{job_uuid}]")
     return _json({"location": _location(request, job_uuid)}, 202)
 
@@ -443,8 +445,11 @@ def make_app(config: Config, *, step: StepHook | None = None) -> web.Application
         await hypervisor.open()
         router = QmpRouter(config.qmp_socket_template, hypervisor)
         service = CbtService(config, store, hypervisor, router, step=step)
+        jobs = Jobs(config, store)
         app[SERVICE] = service
+        app[JOBS] = jobs
         try:
+            await jobs.fail_unfinished()
             await reconcile(service)
             await hypervisor.watch(service.on_vm_event)
             webhooks = ClientSession()
@@ -456,18 +461,18 @@ def make_app(config: Config, *, step: StepHook | None = None) -> web.Application
                     deliveries.add(t)
                     t.add_done_callback(deliveries.discard)
 
-            service.on_job_done = on_job_done
-            expiry = asyncio.create_task(service.expire_jobs_forever(), name="job-expiry")
+            jobs.on_done = on_job_done
+            expiry = asyncio.create_task(jobs.expire_forever(), name="job-expiry")
             try:
                 yield
             finally:
                 expiry.cancel()
-                await service.drain()
+                await jobs.drain()
                 for t in list(deliveries):
                     t.cancel()
                 await webhooks.close()
         finally:
-            await service.drain()
+            await jobs.drain()
             await router.close()
             await hypervisor.close()
             await store.close()

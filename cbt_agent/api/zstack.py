@@ -21,7 +21,6 @@ HTTP layer answers with a plain-text 400, as ZStack does.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from cbt_agent.errors import CbtError, InvalidArgument
+from cbt_agent.model import new_uuid
 
 __all__ = [
     "CBT_SCHEMA_CLASSES",
@@ -628,11 +628,6 @@ _UUID_RE: Final = re.compile(r"[0-9a-fA-F]{32}")
 def is_uuid(s: str) -> bool:
     """True for a ZStack uuid: 32 hex digits (either case), no dashes."""
     return isinstance(s, str) and _UUID_RE.fullmatch(s) is not None
-
-
-def new_uuid() -> str:
-    """A fresh ZStack uuid (32 lowercase hex digits)."""
-    return uuid.uuid4().hex
 
 
 def jsonable(value: Any) -> Any:

@@ -5,7 +5,6 @@
   transaction ran), otherwise it is forgotten. The task ends `Failed` with the reason.
 - A `Running` task whose exports are all still in QEMU stays usable; otherwise it is torn down.
 - A task with export rows but not Running/Starting (a Disable died) finishes its teardown.
-- Jobs still marked running can never finish: they fail with a clear error.
 - Scratch files no task refers to are removed.
 """
 
@@ -16,7 +15,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-from cbt_agent.api import zstack
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
@@ -26,17 +24,9 @@ from cbt_agent.store import SyncStore
 
 log = logging.getLogger(__name__)
 
-RESTART_ERROR = "the agent restarted before this job finished; see the task's status history"
-
 
 async def reconcile(service: CbtService) -> None:
     store = service.store
-    for job in await store.run(SyncStore.running_jobs):
-        await store.run(
-            SyncStore.finish_job,
-            job.uuid,
-            error=zstack.error_code(zstack.SYS_OPERATION, "An operation failed", RESTART_ERROR),
-        )
     for task in await store.run(SyncStore.list_tasks):
         try:
             await _reconcile_task(service, task)

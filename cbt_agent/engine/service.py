@@ -11,12 +11,10 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from cbt_agent import commands
-from cbt_agent.api import zstack
 from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext, StepHook
@@ -28,11 +26,18 @@ from cbt_agent.errors import (
     QmpInterrupted,
 )
 from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInfo
-from cbt_agent.model import TRACKING_LOST, CbtTask, Checkpoint, TaskStatus, found_checkpoints
+from cbt_agent.model import (
+    TRACKING_LOST,
+    CbtTask,
+    Checkpoint,
+    TaskStatus,
+    found_checkpoints,
+    new_uuid,
+)
 from cbt_agent.qemu import blockdev, images
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
-from cbt_agent.store import ApiJob, ResourceRef, Store, SyncStore
+from cbt_agent.store import ResourceRef, Store, SyncStore
 
 log = logging.getLogger(__name__)
 
@@ -94,71 +99,6 @@ class CbtService:
         self.qmp = qmp
         self.step = step
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        # called with each finished job (the app delivers X-Web-Hook results with it)
-        self.on_job_done: Callable[[ApiJob], Awaitable[None]] | None = None
-        self._jobs: set[asyncio.Task[None]] = set()
-
-    # -- jobs ------------------------------------------------------------------------------------
-
-    async def submit(
-        self,
-        job_uuid: str,
-        api: str,
-        operation: Callable[[], Awaitable[Result]],
-        task_uuid: str | None = None,
-        want_schema: bool = False,
-        webhook: str | None = None,
-    ) -> bool:
-        """Record a job and run `operation` in the background; False if the job uuid is taken."""
-        if not await self.store.run(
-            SyncStore.create_job, job_uuid, api, task_uuid, want_schema, webhook
-        ):
-            return False
-        job = asyncio.create_task(self._run_job(job_uuid, api, operation), name=f"job-{job_uuid}")
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
-        return True
-
-    async def _run_job(
-        self, job_uuid: str, api: str, operation: Callable[[], Awaitable[Result]]
-    ) -> None:
-        try:
-            result = await operation()
-        except CbtError as e:
-            log.info("job %s %s failed: %s", job_uuid, api, e.message)
-            await self.store.run(
-                SyncStore.finish_job, job_uuid, error=zstack.error_from_exception(e)
-            )
-        except Exception as e:
-            log.exception("job %s %s failed unexpectedly", job_uuid, api)
-            error = zstack.error_code(
-                zstack.SYS_INTERNAL, "An internal error happened", f"{type(e).__name__}: {e}"
-            )
-            await self.store.run(SyncStore.finish_job, job_uuid, error=error)
-        else:
-            await self.store.run(SyncStore.finish_job, job_uuid, result=zstack.jsonable(result))
-        if self.on_job_done is not None:
-            job = await self.store.run(SyncStore.get_job, job_uuid)
-            if job is not None:
-                await self.on_job_done(job)
-
-    async def expire_jobs(self) -> int:
-        """Forget finished jobs older than `[jobs] keep_seconds`; returns how many."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.config.jobs.keep_seconds)
-        return await self.store.run(SyncStore.expire_jobs, cutoff)
-
-    async def expire_jobs_forever(self) -> None:
-        interval = min(3600.0, self.config.jobs.keep_seconds / 10)
-        while True:
-            removed = await self.expire_jobs()
-            if removed:
-                log.info("expired %d finished api jobs", removed)
-            await asyncio.sleep(interval)
-
-    async def drain(self) -> None:
-        """Wait for running jobs (graceful shutdown)."""
-        if self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -212,7 +152,7 @@ class CbtService:
                 found, reason = await self._found_on_disks(vm, cmd.resource_uuid)
             task = await self.store.run(
                 SyncStore.create_task,
-                cmd.resource_uuid or zstack.new_uuid(),
+                cmd.resource_uuid or new_uuid(),
                 cmd.name,
                 cmd.description,
                 cmd.vm_uuid,

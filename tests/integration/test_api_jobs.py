@@ -14,7 +14,7 @@ from aiohttp import web
 from apiharness import CBT_TASK, Api, P, assert_error, assert_plain
 
 from cbt_agent.api import app as app_module
-from cbt_agent.api.app import SERVICE
+from cbt_agent.api.app import JOBS
 from cbt_agent.config import Config
 from cbt_agent.store import SyncStore
 
@@ -116,13 +116,13 @@ async def test_finished_jobs_expire(api: Api, vm_factory: Callable[..., stack.Te
         "POST", f"{P}/cbt-task/create", {"params": {"name": "n", "vmInstanceUuid": vm.vm_uuid}}
     )
     assert r.status == 200
-    service = api.client.server.app[SERVICE]
-    assert await service.expire_jobs() == 0  # a fresh job is kept
+    jobs = api.client.server.app[JOBS]
+    assert await jobs.expire() == 0  # a fresh job is kept
     old = (datetime.now(UTC) - timedelta(days=30)).isoformat()
-    await service.store.run(lambda s: s.db.execute("UPDATE api_jobs SET finished = ?", (old,)))
-    assert await service.expire_jobs() == 1
+    await jobs.store.run(lambda s: s.db.execute("UPDATE api_jobs SET finished = ?", (old,)))
+    assert await jobs.expire() == 1
     assert api.counts()["api_jobs"] == 0
-    assert await service.store.run(SyncStore.list_tasks) != []  # the task itself stays
+    assert await jobs.store.run(SyncStore.list_tasks) != []  # the task itself stays
 
 
 @pytest.mark.parametrize("api_path", ["exportvolume", "unexportvolume"])

@@ -1,0 +1,107 @@
+"""API jobs: every asynchronous call (Create, Enable, Disable, Delete) runs as a job recorded in
+SQLite, its result or ZStack ErrorCode kept for polling and for its X-Web-Hook.
+
+The engine's operations return plain results and raise the CbtError tree; turning those into
+ZStack's JSON and ErrorCodes happens here, at the boundary, never in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cbt_agent.api import zstack
+from cbt_agent.config import Config
+from cbt_agent.errors import CbtError
+from cbt_agent.store import ApiJob, Store, SyncStore
+
+log = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+RESTART_ERROR = "the agent restarted before this job finished; see the task's status history"
+
+
+class Jobs:
+    """Runs operations as api jobs in the background and records how each ended."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        # called with each finished job (the app delivers X-Web-Hook results with it)
+        self.on_done: Callable[[ApiJob], Awaitable[None]] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(
+        self,
+        job_uuid: str,
+        api: str,
+        operation: Callable[[], Awaitable[Result]],
+        task_uuid: str | None = None,
+        want_schema: bool = False,
+        webhook: str | None = None,
+    ) -> bool:
+        """Record a job and run `operation` in the background; False if the job uuid is taken."""
+        if not await self.store.run(
+            SyncStore.create_job, job_uuid, api, task_uuid, want_schema, webhook
+        ):
+            return False
+        job = asyncio.create_task(self._run(job_uuid, api, operation), name=f"job-{job_uuid}")
+        self._running.add(job)
+        job.add_done_callback(self._running.discard)
+        return True
+
+    async def _run(
+        self, job_uuid: str, api: str, operation: Callable[[], Awaitable[Result]]
+    ) -> None:
+        try:
+            result = await operation()
+        except CbtError as e:
+            log.info("job %s %s failed: %s", job_uuid, api, e.message)
+            await self.store.run(
+                SyncStore.finish_job, job_uuid, error=zstack.error_from_exception(e)
+            )
+        except Exception as e:
+            log.exception("job %s %s failed unexpectedly", job_uuid, api)
+            error = zstack.error_code(
+                zstack.SYS_INTERNAL, "An internal error happened", f"{type(e).__name__}: {e}"
+            )
+            await self.store.run(SyncStore.finish_job, job_uuid, error=error)
+        else:
+            await self.store.run(SyncStore.finish_job, job_uuid, result=zstack.jsonable(result))
+        if self.on_done is not None:
+            job = await self.store.run(SyncStore.get_job, job_uuid)
+            if job is not None:
+                await self.on_done(job)
+
+    async def fail_unfinished(self) -> int:
+        """At start, before the API listens: jobs still marked running can never finish (the
+        agent that ran them is gone); they fail with a clear error. Returns how many."""
+        unfinished = await self.store.run(SyncStore.running_jobs)
+        for job in unfinished:
+            await self.store.run(
+                SyncStore.finish_job,
+                job.uuid,
+                error=zstack.error_code(zstack.SYS_OPERATION, "An operation failed", RESTART_ERROR),
+            )
+        return len(unfinished)
+
+    async def expire(self) -> int:
+        """Forget finished jobs older than `[jobs] keep_seconds`; returns how many."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.config.jobs.keep_seconds)
+        return await self.store.run(SyncStore.expire_jobs, cutoff)
+
+    async def expire_forever(self) -> None:
+        interval = min(3600.0, self.config.jobs.keep_seconds / 10)
+        while True:
+            removed = await self.expire()
+            if removed:
+                log.info("expired %d finished api jobs", removed)
+            await asyncio.sleep(interval)
+
+    async def drain(self) -> None:
+        """Wait for running jobs (graceful shutdown)."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)

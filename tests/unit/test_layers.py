@@ -1,0 +1,47 @@
+"""The house's arrows run one way: nothing below the API imports from it (the engine speaks the
+domain; ZStack's JSON, ErrorCodes and api-jobs live in cbt_agent/api/)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "cbt_agent"
+BELOW_THE_API = ["engine", "qemu", "hypervisor", "store.py", "model.py", "errors.py", "config.py"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_module_below_the_api_imports_from_it() -> None:
+    offenders: list[str] = []
+    for entry in BELOW_THE_API:
+        root = PACKAGE / entry
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        assert files, entry
+        for path in files:
+            bad = sorted(
+                m
+                for m in imported_modules(path)
+                if m == "cbt_agent.api" or m.startswith("cbt_agent.api.")
+            )
+            if bad:
+                offenders.append(f"{path.relative_to(PACKAGE)}: {', '.join(bad)}")
+    assert offenders == []
+
+
+def test_the_check_sees_an_offender(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from cbt_agent.api import zstack\nimport cbt_agent.api.jobs\n")
+    assert {"cbt_agent.api", "cbt_agent.api.zstack", "cbt_agent.api.jobs"} <= imported_modules(
+        module
+    )
