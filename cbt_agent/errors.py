@@ -48,13 +48,17 @@ class HypervisorError(CbtError):
 
 
 class QmpCommandError(HypervisorError):
-    """A QMP command failed; carries what was sent and what came back."""
+    """A QMP command failed; carries what was sent and what came back: QMP's `error_class`
+    (GenericError, DeviceNotFound, DeviceNotActive, ...) and its description."""
 
-    def __init__(self, command: str, arguments: object, reply: str) -> None:
-        super().__init__(f"QMP {command} failed: {reply} (arguments: {arguments})")
+    def __init__(
+        self, command: str, arguments: object, reply: str, error_class: str = "GenericError"
+    ) -> None:
+        super().__init__(f"QMP {command} failed: {error_class}: {reply} (arguments: {arguments})")
         self.command = command
         self.arguments = arguments
         self.reply = reply
+        self.error_class = error_class
 
 
 class QmpInterrupted(HypervisorError):

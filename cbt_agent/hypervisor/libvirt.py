@@ -427,7 +427,8 @@ class Hypervisor:
         if "error" in reply:
             err = reply["error"]
             desc = err.get("desc", str(err)) if isinstance(err, dict) else str(err)
-            raise QmpCommandError(name, arguments, str(desc))
+            cls = err.get("class", "GenericError") if isinstance(err, dict) else "GenericError"
+            raise QmpCommandError(name, arguments, str(desc), str(cls))
         return reply.get("return")
 
     async def hmp(self, vm_uuid: str, command_line: str) -> str:

@@ -191,6 +191,13 @@ def bitmaps_of(node: dict[str, Any] | None) -> dict[str, BitmapState]:
 
 
 def _gone(e: QmpCommandError, *needles: str) -> bool:
+    """Whether QEMU refused because the thing is not there (or, with `needles`, one of these
+    states). QMP says DeviceNotFound / DeviceNotActive for some; most answers are GenericError
+    and only their text tells, so the text is matched too."""
+    if e.error_class in ("DeviceNotFound", "DeviceNotActive") and any(
+        n in ("not found", "cannot find", "no active block job") for n in needles
+    ):
+        return True
     text = e.reply.lower()
     return any(n in text for n in needles)
 

@@ -65,7 +65,9 @@ class SocketQmp:
                     self._client.execute(command, arguments), COMMAND_TIMEOUT
                 )
             except ExecuteError as e:
-                raise QmpCommandError(command, dict(arguments or {}), str(e)) from None
+                raise QmpCommandError(
+                    command, dict(arguments or {}), str(e), e.error_class
+                ) from None
             except (ExecInterruptedError, StateError, ConnectionError, TimeoutError) as e:
                 raise QmpInterrupted(
                     f"QMP {command} on {self.path} was interrupted: {e or type(e).__name__}"

@@ -415,3 +415,20 @@ async def test_disks_added_resized_and_removed(
         [v1, v2]
     )
     await agent.disable(task)
+
+
+async def test_qmp_errors_keep_their_class_on_the_held_socket(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    from cbt_agent.errors import QmpCommandError
+
+    vm = vm_factory(disks_mib=[16])
+    agent = await make_agent()
+    qmp = await agent.router.channel(vm.vm_uuid)
+    assert qmp.kind == "socket"
+    with pytest.raises(QmpCommandError) as err:
+        await qmp.execute("block-job-cancel", {"device": "cbtjob-none"})
+    assert (err.value.command, err.value.error_class) == ("block-job-cancel", "DeviceNotActive")
+    with pytest.raises(QmpCommandError) as err:
+        await qmp.execute("no-such-command")
+    assert err.value.error_class == "CommandNotFound"

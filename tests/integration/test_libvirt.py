@@ -89,8 +89,10 @@ async def test_qmp_passthrough_error(vm_factory: VmFactory, hypervisor: Hypervis
     assert ei.value.command == "block-dirty-bitmap-add"
     assert ei.value.arguments == args
     assert "nope" in ei.value.reply
-    with pytest.raises(QmpCommandError, match="not been found"):
+    assert ei.value.error_class == "GenericError"
+    with pytest.raises(QmpCommandError, match="not been found") as ei:
         await hypervisor.qmp_passthrough(vm.vm_uuid, {"execute": "no-such-command"})
+    assert ei.value.error_class == "CommandNotFound"  # QMP's class, kept
 
 
 async def test_no_extra_socket_passthrough_works(
