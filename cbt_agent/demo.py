@@ -250,6 +250,20 @@ async def _stop_agent(agent: asyncio.subprocess.Process | None, api: Api | None)
             await agent.wait()
 
 
+async def _remove(hv: Hypervisor, dom: Any, work: Path, keep: bool) -> None:
+    """Stop and undefine the demo's domain, close libvirt, remove (or keep) the work dir."""
+    if dom is not None:
+        with contextlib.suppress(Exception):
+            if await asyncio.to_thread(dom.isActive):
+                await asyncio.to_thread(dom.destroy)
+            await asyncio.to_thread(dom.undefine)
+    await hv.close()
+    if keep:
+        say(f"(kept {work})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 async def run_demo(keep: bool = False) -> int:
     work = Path(tempfile.mkdtemp(prefix="cbt-demo-", dir="/var/tmp"))
     os.chmod(work, 0o700)
@@ -359,18 +373,12 @@ async def run_demo(keep: bool = False) -> int:
         return 0
     finally:
         await _stop_agent(agent, api)
+        dom = None
         if defined:
             conn = await hv.connection()
             with contextlib.suppress(Exception):
                 dom = await asyncio.to_thread(conn.lookupByName, vm_uuid)
-                if await asyncio.to_thread(dom.isActive):
-                    await asyncio.to_thread(dom.destroy)
-                await asyncio.to_thread(dom.undefine)
-        await hv.close()
-        if keep:
-            say(f"(kept {work})")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        await _remove(hv, dom, work, keep)
 
 
 def _guest_agent(dom: Any, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -466,16 +474,7 @@ async def run_guest_demo(image: Path, keep: bool = False) -> int:
         return 0
     finally:
         await _stop_agent(agent, api)
-        if dom is not None:
-            with contextlib.suppress(Exception):
-                if await asyncio.to_thread(dom.isActive):
-                    await asyncio.to_thread(dom.destroy)
-                await asyncio.to_thread(dom.undefine)
-        await hv.close()
-        if keep:
-            say(f"(kept {work})")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        await _remove(hv, dom, work, keep)
 
 
 def main() -> None:
