@@ -121,14 +121,6 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     return body
 
 
-async def _authenticated_body(request: web.Request) -> dict[str, Any] | web.Response:
-    """The caller is checked before the body is looked at: an unknown caller learns nothing."""
-    denied = _authenticate(request)
-    if denied is not None:
-        return denied
-    return await _body(request)
-
-
 async def _submit(
     request: web.Request,
     api: str,
@@ -137,9 +129,6 @@ async def _submit(
     task_uuid: str | None = None,
 ) -> web.Response:
     """Start an asynchronous API: validation and work both happen inside the job."""
-    denied = _authenticate(request)
-    if denied is not None:
-        return denied
     job_uuid = request.headers.get("X-Job-UUID")
     if job_uuid is not None and not JOB_UUID.match(job_uuid):
         return _plain(400, f"invalid X-Job-UUID[{job_uuid[:64]}]: must be 32 hex characters")
@@ -213,7 +202,7 @@ async def deliver_webhook(session: ClientSession, job: ApiJob) -> None:
 
 
 async def create_task(request: web.Request) -> web.Response:
-    body = await _authenticated_body(request)
+    body = await _body(request)
     if isinstance(body, web.Response):
         return body
     service = request.app[SERVICE]
@@ -223,7 +212,7 @@ async def create_task(request: web.Request) -> web.Response:
 
 
 async def enable_task(request: web.Request) -> web.Response:
-    body = await _authenticated_body(request)
+    body = await _body(request)
     if isinstance(body, web.Response):
         return body
     uuid = request.match_info["uuid"]
@@ -234,7 +223,7 @@ async def enable_task(request: web.Request) -> web.Response:
 
 
 async def disable_task(request: web.Request) -> web.Response:
-    body = await _authenticated_body(request)
+    body = await _body(request)
     if isinstance(body, web.Response):
         return body
     uuid = request.match_info["uuid"]
@@ -256,9 +245,6 @@ async def delete_task(request: web.Request) -> web.Response:
 
 
 async def query_tasks(request: web.Request) -> web.Response:
-    denied = _authenticate(request)
-    if denied is not None:
-        return denied
     try:
         conditions = zstack.parse_conditions(request.query.getall("q", []))
     except zstack.QuerySyntaxError as e:
@@ -304,9 +290,6 @@ MAX_AREAS = 10_000  # changed areas in one reply: a 1 TiB disk never builds a gi
 
 async def changed_areas(request: web.Request) -> web.Response:
     """Extension: the changed areas of one disk of a Running task (QueryChangedDiskAreas)."""
-    denied = _authenticate(request)
-    if denied is not None:
-        return denied
     q = request.query
     try:
         task_uuid = commands.require_uuid(request.match_info["uuid"], "uuid")
@@ -326,9 +309,6 @@ async def changed_areas(request: web.Request) -> web.Response:
 async def api_job(request: web.Request) -> web.Response:
     # a result holds NBD endpoints: only known callers may read it (ZStack's SDK sends the
     # session on polls too)
-    denied = _authenticate(request)
-    if denied is not None:
-        return denied
     job_uuid = request.match_info["uuid"]
     if not JOB_UUID.match(job_uuid):
         return _plain(404, f"no job[uuid: {job_uuid[:64]}]")
@@ -344,7 +324,7 @@ async def api_job(request: web.Request) -> web.Response:
 async def unsupported(request: web.Request) -> web.Response:
     """ZStack's ExportNbdVolumes / UnexportNbdVolumes (disks of a VM that is NOT running): not
     offered by this agent; answered as ZStack answers, through a failed job."""
-    body = await _authenticated_body(request)
+    body = await _body(request)
     if isinstance(body, web.Response):
         return body
     api = "ExportNbdVolumes" if request.path.endswith("/exportvolume") else "UnexportNbdVolumes"
@@ -369,9 +349,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    denied = _authenticate(request)
-    if denied is not None:
-        return denied
     service = request.app[SERVICE]
     items = await service.inventories()
     by_status: dict[str, int] = {}
@@ -393,6 +370,19 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route but /healthz and the OpenAPI document needs a known token, checked before
+    the handler runs (so before any body is read: an unknown caller learns nothing). A path
+    or method that does not exist stays a plain 404/405."""
+    match = request.match_info
+    if match.http_exception is None and match.handler not in _PUBLIC:
+        denied = _authenticate(request)
+        if denied is not None:
+            return denied
+    return await handler(request)
+
+
+@web.middleware
 async def never_a_traceback(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Any unexpected error becomes a ZStack SYS.1000 body, logged here with its traceback."""
     try:
@@ -406,6 +396,9 @@ async def never_a_traceback(request: web.Request, handler: Handler) -> web.Strea
         return _error(
             zstack.error_code(zstack.SYS_INTERNAL, "An internal error happened", type(e).__name__)
         )
+
+
+_PUBLIC: frozenset[Callable[..., Any]] = frozenset({healthz, openapi_document})
 
 
 def add_routes(app: web.Application) -> None:
@@ -429,53 +422,76 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
 
 
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+HYPERVISOR: web.AppKey[Hypervisor] = web.AppKey("hypervisor", Hypervisor)
+ROUTER: web.AppKey[QmpRouter] = web.AppKey("qmp_router", QmpRouter)
+
+
 def make_app(config: Config, *, step: StepHook | None = None) -> web.Application:
-    """The agent's aiohttp application: opens the store, libvirt and QMP on startup,
-    reconciles, and closes them on cleanup."""
+    """The agent's aiohttp application. Each long-lived resource has its own cleanup context,
+    opened in order on startup and closed in reverse on cleanup (also after a failed start):
+    the store, libvirt, the QMP router, the worker (unfinished jobs failed, reconcile, lifecycle
+    events; running jobs drained at the end), webhook delivery, job expiry."""
     app = web.Application(
-        client_max_size=config.api.max_body_bytes, middlewares=[never_a_traceback]
+        client_max_size=config.api.max_body_bytes,
+        middlewares=[never_a_traceback, authenticated],
     )
     app[CONFIG] = config
     add_routes(app)
 
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = Store(config.db_path)
-        await store.open()
-        hypervisor = Hypervisor(config.libvirt_uri)
-        await hypervisor.open()
-        router = QmpRouter(config.qmp_socket_template, hypervisor)
-        service = CbtService(config, store, hypervisor, router, step=step)
-        jobs = Jobs(config, store)
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        app[STORE] = Store(config.db_path)
+        await app[STORE].open()
+        yield
+        await app[STORE].close()
+
+    async def libvirt(app: web.Application) -> AsyncIterator[None]:
+        app[HYPERVISOR] = Hypervisor(config.libvirt_uri)
+        await app[HYPERVISOR].open()
+        yield
+        await app[HYPERVISOR].close()
+
+    async def qmp(app: web.Application) -> AsyncIterator[None]:
+        app[ROUTER] = QmpRouter(config.qmp_socket_template, app[HYPERVISOR])
+        yield
+        await app[ROUTER].close()
+
+    async def worker(app: web.Application) -> AsyncIterator[None]:
+        service = CbtService(config, app[STORE], app[HYPERVISOR], app[ROUTER], step=step)
+        jobs = Jobs(config, app[STORE])
         app[SERVICE] = service
         app[JOBS] = jobs
         try:
             await jobs.fail_unfinished()
             await reconcile(service)
-            await hypervisor.watch(service.on_vm_event)
-            webhooks = ClientSession()
-            deliveries: set[asyncio.Task[None]] = set()
-
-            async def on_job_done(job: ApiJob) -> None:
-                if job.webhook:
-                    t = asyncio.create_task(deliver_webhook(webhooks, job))
-                    deliveries.add(t)
-                    t.add_done_callback(deliveries.discard)
-
-            jobs.on_done = on_job_done
-            expiry = asyncio.create_task(jobs.expire_forever(), name="job-expiry")
-            try:
-                yield
-            finally:
-                expiry.cancel()
-                await jobs.drain()
-                for t in list(deliveries):
-                    t.cancel()
-                await webhooks.close()
+            await app[HYPERVISOR].watch(service.on_vm_event)
+            yield
         finally:
             await jobs.drain()
-            await router.close()
-            await hypervisor.close()
-            await store.close()
 
-    app.cleanup_ctx.append(resources)
+    async def webhooks(app: web.Application) -> AsyncIterator[None]:
+        session = ClientSession()
+        deliveries: set[asyncio.Task[None]] = set()
+
+        async def on_job_done(job: ApiJob) -> None:
+            if job.webhook:
+                t = asyncio.create_task(deliver_webhook(session, job))
+                deliveries.add(t)
+                t.add_done_callback(deliveries.discard)
+
+        app[JOBS].on_done = on_job_done
+        try:
+            yield
+        finally:
+            await app[JOBS].drain()  # their results still go out before the session closes
+            for t in list(deliveries):
+                t.cancel()
+            await session.close()
+
+    async def expiry(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(app[JOBS].expire_forever(), name="job-expiry")
+        yield
+        task.cancel()
+
+    app.cleanup_ctx.extend([store, libvirt, qmp, worker, webhooks, expiry])
     return app
