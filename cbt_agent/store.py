@@ -292,9 +292,7 @@ class SyncStore:
                 }
             )
             for c in adopted or []:
-                self.add_checkpoint(
-                    uuid, c.seq, c.name, sorted(c.volumes), dict(c.sizes), dict(c.tops)
-                )
+                self._insert_found(c)
             refs = [(vm_uuid, "VmInstanceVO")] + [(v, "VolumeVO") for v in volumes]
             for resource_uuid, kind in refs:
                 self.db.table("resource_refs").insert(
@@ -530,21 +528,19 @@ class SyncStore:
             for r in self._rows("SELECT name FROM checkpoints WHERE task_uuid = ?", (task_uuid,))
         }
 
-    def adopt_checkpoint(
-        self,
-        task_uuid: str,
-        seq: int,
-        name: str,
-        volumes: list[str],
-        sizes: dict[str, int],
-        tops: dict[str, str],
-    ) -> None:
+    def _insert_found(self, cp: Checkpoint) -> None:
+        self.add_checkpoint(
+            cp.task_uuid, cp.seq, cp.name, sorted(cp.volumes), dict(cp.sizes), dict(cp.tops)
+        )
+
+    def adopt_checkpoint(self, cp: Checkpoint) -> None:
         """Record a checkpoint found on the disks but not here (an Enable whose outcome was
         lost): it joins the chain, not handed out; later seqs are never reused."""
         with self._tx():
-            self.add_checkpoint(task_uuid, seq, name, volumes, sizes, tops)
+            self._insert_found(cp)
             self.db.execute(
-                "UPDATE tasks SET next_seq = MAX(next_seq, ?) WHERE uuid = ?", (seq + 1, task_uuid)
+                "UPDATE tasks SET next_seq = MAX(next_seq, ?) WHERE uuid = ?",
+                (cp.seq + 1, cp.task_uuid),
             )
 
     def mark_checkpoint_removed(self, task_uuid: str, name: str) -> None:

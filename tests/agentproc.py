@@ -24,13 +24,19 @@ def free_port() -> int:
 
 
 def write_config(
-    path: Path, port: int, state: Path, qmp_template: str, port_range: str = "11700:11799"
+    path: Path,
+    port: int,
+    state: Path,
+    qmp_template: str,
+    port_range: str = "11700:11799",
+    extra: str = "",
 ) -> None:
+    """The agent's config file; `extra`: more TOML appended (e.g. a [checkpoints] table)."""
     path.write_text(
         f'[api]\nlisten = "127.0.0.1:{port}"\ntokens = ["{TOKEN}"]\n'
         f'[state]\ndir = "{state}"\n[libvirt]\nuri = "{stack.LIBVIRT_URI}"\n'
         f'[qmp]\nsocket_template = "{qmp_template}"\n'
-        f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{port_range}"\n'
+        f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{port_range}"\n{extra}'
     )
 
 

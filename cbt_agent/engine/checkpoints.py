@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, Q
 from cbt_agent.hypervisor.libvirt import DiskInfo, GuestAgentUnavailable, VmInfo
 from cbt_agent.model import (
     TRACKING_LOST,
+    Checkpoint,
     DiskPlan,
     Layer,
     bitmap_base64,
@@ -28,6 +30,7 @@ from cbt_agent.model import (
     changed_bytes,
     checkpoint_name,
     checkpoint_seq,
+    found_checkpoints,
     full_bitmap,
     plan_disk,
     retention_victims,
@@ -262,6 +265,16 @@ async def refuse_block_jobs(qmp: QmpChannel, vm_uuid: str) -> None:
         )
 
 
+def found_on(task_uuid: str, views: list[DiskView]) -> list[Checkpoint]:
+    """The task's checkpoints as the running VM's disks hold them, over every layer."""
+    chains = {
+        v.disk.volume_uuid: [(layer.filename, list(layer.bitmaps)) for layer in v.chain]
+        for v in views
+    }
+    sizes = {v.disk.volume_uuid: v.dev.virtual_size for v in views}
+    return found_checkpoints(task_uuid, chains, sizes, datetime.now(UTC))
+
+
 async def adopt_unknown_checkpoints(
     store: Store, task_uuid: str, views: list[DiskView]
 ) -> list[str]:
@@ -269,29 +282,16 @@ async def adopt_unknown_checkpoints(
     whose transaction ran but whose reply was lost, or a database restored from an older
     copy) join the chain, not handed out: merged through, never a default base, never lost."""
     known = await store.run(SyncStore.known_checkpoint_names, task_uuid)
-    found: dict[str, set[str]] = {}
-    for v in views:
-        for layer in v.chain:
-            for name in layer.bitmaps:
-                if checkpoint_seq(task_uuid, name) is not None and name not in known:
-                    found.setdefault(name, set()).add(v.disk.volume_uuid)
-    adopted: list[str] = []
-    for name in sorted(found, key=lambda n: checkpoint_seq(task_uuid, n) or 0):
-        seq = checkpoint_seq(task_uuid, name)
-        assert seq is not None
-        vols = sorted(found[name])
-        sizes = {
-            v.disk.volume_uuid: v.dev.virtual_size for v in views if v.disk.volume_uuid in vols
-        }
-        await store.run(SyncStore.adopt_checkpoint, task_uuid, seq, name, vols, sizes, {})
+    adopted = [c for c in found_on(task_uuid, views) if c.name not in known]
+    for cp in adopted:
+        await store.run(SyncStore.adopt_checkpoint, cp)
         log.warning(
             "task %s: checkpoint %s found on disks %s but not in the database: adopted",
             task_uuid,
-            name,
-            ", ".join(vols),
+            cp.name,
+            ", ".join(sorted(cp.volumes)),
         )
-        adopted.append(name)
-    return adopted
+    return [c.name for c in adopted]
 
 
 async def _checkpoint_in_qemu(qmp: QmpChannel, exports: list[VolumeExport], name: str) -> bool:

@@ -170,21 +170,22 @@ class CbtService:
         if await self.store.run(SyncStore.get_task, task_uuid) is not None:
             return [], "created"  # create_task refuses it, naming the field
         chains: dict[str, list[tuple[str, list[str]]]] = {}
-        sizes: dict[str, int] = {}
         if vm.running:
             qmp = await self.qmp.channel(vm.vm_uuid)
-            for view in await checkpoints.read_disks(qmp, vm):
+            views = await checkpoints.read_disks(qmp, vm)
+            found = checkpoints.found_on(task_uuid, views)
+            for view in views:
                 chains[view.disk.volume_uuid] = [
                     (layer.filename, list(layer.bitmaps)) for layer in view.chain
                 ]
-                sizes[view.disk.volume_uuid] = view.dev.virtual_size
         else:
+            sizes: dict[str, int] = {}
             for disk in vm.disks:
                 if disk.format == "qcow2" and os.path.isabs(disk.install_path):
                     files = await images.chain_bitmaps(disk.install_path)
                     chains[disk.volume_uuid] = [(f, sorted(names)) for f, names in files]
                     sizes[disk.volume_uuid] = await images.virtual_size(disk.install_path)
-        found = found_checkpoints(task_uuid, chains, sizes, datetime.now(UTC))
+            found = found_checkpoints(task_uuid, chains, sizes, datetime.now(UTC))
         if not found:
             return [], "created"
         ours = {c.name for c in found}

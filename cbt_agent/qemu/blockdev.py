@@ -190,16 +190,21 @@ def bitmaps_of(node: dict[str, Any] | None) -> dict[str, BitmapState]:
     return out
 
 
-def _gone(e: QmpCommandError, *needles: str) -> bool:
-    """Whether QEMU refused because the thing is not there (or, with `needles`, one of these
-    states). QMP says DeviceNotFound / DeviceNotActive for some; most answers are GenericError
-    and only their text tells, so the text is matched too."""
-    if e.error_class in ("DeviceNotFound", "DeviceNotActive") and any(
-        n in ("not found", "cannot find", "no active block job") for n in needles
-    ):
-        return True
+# QMP's classes for "no such thing"; most refusals are GenericError and only their text tells
+_ABSENT_CLASSES = frozenset({"DeviceNotFound", "DeviceNotActive"})
+_ABSENT_TEXT = ("not found", "cannot find")
+
+
+def _says(e: QmpCommandError, *needles: str) -> bool:
+    """Whether QEMU's refusal says one of these things (case-insensitive)."""
     text = e.reply.lower()
     return any(n in text for n in needles)
+
+
+def _absent(e: QmpCommandError, *also: str) -> bool:
+    """Whether QEMU refused because the thing is not there: by QMP's error class where it has
+    one, else by its text (with `also`, other wordings of the same)."""
+    return e.error_class in _ABSENT_CLASSES or _says(e, *_ABSENT_TEXT, *also)
 
 
 async def remove_bitmap(qmp: QmpChannel, node: str, name: str) -> bool:
@@ -207,7 +212,7 @@ async def remove_bitmap(qmp: QmpChannel, node: str, name: str) -> bool:
     try:
         await qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
     except QmpCommandError as e:
-        if _gone(e, "dirty bitmap", "not found", "cannot find"):
+        if _absent(e, "dirty bitmap"):
             return False
         raise
     return True
@@ -245,7 +250,7 @@ async def delete_exports(
                 await qmp.execute("block-export-del", {"id": export_id, "mode": mode})
                 break
             except QmpCommandError as e:
-                if _gone(e, "not found", "cannot find"):
+                if _absent(e):
                     break
                 if mode == "safe" and loop.time() < deadline:
                     await asyncio.sleep(0.1)
@@ -268,7 +273,7 @@ async def stop_nbd_server(qmp: QmpChannel) -> None:
     try:
         await qmp.execute("nbd-server-stop")
     except QmpCommandError as e:
-        if not _gone(e, "not running", "no nbd server"):
+        if not _says(e, "not running", "no nbd server"):
             raise
 
 
@@ -284,7 +289,7 @@ async def cancel_jobs(qmp: QmpChannel, ids: list[str]) -> None:
         try:
             await qmp.execute("block-job-cancel", {"device": job_id, "force": True})
         except QmpCommandError as e:
-            if not _gone(e, "not found", "no active block job", "cannot find"):
+            if not _absent(e, "no active block job"):
                 raise
 
     async def gone() -> bool:
@@ -312,7 +317,7 @@ async def delete_node(qmp: QmpChannel, node_name: str, limit: float = 10.0) -> N
             await qmp.execute("blockdev-del", {"node-name": node_name})
             return
         except QmpCommandError as e:
-            if _gone(e, "cannot find", "not found"):
+            if _absent(e):
                 return
             if loop.time() > deadline:
                 raise
@@ -324,7 +329,7 @@ async def _start_or_restart(qmp: QmpChannel, args: dict[str, Any]) -> None:
     try:
         await qmp.execute("nbd-server-start", args)
     except QmpCommandError as e:
-        if not _gone(e, "already running"):
+        if not _says(e, "already running"):
             raise
         log.warning("an NBD server was left running: stopping it")
         await stop_nbd_server(qmp)
@@ -381,7 +386,7 @@ async def add_tls_creds(qmp: QmpChannel, creds_id: str, cert_dir: str) -> None:
     try:
         await qmp.execute("object-add", args)
     except QmpCommandError as e:
-        if not _gone(e, "already exists", "duplicate"):
+        if not _says(e, "already exists", "duplicate"):
             raise
 
 
@@ -390,7 +395,7 @@ async def delete_object(qmp: QmpChannel, object_id: str) -> None:
     try:
         await qmp.execute("object-del", {"id": object_id})
     except QmpCommandError as e:
-        if not _gone(e, "not found", "cannot find", "no such"):
+        if not _absent(e, "no such"):
             raise
 
 
@@ -410,7 +415,7 @@ async def start_nbd_server(
             return port
         except QmpCommandError as e:
             last = e
-            if _gone(e, "already running") and not restarted:
+            if _says(e, "already running") and not restarted:
                 log.warning("an NBD server was left running: stopping it")
                 await stop_nbd_server(qmp)
                 restarted = True
@@ -419,7 +424,7 @@ async def start_nbd_server(
                     return port
                 except QmpCommandError as e2:
                     last = e2
-            if _gone(last, "address already in use", "failed to bind", "in use"):
+            if _says(last, "address already in use", "failed to bind", "in use"):
                 continue
             raise
     raise HypervisorError(

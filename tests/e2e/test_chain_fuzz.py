@@ -42,7 +42,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,7 +50,7 @@ from typing import Any, NoReturn
 import chainops
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, free_port, write_config
+from agentproc import TOKEN, AgentProcess
 
 pytestmark = pytest.mark.stack
 
@@ -87,17 +87,8 @@ class FuzzNote(UserWarning):
 
 
 @pytest.fixture
-async def agent(tmp_path: Path, qmp_socket_template: str) -> AsyncIterator[AgentProcess]:
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    write_config(config, port, tmp_path / "state", qmp_socket_template, PORT_RANGE)
-    with config.open("a") as f:
-        f.write(f"[checkpoints]\nkeep = {KEEP}\n")
-    proc = AgentProcess(config, port)
-    try:
-        yield proc
-    finally:
-        await proc.close()
+def agent(agent_process: Callable[..., AgentProcess]) -> AgentProcess:
+    return agent_process(PORT_RANGE, extra=f"[checkpoints]\nkeep = {KEEP}\n")
 
 
 @dataclass

@@ -14,14 +14,14 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, free_port, write_config
+from agentproc import TOKEN, AgentProcess
 
 pytestmark = pytest.mark.stack
 
@@ -35,16 +35,10 @@ PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"
 
 
 @pytest.fixture
-async def agent(tmp_path: Path, qmp_socket_template: str) -> AsyncIterator[AgentProcess]:
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    write_config(config, port, tmp_path / "state", qmp_socket_template, PORT_RANGE)
-    proc = AgentProcess(config, port)
-    try:
-        await proc.start()
-        yield proc
-    finally:
-        await proc.close()
+async def agent(agent_process: Callable[..., AgentProcess]) -> AgentProcess:
+    proc = agent_process(PORT_RANGE)
+    await proc.start()
+    return proc
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import chainops
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, cli, free_port, restored_disks, write_config
+from agentproc import TOKEN, AgentProcess, cli, restored_disks
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
 
 from cbt_agent import commands
@@ -60,67 +60,63 @@ def dirty_bits(runs: list[tuple[int, int]], size: int) -> bytes:
 
 
 async def test_snapshot_between_backups_loses_nothing_api_and_client(
-    vm_factory: Callable[..., stack.TestVm], tmp_path: Path, qmp_socket_template: str
+    vm_factory: Callable[..., stack.TestVm],
+    tmp_path: Path,
+    agent_process: Callable[..., AgentProcess],
 ) -> None:
     """Full backup; guest writes at 2 MiB; ZStack snapshots disk 0 only (libvirt, DISK_ONLY |
     NO_METADATA, disk 1 snapshot='no'); guest writes at 9 MiB. The incremental holds both
     writes, over the API and through `cbt-agent backup`/`restore`."""
     vm = vm_factory(disks_mib=[16, 16])
     (v0, _, size0), (v1, _, size1) = vm.volumes
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    write_config(config, port, tmp_path / "state", qmp_socket_template, "11300:11349")
-    agent = AgentProcess(config, port)
+    agent = agent_process("11300:11349")
     dest, out = tmp_path / "backup", tmp_path / "restored"
-    try:
-        await agent.start()
-        model = {v0: bytearray(size0), v1: bytearray(size1)}
+    await agent.start()
+    model = {v0: bytearray(size0), v1: bytearray(size1)}
 
-        async def write(vol: str, off: int, n: int, byte: int) -> None:
-            await vm.write(vol, off, n, byte)
-            model[vol][off : off + n] = bytes([byte]) * n
+    async def write(vol: str, off: int, n: int, byte: int) -> None:
+        await vm.write(vol, off, n, byte)
+        model[vol][off : off + n] = bytes([byte]) * n
 
-        await write(v0, 0, MIB, 0x10)
-        first = await backup(agent, vm, dest)
-        before = {v: bytes(d) for v, d in model.items()}
-        await write(v0, 2 * MIB, 64 * KIB, 0xA2)
-        await write(v1, 5 * MIB + 100, 10, 0xB5)
-        overlays = await asyncio.to_thread(chainops.snapshot, vm, [v0], tmp_path / "snaps")
-        assert chainops.chain_files(vm, v0)[0] == overlays[v0]
-        await write(v0, 9 * MIB, 64 * KIB, 0xA9)
+    await write(v0, 0, MIB, 0x10)
+    first = await backup(agent, vm, dest)
+    before = {v: bytes(d) for v, d in model.items()}
+    await write(v0, 2 * MIB, 64 * KIB, 0xA2)
+    await write(v1, 5 * MIB + 100, 10, 0xB5)
+    overlays = await asyncio.to_thread(chainops.snapshot, vm, [v0], tmp_path / "snaps")
+    assert chainops.chain_files(vm, v0)[0] == overlays[v0]
+    await write(v0, 9 * MIB, 64 * KIB, 0xA9)
 
-        # over the API: since the full, both writes on disk 0, the other disk's one
-        status, reply = await agent.call(
-            "POST",
-            f"/cbt-task/enable/{first['taskUuid']}",
-            {"params": {"bitmapName": first["name"]}},
-        )
-        assert status == 200, reply
-        infos = by_volume(reply["volumeCbtBackupInfos"])
-        want0 = [(2 * MIB, G), (9 * MIB, G)]
-        want1 = [(5 * MIB, G)]
-        for vol, want, size in ((v0, want0, size0), (v1, want1, size1)):
-            meta = json.loads(infos[vol]["metadata"])
-            assert infos[vol]["mode"] == "incremental", meta["reason"]
-            assert meta["sinceBitmapName"] == first["name"]
-            assert base64.b64decode(infos[vol]["bitmapBase64"]) == dirty_bits(want, size)
-            assert meta["changedBytes"] == sum(n for _, n in want)
-            url = f"{agent.base}/zstack/v1/cbt-task/{first['taskUuid']}/volumes/{vol}"
-            async with agent.session.get(f"{url}/changed-areas") as r:
-                assert r.status == 200
-                areas = await r.json()
-            assert [(a["start"], a["length"]) for a in areas["changedAreas"]] == want
-        status, _ = await agent.call("POST", f"/cbt-task/disable/{first['taskUuid']}", {})
-        assert status == 200
+    # over the API: since the full, both writes on disk 0, the other disk's one
+    status, reply = await agent.call(
+        "POST",
+        f"/cbt-task/enable/{first['taskUuid']}",
+        {"params": {"bitmapName": first["name"]}},
+    )
+    assert status == 200, reply
+    infos = by_volume(reply["volumeCbtBackupInfos"])
+    want0 = [(2 * MIB, G), (9 * MIB, G)]
+    want1 = [(5 * MIB, G)]
+    for vol, want, size in ((v0, want0, size0), (v1, want1, size1)):
+        meta = json.loads(infos[vol]["metadata"])
+        assert infos[vol]["mode"] == "incremental", meta["reason"]
+        assert meta["sinceBitmapName"] == first["name"]
+        assert base64.b64decode(infos[vol]["bitmapBase64"]) == dirty_bits(want, size)
+        assert meta["changedBytes"] == sum(n for _, n in want)
+        url = f"{agent.base}/zstack/v1/cbt-task/{first['taskUuid']}/volumes/{vol}"
+        async with agent.session.get(f"{url}/changed-areas") as r:
+            assert r.status == 200
+            areas = await r.json()
+        assert [(a["start"], a["length"]) for a in areas["changedAreas"]] == want
+    status, _ = await agent.call("POST", f"/cbt-task/disable/{first['taskUuid']}", {})
+    assert status == 200
 
-        # through the reference client: its next backup is since the full it holds
-        second = await backup(agent, vm, dest)
-        assert {d["mode"] for d in second["disks"]} == {"incremental"}
-        for name, want_data in ((first["name"], before), (second["name"], model)):
-            got = await restored_disks(dest, name, out)
-            assert got == {v: bytes(d) for v, d in want_data.items()}, name
-    finally:
-        await agent.close()
+    # through the reference client: its next backup is since the full it holds
+    second = await backup(agent, vm, dest)
+    assert {d["mode"] for d in second["disks"]} == {"incremental"}
+    for name, want_data in ((first["name"], before), (second["name"], model)):
+        got = await restored_disks(dest, name, out)
+        assert got == {v: bytes(d) for v, d in want_data.items()}, name
 
 
 async def backup(agent: AgentProcess, vm: stack.TestVm, dest: Path) -> dict[str, Any]:

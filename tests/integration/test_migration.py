@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, cli, free_port, restored_disks, write_config
+from agentproc import TOKEN, AgentProcess, cli, restored_disks
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs
 from qemu.qmp import QMPClient
 
@@ -37,18 +37,13 @@ MIB = 1 << 20
 G = 64 * KIB
 
 
-def agent_process(tmp_path: Path, name: str, qmp_template: str, ports: str) -> AgentProcess:
-    port = free_port()
-    config = tmp_path / f"{name}.toml"
-    write_config(config, port, tmp_path / f"state-{name}", qmp_template, ports)
-    return AgentProcess(config, port)
-
-
 # ---- (a) a second agent ("the new host") adopts the task and goes on exactly ----------------
 
 
 async def test_new_host_adopts_the_task_and_the_next_backup_is_incremental_and_exact(
-    vm_factory: Callable[..., stack.TestVm], tmp_path: Path, qmp_socket_template: str
+    vm_factory: Callable[..., stack.TestVm],
+    tmp_path: Path,
+    agent_process: Callable[..., AgentProcess],
 ) -> None:
     vm = vm_factory(disks_mib=[16, 16])
     model = {v.volume_uuid: bytearray(v.size) for v in vm.volumes}
@@ -69,44 +64,40 @@ async def test_new_host_adopts_the_task_and_the_next_backup_is_incremental_and_e
         snapshots[cp["name"]] = {v: bytes(d) for v, d in model.items()}
         return {**cp, "taskUuid": manifest["taskUuid"]}
 
-    old = agent_process(tmp_path, "old", qmp_socket_template, "11200:11249")
-    new = agent_process(tmp_path, "new", qmp_socket_template, "11250:11299")
-    try:
-        await old.start()
-        await write(v0, 0, MIB, 0x01)
-        first = await backup(old)
-        for i in range(2):
-            await write(v0, (2 + i) * MIB, 64 * KIB, 0x10 + i)
-            await write(v1, (5 + i) * MIB + 7, 100, 0x20 + i)
-            last = await backup(old)
-        assert last["mode"] == "incremental"
-        task = last["taskUuid"]
-        await old.stop(signal.SIGTERM)  # the VM "left": this agent no longer drives it
+    old = agent_process("11200:11249", "old")
+    new = agent_process("11250:11299", "new")
+    await old.start()
+    await write(v0, 0, MIB, 0x01)
+    first = await backup(old)
+    for i in range(2):
+        await write(v0, (2 + i) * MIB, 64 * KIB, 0x10 + i)
+        await write(v1, (5 + i) * MIB + 7, 100, 0x20 + i)
+        last = await backup(old)
+    assert last["mode"] == "incremental"
+    task = last["taskUuid"]
+    await old.stop(signal.SIGTERM)  # the VM "left": this agent no longer drives it
 
-        await write(v0, 9 * MIB, 64 * KIB, 0x30)
-        await write(v1, 11 * MIB, 64 * KIB, 0x31)
-        await new.start()
-        arrived = await backup(new)  # the client asks the new host for the manifest's task uuid
-        assert arrived["taskUuid"] == task
-        assert arrived["mode"] == "incremental"
-        disks = {d["volumeUuid"]: d for d in arrived["disks"]}
-        assert {d["sinceCheckpoint"] for d in disks.values()} == {last["name"]}
-        # exactly the two clusters written since the last backup, one per disk
-        assert disks[v0]["copiedBytes"] == G and disks[v1]["copiedBytes"] == G
-        for name, want in snapshots.items():
-            assert await restored_disks(dest, name, out) == want, name
+    await write(v0, 9 * MIB, 64 * KIB, 0x30)
+    await write(v1, 11 * MIB, 64 * KIB, 0x31)
+    await new.start()
+    arrived = await backup(new)  # the client asks the new host for the manifest's task uuid
+    assert arrived["taskUuid"] == task
+    assert arrived["mode"] == "incremental"
+    disks = {d["volumeUuid"]: d for d in arrived["disks"]}
+    assert {d["sinceCheckpoint"] for d in disks.values()} == {last["name"]}
+    # exactly the two clusters written since the last backup, one per disk
+    assert disks[v0]["copiedBytes"] == G and disks[v1]["copiedBytes"] == G
+    for name, want in snapshots.items():
+        assert await restored_disks(dest, name, out) == want, name
 
-        # the new host's history says where the chain was found
-        text = await cli("tasks", "--config", str(new.config), task, "--json")
-        history = json.loads(text)["history"]
-        assert history[0]["to_status"] == "Created"
-        assert history[0]["reason"].startswith(
-            f"adopted: 3 checkpoint(s) {first['name']} .. {last['name']} found on the disks: "
-        )
-        assert str(vm.volumes[0].path) in history[0]["reason"]
-    finally:
-        await old.close()
-        await new.close()
+    # the new host's history says where the chain was found
+    text = await cli("tasks", "--config", str(new.config), task, "--json")
+    history = json.loads(text)["history"]
+    assert history[0]["to_status"] == "Created"
+    assert history[0]["reason"].startswith(
+        f"adopted: 3 checkpoint(s) {first['name']} .. {last['name']} found on the disks: "
+    )
+    assert str(vm.volumes[0].path) in history[0]["reason"]
 
 
 # ---- (c) the database lost while tracking -------------------------------------------------------

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cbt_agent.errors import OperationError
-from cbt_agent.model import TaskStatus
-from cbt_agent.store import SCHEMA_VERSION, Store, SyncStore, VolumeExport
+from cbt_agent.model import Checkpoint, TaskStatus
+from cbt_agent.store import SCHEMA_VERSION, Store, SyncStore, VolumeExport, utcnow
 
 VM = "11" * 16
 TASK = "22" * 16
@@ -204,7 +204,8 @@ def test_adopted_checkpoint_joins_the_chain_and_bumps_the_sequence(store: SyncSt
     assert store.next_checkpoint_seq(TASK) == 1
     store.add_checkpoint(TASK, 1, "c1", ["v1"], {"v1": 1}, {"v1": "/a.qcow2"})
     store.mark_handed_out(TASK, "c1")
-    store.adopt_checkpoint(TASK, 7, "c7", ["v1"], {"v1": 1}, {})
+    c7 = Checkpoint(TASK, 7, "c7", frozenset({"v1"}), utcnow(), (("v1", 1),), handed_out=False)
+    store.adopt_checkpoint(c7)
     assert [(c.name, c.handed_out, c.tops) for c in store.checkpoints(TASK)] == [
         ("c1", True, (("v1", "/a.qcow2"),)),
         ("c7", False, ()),
