@@ -87,7 +87,7 @@ class FuzzNote(UserWarning):
 
 
 @pytest.fixture
-def agent(agent_process: Callable[..., AgentProcess]) -> AgentProcess:
+async def agent(agent_process: Callable[..., AgentProcess]) -> AgentProcess:
     return agent_process(PORT_RANGE, extra=f"[checkpoints]\nkeep = {KEEP}\n")
 
 
