@@ -402,20 +402,29 @@ class SyncStore:
             (task_uuid,),
         )
 
+    @staticmethod
+    def _ref(r: dict[str, Any]) -> ResourceRef:
+        return ResourceRef(
+            id=r["id"],
+            task_uuid=r["task_uuid"],
+            resource_uuid=r["resource_uuid"],
+            resource_type=r["resource_type"],
+            create_date=_dt(r["create_date"]),
+            last_op_date=_dt(r["last_op_date"]),
+        )
+
     def resource_refs(self, task_uuid: str) -> list[ResourceRef]:
-        return [
-            ResourceRef(
-                id=r["id"],
-                task_uuid=r["task_uuid"],
-                resource_uuid=r["resource_uuid"],
-                resource_type=r["resource_type"],
-                create_date=_dt(r["create_date"]),
-                last_op_date=_dt(r["last_op_date"]),
-            )
-            for r in self._rows(
-                "SELECT * FROM resource_refs WHERE task_uuid = ? ORDER BY id", (task_uuid,)
-            )
-        ]
+        rows = self._rows(
+            "SELECT * FROM resource_refs WHERE task_uuid = ? ORDER BY id", (task_uuid,)
+        )
+        return [self._ref(r) for r in rows]
+
+    def all_resource_refs(self) -> dict[str, list[ResourceRef]]:
+        """Every task's resource refs in one query (a query of all tasks is not N+1 reads)."""
+        refs: dict[str, list[ResourceRef]] = {}
+        for r in self._rows("SELECT * FROM resource_refs ORDER BY id"):
+            refs.setdefault(r["task_uuid"], []).append(self._ref(r))
+        return refs
 
     def sync_volume_refs(self, task_uuid: str, volumes: list[str]) -> None:
         """Make the task's VolumeVO refs exactly `volumes` (disks plugged or unplugged since)."""

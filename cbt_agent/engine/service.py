@@ -110,7 +110,8 @@ class CbtService:
 
     async def inventories(self) -> list[dict[str, Any]]:
         def read(s: SyncStore) -> list[dict[str, Any]]:
-            return [inventory(t, s.resource_refs(t.uuid)) for t in s.list_tasks()]
+            refs = s.all_resource_refs()
+            return [inventory(t, refs.get(t.uuid, [])) for t in s.list_tasks()]
 
         return await self.store.run(read)
 
