@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from cbt_agent import __version__, commands
-from cbt_agent.api import openapi, zstack
+from cbt_agent.api import openapi, query, zstack
 from cbt_agent.api.jobs import Jobs
 from cbt_agent.config import Config
 from cbt_agent.engine.checkpoints import StepHook
@@ -239,7 +239,7 @@ async def delete_task(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
 
     def build() -> commands.DeleteTask:
-        force = zstack.parse_bool_param("force", request.query.get("force"), False)
+        force = query.parse_bool_param("force", request.query.get("force"), False)
         return commands.delete_task(uuid, force, request.query.get("deleteMode"))
 
     return await _submit(request, "DeleteCbtTask", build, service.delete, uuid)
@@ -249,18 +249,18 @@ async def query_tasks(request: web.Request) -> web.Response:
     """QueryCbtTask. Reading, filtering, sorting and serializing run in threads, never on the
     event loop: a query over 10,000 tasks costs the loop nothing but the hand-over."""
     try:
-        conditions = zstack.parse_conditions(request.query.getall("q", []))
-    except zstack.QuerySyntaxError as e:
+        conditions = query.parse_conditions(request.query.getall("q", []))
+    except query.QuerySyntaxError as e:
         return _plain(400, str(e))
     try:
         uuid = request.match_info.get("uuid")
         if uuid is not None:
-            conditions.append(zstack.Condition("uuid", "=", uuid))
+            conditions.append(query.Condition("uuid", "=", uuid))
         q = request.query
-        limit = zstack.parse_int_param("limit", q.get("limit"), 1000)
-        start = zstack.parse_int_param("start", q.get("start"), 0)
-        count = zstack.parse_bool_param("count", q.get("count"), False)
-        with_count = zstack.parse_bool_param("replyWithCount", q.get("replyWithCount"), False)
+        limit = query.parse_int_param("limit", q.get("limit"), 1000)
+        start = query.parse_int_param("start", q.get("start"), 0)
+        count = query.parse_bool_param("count", q.get("count"), False)
+        with_count = query.parse_bool_param("replyWithCount", q.get("replyWithCount"), False)
         fields = [f for f in (q.get("fields") or "").split(",") if f.strip()]
         unknown = [f for f in fields if f not in {k.split(".")[0] for k in QUERY_FIELDS}]
         if unknown:
@@ -268,7 +268,7 @@ async def query_tasks(request: web.Request) -> web.Response:
         items = await request.app[SERVICE].inventories()
 
         def answer() -> str:
-            page, total = zstack.apply_query(
+            page, total = query.apply_query(
                 items,
                 conditions,
                 fields=QUERY_FIELDS,
@@ -300,9 +300,9 @@ async def changed_areas(request: web.Request) -> web.Response:
     try:
         task_uuid = commands.require_uuid(request.match_info["uuid"], "uuid")
         volume_uuid = commands.require_uuid(request.match_info["volumeUuid"], "volumeUuid")
-        start = zstack.parse_int_param("startOffset", q.get("startOffset"), 0) or 0
-        length = zstack.parse_int_param("length", q.get("length"), None, minimum=1)
-        limit = zstack.parse_int_param("limit", q.get("limit"), MAX_AREAS, minimum=1)
+        start = query.parse_int_param("startOffset", q.get("startOffset"), 0) or 0
+        length = query.parse_int_param("length", q.get("length"), None, minimum=1)
+        limit = query.parse_int_param("limit", q.get("limit"), MAX_AREAS, minimum=1)
         assert limit is not None
         body = await request.app[SERVICE].changed_areas(
             task_uuid, volume_uuid, start, length, min(limit, MAX_AREAS)

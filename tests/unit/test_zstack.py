@@ -11,21 +11,23 @@ from typing import Any
 import pytest
 
 from cbt_agent.api import zstack
-from cbt_agent.api.zstack import (
-    CBT_SCHEMA_CLASSES,
+from cbt_agent.api.query import (
     Condition,
     QuerySyntaxError,
     apply_query,
+    parse_bool_param,
+    parse_condition,
+    parse_conditions,
+    parse_int_param,
+)
+from cbt_agent.api.zstack import (
+    CBT_SCHEMA_CLASSES,
     error_code,
     error_from_exception,
     format_date,
     is_uuid,
     new_uuid,
-    parse_bool_param,
-    parse_condition,
-    parse_conditions,
     parse_date,
-    parse_int_param,
     schema_map,
 )
 from cbt_agent.errors import InvalidArgument, OperationError
@@ -1068,7 +1070,7 @@ def test_like_matches_as_sql_like_does_without_backtracking() -> None:
     import random
     import re
 
-    from cbt_agent.api.zstack import LikePattern
+    from cbt_agent.api.query import LikePattern
 
     def regex(pattern: str) -> re.Pattern[str]:
         parts = [".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern]
