@@ -582,7 +582,7 @@ def test_schema_1_database_gains_the_socket_columns(tmp_path: Path) -> None:
     read-only view of an unmigrated one still answers."""
     import sqlite3
 
-    from cbt_agent.store import _MIGRATIONS, SCHEMA_VERSION
+    from cbt_agent.store.schema import _MIGRATIONS, SCHEMA_VERSION
 
     path = tmp_path / "cbt-agent.db"
     conn = sqlite3.connect(path)

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cbt_agent"
-BELOW_THE_API = ["engine", "qemu", "hypervisor", "store.py", "model.py", "errors.py", "config.py"]
+BELOW_THE_API = ["engine", "qemu", "hypervisor", "store", "model.py", "errors.py", "config.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -150,7 +150,7 @@ async def test_async_store_runs_on_its_own_thread(tmp_path: Path) -> None:
 def _schema_2_db(path: Path) -> None:
     """A database as schema 2 left it: checkpoint 1 handed out (its Enable reached Running),
     checkpoint 2 kept after a failed Enable."""
-    from cbt_agent.store import _MIGRATIONS
+    from cbt_agent.store.schema import _MIGRATIONS
 
     conn = sqlite3.connect(path)
     for statement in _MIGRATIONS[0] + _MIGRATIONS[1]:

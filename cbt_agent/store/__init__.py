@@ -1,0 +1,63 @@
+"""SQLite state through sqlite-utils: tasks, resource refs, checkpoints, export plans, status
+transitions and api jobs.
+
+All access runs on one dedicated thread (`Store`'s executor): sqlite3 connections are not to be
+shared across threads, and serialising writes there keeps every operation one transaction.
+`SyncStore` is the same API without the thread, for the `status` command and for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cbt_agent.store.jobs import JobRows
+from cbt_agent.store.records import ApiJob, NbdServer, ResourceRef, VolumeExport, utcnow
+from cbt_agent.store.schema import SCHEMA_VERSION
+from cbt_agent.store.tasks import TaskRows
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ApiJob",
+    "NbdServer",
+    "ResourceRef",
+    "Store",
+    "SyncStore",
+    "VolumeExport",
+    "utcnow",
+]
+
+T = TypeVar("T")
+
+
+class SyncStore(TaskRows, JobRows):
+    """The database, used from one thread at a time: every table's rows."""
+
+
+class Store:
+    """The async face of SyncStore: every call runs on the store's own single thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbt-store")
+        self.path = path
+        self.sync: SyncStore | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sync = await loop.run_in_executor(self._executor, SyncStore, self.path)
+
+    async def close(self) -> None:
+        if self.sync is not None:
+            await self.run(SyncStore.close)
+            self.sync = None
+        self._executor.shutdown(wait=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(sync_store, *args, **kwargs)` on the store thread."""
+        assert self.sync is not None, "store is not open"
+        sync = self.sync
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(sync, *args, **kwargs))
