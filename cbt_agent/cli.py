@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -43,8 +44,10 @@ def _crash_hook() -> Any:
 async def _serve(config: Config) -> None:
     from aiohttp import web
 
-    from cbt_agent.api.app import make_app
+    from cbt_agent.api.app import STORE, make_app
     from cbt_agent.config import server_ssl_context
+    from cbt_agent.sdnotify import Notifier
+    from cbt_agent.store import SyncStore
 
     ssl_context = None
     if config.api.tls_cert is not None and config.api.tls_key is not None:
@@ -52,11 +55,17 @@ async def _serve(config: Config) -> None:
             ssl_context = server_ssl_context(config.api.tls_cert, config.api.tls_key)
         except (OSError, ssl.SSLError) as e:  # replaced or unreadable since the config loaded
             raise ConfigError("api.tls_cert", f"cannot load the certificate: {e}") from None
+    notifier = Notifier.from_env()
     app = make_app(config, step=_crash_hook())
     runner = web.AppRunner(app, access_log=logging.getLogger("cbt_agent.access"))
     await runner.setup()  # opens the store, libvirt, and reconciles before listening
     site = web.TCPSite(runner, config.api.host, config.api.port, ssl_context=ssl_context)
     await site.start()
+
+    async def describe() -> str:
+        by_status, exports = await app[STORE].run(SyncStore.counts)
+        return status_line(by_status, exports)
+
     logging.getLogger("cbt_agent").info(
         "cbt-agent %s listening on %s://%s:%d (state %s)",
         __version__,
@@ -65,13 +74,30 @@ async def _serve(config: Config) -> None:
         config.api.port,
         config.state_dir,
     )
+    notifier.ready(await describe())
+    pings = asyncio.create_task(notifier.run(describe))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logging.getLogger("cbt_agent").info("stopping: finishing running operations")
-    await runner.cleanup()
+    notifier.stopping()
+    try:
+        await runner.cleanup()
+    finally:
+        pings.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pings
+        notifier.close()
+
+
+def status_line(by_status: dict[str, int], exports: int) -> str:
+    """What `systemctl status` shows: "3 tasks (2 Running, 1 Stopped), 2 exports open"."""
+    total = sum(by_status.values())
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+    tasks = f"{total} task{'s' if total != 1 else ''}" + (f" ({parts})" if parts else "")
+    return f"{tasks}, {exports} export{'s' if exports != 1 else ''} open"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

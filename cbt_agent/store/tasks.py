@@ -31,6 +31,15 @@ class TaskRows(CheckpointRows):
     def list_tasks(self) -> list[CbtTask]:
         return [self._task(r) for r in self._rows("SELECT * FROM tasks ORDER BY create_date")]
 
+    def counts(self) -> tuple[dict[str, int], int]:
+        """Tasks by status, and how many tasks have exports open: two aggregate reads."""
+        by_status = {
+            r["status"]: r["n"]
+            for r in self._rows("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
+        }
+        row = self._row("SELECT COUNT(DISTINCT task_uuid) AS n FROM exports", ())
+        return by_status, int(row["n"]) if row else 0
+
     def create_task(
         self,
         uuid: str,

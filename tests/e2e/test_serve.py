@@ -5,16 +5,21 @@ started, by pid."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 import stack
-from agentproc import AgentProcess, free_port, write_config
+from agentproc import TOKEN, AgentProcess, free_port, write_config
 
 from cbt_agent.qemu import nbd as nbdio
 
@@ -118,3 +123,67 @@ async def test_status_without_agent_and_restarts_keep_exports(
     assert (status, body["inventory"]["status"]) == (200, "Stopped")
     assert vm.qmp("query-block-exports") == []
     await agent.stop()
+
+
+async def test_systemd_notify_ready_watchdog_stopping(
+    tmp_path: Path, qmp_socket_template: str, vm_factory: Callable[..., stack.TestVm]
+) -> None:
+    """`cbt-agent serve` under a NOTIFY_SOCKET the test opens: READY=1 only once the API answers
+    (after reconcile), a STATUS= naming what it holds, WATCHDOG=1 at half of WATCHDOG_USEC, and
+    STOPPING=1 on SIGTERM before a clean exit."""
+    vm = vm_factory(start=False)
+    port = free_port()
+    config = tmp_path / "config.toml"
+    write_config(config, port, tmp_path / "state", qmp_socket_template)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.setblocking(False)
+    loop = asyncio.get_running_loop()
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cbt_agent", "serve", "--config", str(config),
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"OAuth {TOKEN}"}) as http:
+            first = (await asyncio.wait_for(loop.sock_recv(notify, 4096), 60)).decode()
+            # the first word from the agent is READY, and by then its API answers
+            async with http.get(f"{base}/healthz") as r:
+                assert r.status == 200
+            assert first.split("\n") == [
+                "READY=1",
+                "STATUS=0 tasks, 0 exports open",
+                f"MAINPID={proc.pid}",
+            ]
+            async with http.post(
+                f"{base}/zstack/v1/cbt-task/create",
+                json={"params": {"name": "n", "vmInstanceUuid": vm.vm_uuid}},
+            ) as r:
+                assert r.status == 202
+            heard: list[str] = []
+            started = time.monotonic()
+            while time.monotonic() - started < 6:  # the status line is refreshed every 5 s
+                with contextlib.suppress(TimeoutError):
+                    heard.append(
+                        (await asyncio.wait_for(loop.sock_recv(notify, 4096), 0.5)).decode()
+                    )
+                if "STATUS=1 task (1 Created), 0 exports open" in heard:
+                    break
+            elapsed = time.monotonic() - started
+            assert "STATUS=1 task (1 Created), 0 exports open" in heard, heard
+            pings = heard.count("WATCHDOG=1")
+            assert elapsed / 0.2 - 3 <= pings <= elapsed / 0.2 + 2, (pings, elapsed)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+        assert code == 0
+        rest: list[str] = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                rest.append(notify.recv(4096).decode())
+        assert "STOPPING=1\nSTATUS=stopping: finishing running operations" in rest, rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        notify.close()
