@@ -102,11 +102,9 @@ def status_line(by_status: dict[str, int], exports: int) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from cbt_agent import logctx
+
+    logctx.setup(config.log_level, access=config.log_access)
     asyncio.run(_serve(config))
     return 0
 

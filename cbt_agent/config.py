@@ -78,6 +78,7 @@ class Config:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     log_level: str = "INFO"
+    log_access: bool = False  # one line per API request (off: it costs throughput)
 
     @property
     def db_path(self) -> Path:
@@ -105,7 +106,7 @@ _KNOWN: dict[str, set[str]] = {
     "nbd": {"listen", "port_range", "transport", "socket_dir", "tls_cert_dir"},
     "checkpoints": {"keep", "quiesce", "freeze_timeout"},
     "jobs": {"keep_seconds"},
-    "log": {"level"},
+    "log": {"level", "access"},
 }
 
 
@@ -330,9 +331,13 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
 
     cps = _table(doc, "checkpoints")
     jobs = _table(doc, "jobs")
-    level = _str(_table(doc, "log"), "log", "level", "INFO").upper()
+    log_cfg = _table(doc, "log")
+    level = _str(log_cfg, "log", "level", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log.level", "must be DEBUG, INFO, WARNING or ERROR")
+    access = log_cfg.get("access", False)
+    if not isinstance(access, bool):
+        raise ConfigError("log.access", "must be true or false")
     return Config(
         api=api_cfg,
         state_dir=state_dir,
@@ -346,6 +351,7 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         ),
         jobs=JobsConfig(keep_seconds=_int(jobs, "jobs", "keep_seconds", 7 * 24 * 3600, 60, 10**9)),
         log_level=level,
+        log_access=access,
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cbt_agent import logctx
 from cbt_agent.api import zstack
 from cbt_agent.config import Config
 from cbt_agent.errors import CbtError
@@ -48,14 +49,23 @@ class Jobs:
             SyncStore.create_job, job_uuid, api, task_uuid, want_schema, webhook
         ):
             return False
-        job = asyncio.create_task(self._run(job_uuid, api, operation), name=f"job-{job_uuid}")
+        job = asyncio.create_task(
+            self._run(job_uuid, api, operation, task_uuid), name=f"job-{job_uuid}"
+        )
         self._running.add(job)
         job.add_done_callback(self._running.discard)
         return True
 
     async def _run(
-        self, job_uuid: str, api: str, operation: Callable[[], Awaitable[Result]]
+        self,
+        job_uuid: str,
+        api: str,
+        operation: Callable[[], Awaitable[Result]],
+        task_uuid: str | None,
     ) -> None:
+        # this asyncio task's own context: every line logged for the job names it
+        logctx.JOB.set(job_uuid)
+        logctx.TASK.set(task_uuid)
         try:
             result = await operation()
         except CbtError as e:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from cbt_agent import logctx
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
@@ -29,7 +30,8 @@ async def reconcile(service: CbtService) -> None:
     store = service.store
     for task in await store.run(SyncStore.list_tasks):
         try:
-            await _reconcile_task(service, task)
+            with logctx.fields(task=task.uuid, vm=task.vm_uuid):
+                await _reconcile_task(service, task)
         except Exception as e:
             log.exception("reconcile of task %s failed", task.uuid)
             reason = e.message if isinstance(e, CbtError) else f"{type(e).__name__}: {e}"

@@ -14,7 +14,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
-from cbt_agent import commands
+from cbt_agent import commands, logctx
 from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext, StepHook
@@ -140,6 +140,7 @@ class CbtService:
         """A new task; with `resourceUuid` of a task whose bitmaps the VM's disks carry (the VM
         came from another host, or this host lost its database), that task, adopted: its
         checkpoints rebuilt from the disks, the history saying where they were found."""
+        logctx.VM.set(cmd.vm_uuid)
         vm = await self.hypervisor.find_vm(cmd.vm_uuid)
         if vm is None:
             raise NotFound(
@@ -201,7 +202,9 @@ class CbtService:
         return found, reason[:2000]
 
     async def _vm_of(self, task_uuid: str) -> str:
-        return (await self.store.run(SyncStore.require_task, task_uuid)).vm_uuid
+        vm_uuid = (await self.store.run(SyncStore.require_task, task_uuid)).vm_uuid
+        logctx.VM.set(vm_uuid)  # the rest of this api job's lines name the VM
+        return vm_uuid
 
     async def enable(self, cmd: commands.EnableTask) -> Result:
         vm_uuid = await self._vm_of(cmd.task_uuid)
@@ -342,6 +345,10 @@ class CbtService:
 
     async def on_vm_event(self, ev: VmEvent) -> None:
         """A VM lifecycle event from libvirt: keep the task's status true to what QEMU has."""
+        with logctx.fields(vm=ev.vm_uuid):
+            await self._on_vm_event(ev)
+
+    async def _on_vm_event(self, ev: VmEvent) -> None:
         async with self._locks[ev.vm_uuid]:
             task = await self.store.run(SyncStore.task_for_vm, ev.vm_uuid)
             if task is None:
