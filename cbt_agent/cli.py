@@ -235,6 +235,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     import os
 
     from cbt_agent.client.backup import BackupOptions, pause_after_from_env, run_backup
+    from cbt_agent.client.progress import Progress
 
     token = args.token or os.environ.get("CBT_AGENT_TOKEN")
     if not token:
@@ -252,7 +253,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         quiesce=args.quiesce,
     )
     try:
-        asyncio.run(_cancel_on_sigterm(run_backup(opts)))
+        asyncio.run(_cancel_on_sigterm(run_backup(opts, Progress(quiet=args.quiet))))
     except _Terminated:
         print(
             "cbt-agent: backup stopped by SIGTERM: its partial files were removed and the "
@@ -288,9 +289,11 @@ async def _cancel_on_sigterm(coro: Any) -> Any:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """One standalone qcow2 per disk as of a checkpoint."""
+    from cbt_agent.client.progress import Progress
     from cbt_agent.client.restore import run_restore
 
-    asyncio.run(run_restore(Path(args.dest), args.checkpoint, Path(args.out)))
+    progress = Progress(quiet=args.quiet)
+    asyncio.run(run_restore(Path(args.dest), args.checkpoint, Path(args.out), progress))
     return 0
 
 
@@ -354,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--dest", required=True, help="backup directory")
     rs.add_argument("--checkpoint", help="checkpoint name (default: the latest)")
     rs.add_argument("--out", required=True, help="directory for <volumeUuid>.qcow2")
+    for cmd in (bk, rs):
+        cmd.add_argument(
+            "--quiet", action="store_true", help="no progress line (shown only on a terminal)"
+        )
     rs.set_defaults(fn=cmd_restore)
     vf = sub.add_parser("verify", help="check a backup directory against its manifest")
     vf.add_argument("dir", help="backup directory")

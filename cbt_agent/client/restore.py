@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 
 from cbt_agent.client.chain import PART_SUFFIX, chain_of, find_checkpoint
 from cbt_agent.client.errors import BackupError
 from cbt_agent.client.manifest import require_manifest
-from cbt_agent.client.target import run_tool, sha256_file
+from cbt_agent.client.progress import Progress
+from cbt_agent.client.target import sha256_file
 
 
 async def check_chain_files(dest: Path, chain_files: list[tuple[str, str]]) -> None:
@@ -28,7 +30,40 @@ async def check_chain_files(dest: Path, chain_files: list[tuple[str, str]]) -> N
             raise BackupError(f"{path} does not match its sha256 in the manifest (corrupt)")
 
 
-async def run_restore(dest: Path, checkpoint: str | None, out: Path) -> list[Path]:
+async def convert_with_progress(source: Path, target: Path, progress: Progress) -> None:
+    """`qemu-img convert` of a chain into one qcow2, its `-p` percentages fed to `progress`."""
+    cmd = ["qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", str(source), str(target)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    except OSError as e:
+        raise BackupError(f"cannot run qemu-img: {e}") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = asyncio.create_task(proc.stderr.read())
+    pending = b""
+    while chunk := await proc.stdout.read(256):
+        pending += chunk
+        *done, pending = re.split(rb"[\r\n]", pending)
+        for piece in reversed(done):
+            m = _PERCENT.search(piece)
+            if m:
+                progress.set(int(progress.total * float(m.group(1)) / 100))
+                break
+    code = await proc.wait()
+    if code != 0:
+        text = (await errors).decode(errors="replace").strip()
+        raise BackupError(f"qemu-img convert failed: {text}")
+    await errors
+    progress.set(progress.total)
+
+
+_PERCENT = re.compile(rb"\(([0-9.]+)/100%\)")
+
+
+async def run_restore(
+    dest: Path, checkpoint: str | None, out: Path, progress: Progress | None = None
+) -> list[Path]:
     """Restore every disk present at `checkpoint` (None: the latest) into `out`.
 
     Returns the written images. Raises UnknownCheckpoint for a checkpoint not in the manifest,
@@ -46,22 +81,15 @@ async def run_restore(dest: Path, checkpoint: str | None, out: Path) -> list[Pat
         await check_chain_files(dest, todo)
         checked.update(f for f, _ in todo)
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    progress = progress or Progress()
     written: list[Path] = []
     for vol, chain in chains.items():
         final = outputs[vol]
         part = final.with_name(final.name + PART_SUFFIX)
         try:
-            await run_tool(
-                "qemu-img",
-                "convert",
-                "-q",
-                "-f",
-                "qcow2",
-                "-O",
-                "qcow2",
-                str(dest / chain[-1].file),
-                str(part),
-            )
+            progress.start(f"disk {vol[:8]}", chain[-1].size)
+            await convert_with_progress(dest / chain[-1].file, part, progress)
+            progress.finish()
             os.chmod(part, 0o600)
             os.replace(part, final)
         except BaseException:

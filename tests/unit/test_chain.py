@@ -21,7 +21,7 @@ from cbt_agent.client.chain import (
     plan_target,
     with_checkpoint,
 )
-from cbt_agent.client.errors import ManifestError, UnknownCheckpoint
+from cbt_agent.client.errors import BackupError, ManifestError, UnknownCheckpoint
 from cbt_agent.client.progress import Progress
 
 G = 65536
@@ -214,6 +214,28 @@ def test_progress_draws_only_on_a_terminal() -> None:
     assert tty.getvalue().endswith("\n")
 
 
+def test_progress_rate_eta_and_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cbt_agent.client.progress as progress_module
+
+    now = [100.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: now[0])
+    tty = Tty()
+    p = Progress(tty, interval=0)
+    p.start("disk aaaa full", 100 << 20)
+    now[0] += 2.0
+    p.add(20 << 20)  # 10 MiB/s: 80 MiB left take 8 s
+    assert p.line().endswith("( 20.0 %)     10.0 MiB/s  ETA 0:08")
+    now[0] += 8.0
+    p.set(100 << 20)
+    assert p.line().endswith("(100.0 %)     10.0 MiB/s  in 0:10")
+    quiet = Tty()
+    q = Progress(quiet, interval=0, quiet=True)  # --quiet, even on a terminal
+    q.start("disk aaaa full", 4 << 20)
+    q.add(1 << 20)
+    q.finish()
+    assert quiet.getvalue() == ""
+
+
 def test_split_zero_reads_only_what_is_not_zero() -> None:
     from cbt_agent.client.extents import split_zero
 
@@ -262,3 +284,37 @@ def test_open_target_retries_a_socket_that_is_not_listening_yet(tmp_path: Path) 
         lone = socket.socket(socket.AF_UNIX)
         lone.bind(str(tmp_path / "u.sock"))
         open_target(tmp_path / "u.sock", retry=0.1)
+
+
+def test_restore_progress_follows_qemu_img(tmp_path: Path) -> None:
+    """`qemu-img convert -p` percentages drive the restore's progress line to 100 %."""
+    import asyncio
+    import shutil
+    import subprocess
+
+    import stack
+
+    from cbt_agent.client.restore import convert_with_progress
+
+    if shutil.which("qemu-img") is None:
+        stack.unavailable("qemu-img (Debian package qemu-utils)")
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "8M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 2M", str(src)],
+        check=True,
+        capture_output=True,
+    )
+    tty = Tty()
+    p = Progress(tty, interval=0)
+    p.start("disk aaaa", 8 << 20)
+    asyncio.run(convert_with_progress(src, tmp_path / "out.qcow2", p))
+    p.finish()
+    assert p.done == 8 << 20
+    assert "disk aaaa:       8.0 / 8.0 MiB (100.0 %)" in tty.getvalue()
+    out = subprocess.run(
+        ["qemu-img", "compare", str(src), str(tmp_path / "out.qcow2")], capture_output=True
+    )
+    assert out.returncode == 0, out
+    with pytest.raises(BackupError, match=r"qemu-img convert failed: .*nope"):
+        asyncio.run(convert_with_progress(tmp_path / "nope", tmp_path / "x.qcow2", p))
