@@ -43,7 +43,9 @@ async def virtual_size(path: str) -> int:
     return int(info["virtual-size"])
 
 
-async def create(path: str, size: int, backing: str | None = None) -> None:
-    """A new qcow2 file of `size` bytes (on `backing`, a qcow2, when given)."""
+async def create(path: str, size: int | None, backing: str | None = None) -> None:
+    """A new qcow2 file of `size` bytes; on `backing` (a qcow2) when given, whose size it
+    takes when `size` is None."""
     over = ["-b", backing, "-F", "qcow2"] if backing is not None else []
-    await run("qemu-img", "create", "-q", "-f", "qcow2", *over, path, str(size))
+    sized = [str(size)] if size is not None else []
+    await run("qemu-img", "create", "-q", "-f", "qcow2", *over, path, *sized)
