@@ -1,4 +1,4 @@
-"""`cbt-agent serve | status | tasks | checkpoints | backup | restore | verify`."""
+"""`cbt-agent serve | status | tasks | backup | restore | verify`."""
 
 from __future__ import annotations
 
