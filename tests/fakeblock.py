@@ -112,10 +112,8 @@ class FakeBlockLayer:
                 "file": node.filename,
                 "image": {"virtual-size": node.size, "filename": node.filename},
             }
-            out.append(
-                {"device": "", "qdev": f"/machine/peripheral/{alias}/virtio-backend", **{}}
-                | {"inserted": inserted}
-            )
+            qdev = f"/machine/peripheral/{alias}/virtio-backend"
+            out.append({"device": "", "qdev": qdev, "inserted": inserted})
         return out
 
     def _image(self, node: Node) -> dict[str, Any]:
@@ -293,6 +291,8 @@ class FakeBlockLayer:
             raise QmpError(f"Cannot find device='' nor node-name='{args['node-name']}'")
         for b in args.get("bitmaps", []):
             bitmap = self._bitmap(self.state, b["node"], b["name"])
+            # stricter than QEMU, whose {node, name} form silently exports a recording bitmap
+            # (a change set that keeps changing): the agent must never ask for that
             if bitmap.recording:
                 raise QmpError(f"Enabled bitmap '{bitmap.name}' incompatible with readonly export")
             bitmap.busy = True
