@@ -52,12 +52,13 @@ from bench import baseline
 from bench.stats import median_ms, row, run_guarded, verdict
 from cbt_agent import commands
 from cbt_agent.config import ApiConfig, Config, NbdConfig
-from cbt_agent.demo import throwaway_domain_xml
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.service import CbtService
 from cbt_agent.hypervisor.libvirt import DiskInfo, Hypervisor
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.store import Store
+from testbed.domain import throwaway_domain_xml
+from testbed.qemu_io import qemu_io
 
 URI = "qemu:///system"
 GIB = 1 << 30
@@ -424,7 +425,7 @@ async def write_some(
     for d in disks:
         for _ in range(WRITES_PER_DISK):
             off = rng.randrange(DISK_SIZE >> 16) << 16
-            await hv.qemu_io(vm_uuid, d.qdev, f"write -P 0x{rng.randrange(1, 255):02x} {off} 64k")
+            await qemu_io(hv, vm_uuid, d.qdev, f"write -P 0x{rng.randrange(1, 255):02x} {off} 64k")
             total += 65536
     return total
 

@@ -35,11 +35,11 @@ import libvirt_qemu
 from bench.stats import median_ms, row, run_guarded, verdict
 from cbt_agent import commands
 from cbt_agent.config import ApiConfig, Config, NbdConfig
-from cbt_agent.demo import throwaway_domain_xml
 from cbt_agent.engine.service import CbtService
 from cbt_agent.hypervisor.libvirt import Hypervisor
 from cbt_agent.qemu.qmp import QmpRouter
 from cbt_agent.store import Store, SyncStore
+from testbed.domain import throwaway_domain_xml
 
 URI = "qemu:///system"
 ALLOWED = 1.5

@@ -1,4 +1,4 @@
-"""`cbt-agent serve | status | tasks | backup | restore | verify | demo`."""
+"""`cbt-agent serve | status | tasks | backup | restore | verify`."""
 
 from __future__ import annotations
 
@@ -7,41 +7,25 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cbt_agent import __version__
 from cbt_agent.config import Config, load_config
 from cbt_agent.errors import CbtError, ConfigError
+
+if TYPE_CHECKING:
+    from cbt_agent.engine.steps import StepHook
 
 
 def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config) if args.config else None)
 
 
-CRASH_AT_ENV = "CBT_AGENT_CRASH_AT"
-
-
-def _crash_hook() -> Any:
-    """For fault-injection tests only: with CBT_AGENT_CRASH_AT=<step> the agent kills itself
-    with SIGKILL when an operation reaches that step (see engine.checkpoints.StepHook)."""
-    at = os.environ.get(CRASH_AT_ENV)
-    if not at:
-        return None
-
-    async def hook(step: str) -> None:
-        if step == at:
-            logging.getLogger("cbt_agent").warning("%s=%s: SIGKILL now", CRASH_AT_ENV, at)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, step: StepHook | None) -> None:
     from aiohttp import web
 
     from cbt_agent.api.app import STORE, make_app
@@ -56,7 +40,7 @@ async def _serve(config: Config) -> None:
         except (OSError, ssl.SSLError) as e:  # replaced or unreadable since the config loaded
             raise ConfigError("api.tls_cert", f"cannot load the certificate: {e}") from None
     notifier = Notifier.from_env()
-    app = make_app(config, step=_crash_hook())
+    app = make_app(config, step=step)
     runner = web.AppRunner(app, access_log=logging.getLogger("cbt_agent.access"))
     await runner.setup()  # opens the store, libvirt, and reconciles before listening
     site = web.TCPSite(runner, config.api.host, config.api.port, ssl_context=ssl_context)
@@ -100,13 +84,18 @@ def status_line(by_status: dict[str, int], exports: int) -> str:
     return f"{tasks}, {exports} export{'s' if exports != 1 else ''} open"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    config = _config(args)
+def serve(config: Config, *, step: StepHook | None = None) -> int:
+    """Run the agent until SIGTERM or SIGINT, logging to stderr. `step`: called between the
+    steps of Enable, Disable and Delete (fault-injection tests install one; the product none)."""
     from cbt_agent import logctx
 
     logctx.setup(config.log_level, access=config.log_access)
-    asyncio.run(_serve(config))
+    asyncio.run(_serve(config, step))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return serve(_config(args))
 
 
 def _open_store(config: Config) -> Any:
@@ -220,14 +209,6 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             f"  {h['at'][:19]}  {h['from_status'] or '-':>8} -> {h['to_status']:8}  {h['reason']}"
         )
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cbt_agent.demo import run_demo, run_guest_demo
-
-    if args.guest:
-        return asyncio.run(run_guest_demo(Path(args.guest), keep=args.keep))
-    return asyncio.run(run_demo(keep=args.keep))
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -365,14 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="check a backup directory against its manifest")
     vf.add_argument("dir", help="backup directory")
     vf.set_defaults(fn=cmd_verify)
-    dm = sub.add_parser("demo", help="a throwaway VM through a full CBT cycle")
-    dm.add_argument("--keep", action="store_true", help="keep the work directory")
-    dm.add_argument(
-        "--guest",
-        metavar="IMAGE_DIR",
-        help="a real guest instead (scripts/guest-image.sh's directory): quiesced checkpoints",
-    )
-    dm.set_defaults(fn=cmd_demo)
     return p
 
 

@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ "${1:-}" = "--guest" ]; then
   shift
-  exec .venv/bin/cbt-agent demo --guest "$(bash scripts/guest-image.sh)" "$@"
+  exec .venv/bin/python -m testbed.demo --guest "$(bash scripts/guest-image.sh)" "$@"
 fi
-exec .venv/bin/cbt-agent demo "$@"
+exec .venv/bin/python -m testbed.demo "$@"

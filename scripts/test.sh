@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "[test] ruff"
-.venv/bin/ruff check cbt_agent tests bench
-.venv/bin/ruff format --check cbt_agent tests bench
+.venv/bin/ruff check cbt_agent testbed tests bench
+.venv/bin/ruff format --check cbt_agent testbed tests bench
 echo "[test] mypy --strict"
 .venv/bin/mypy
 echo "[test] guest image (built once, cached: scripts/guest-image.sh)"

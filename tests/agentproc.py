@@ -15,6 +15,7 @@ import aiohttp
 import stack
 
 TOKEN = "e2e-token"
+FAULT_AGENT = Path(__file__).resolve().parent / "faultagent.py"
 
 
 def free_port() -> int:
@@ -48,18 +49,14 @@ class AgentProcess:
         self.session = aiohttp.ClientSession(headers={"Authorization": f"OAuth {TOKEN}"})
 
     async def start(self, crash_at: str | None = None) -> None:
-        """Start `cbt-agent serve`; with `crash_at` it SIGKILLs itself at that step."""
-        env = {k: v for k, v in os.environ.items() if k != "CBT_AGENT_CRASH_AT"}
+        """Start `cbt-agent serve`; with `crash_at` it SIGKILLs itself at that step (the
+        test-side launcher tests/faultagent.py installs the step hook)."""
+        serve = ["-m", "cbt_agent", "serve", "--config", str(self.config)]
         if crash_at:
-            env["CBT_AGENT_CRASH_AT"] = crash_at
+            serve = [str(FAULT_AGENT), "--config", str(self.config), "--crash-at", crash_at]
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "cbt_agent",
-            "serve",
-            "--config",
-            str(self.config),
-            env=env,
+            *serve,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )

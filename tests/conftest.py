@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# testbed/ (throwaway VMs, qemu-io writes) is a development package beside cbt_agent, not installed
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import stack
 from agentproc import AgentProcess, free_port, write_config

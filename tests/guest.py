@@ -21,7 +21,7 @@ from typing import Any
 
 import stack
 
-from cbt_agent.demo import throwaway_domain_xml
+from testbed.domain import throwaway_domain_xml
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT_TIMEOUT = 240.0

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
-from cbt_agent.demo import throwaway_domain_xml
+from testbed.domain import throwaway_domain_xml
 
 LIBVIRT_URI = os.environ.get("CBT_TEST_LIBVIRT_URI", "qemu:///system")
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")

@@ -16,11 +16,11 @@ import logging
 from pathlib import Path
 
 from cbt_agent import logctx
-from cbt_agent.engine import checkpoints
+from cbt_agent.engine import quiesce, tracking
 from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
-from cbt_agent.qemu import blockdev
+from cbt_agent.qemu import bitmaps, blockdev, nbd_server
 from cbt_agent.store import SyncStore
 
 log = logging.getLogger(__name__)
@@ -65,25 +65,25 @@ async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
                 await store.run(SyncStore.set_status, task.uuid, TaskStatus.FAILED, reason)
             elif vm is not None and running:
                 qmp = await service.qmp.channel(task.vm_uuid)
-                await checkpoints.verify_checkpoints(store, qmp, task.uuid, vm)
+                await tracking.verify_checkpoints(store, qmp, task.uuid, vm)
             return
         if task.status is TaskStatus.RUNNING and running and exports:
             qmp = await service.qmp.channel(task.vm_uuid)
-            live = await blockdev.export_ids_of(qmp)
+            live = await nbd_server.export_ids_of(qmp)
             if all(e.phase == "exported" and e.export_id in live for e in exports):
                 log.info("task %s: exports alive, stays Running", task.uuid)
                 return
         if task.status is TaskStatus.STARTING and running:
             # the agent may have died with the guest frozen for the checkpoint: thaw it
             # (harmless when it is not frozen; nothing to do without a guest agent)
-            await checkpoints.thaw(GuestOf(service.hypervisor, task.vm_uuid))
+            await quiesce.thaw(GuestOf(service.hypervisor, task.vm_uuid))
         if task.status is TaskStatus.STARTING and exports and running:
             # The checkpoint stays in the chain if its bitmap reached QEMU (the transaction ran:
             # the new bitmap records, the previous one is frozen); otherwise it never existed.
             qmp = await service.qmp.channel(task.vm_uuid)
             nodes = await blockdev.named_nodes(qmp)
             for name in {e.checkpoint for e in exports}:
-                if not any(name in blockdev.bitmaps_of(nodes.get(e.device_node)) for e in exports):
+                if not any(name in bitmaps.bitmaps_of(nodes.get(e.device_node)) for e in exports):
                     await store.run(SyncStore.drop_checkpoint, task.uuid, name)
         if task.status is TaskStatus.STARTING:
             status, reason = (

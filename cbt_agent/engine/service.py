@@ -16,8 +16,11 @@ from typing import Any
 
 from cbt_agent import commands, logctx
 from cbt_agent.config import Config
-from cbt_agent.engine import checkpoints
-from cbt_agent.engine.checkpoints import EnableContext, StepHook
+from cbt_agent.engine import checkpoints, tracking
+from cbt_agent.engine.checkpoints import EnableContext
+from cbt_agent.engine.exports import nbd_address, teardown_exports
+from cbt_agent.engine.plan import found_on, is_temp, ours
+from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import (
     CbtError,
     InvalidArgument,
@@ -34,7 +37,7 @@ from cbt_agent.model import (
     found_checkpoints,
     new_uuid,
 )
-from cbt_agent.qemu import blockdev, images
+from cbt_agent.qemu import images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.store import ResourceRef, Store, SyncStore
@@ -175,7 +178,7 @@ class CbtService:
         if vm.running:
             qmp = await self.qmp.channel(vm.vm_uuid)
             views = await checkpoints.read_disks(qmp, vm)
-            found = checkpoints.found_on(task_uuid, views)
+            found = found_on(task_uuid, views)
             for view in views:
                 chains[view.disk.volume_uuid] = [
                     (layer.filename, list(layer.bitmaps)) for layer in view.chain
@@ -265,7 +268,7 @@ class CbtService:
         if vm is not None and vm.running:
             qmp = await self.qmp.channel(task.vm_uuid)
             try:
-                await checkpoints.teardown_exports(
+                await teardown_exports(
                     self.config, self.store, qmp, task.uuid, force=force, step=self.step
                 )
             except QmpInterrupted as lost:
@@ -273,7 +276,7 @@ class CbtService:
                 # there, so running it again on a fresh connection settles it
                 log.warning("task %s: %s; reading QEMU's state back", task.uuid, lost.message)
                 qmp = await self.qmp.channel(task.vm_uuid)
-                await checkpoints.teardown_exports(
+                await teardown_exports(
                     self.config, self.store, qmp, task.uuid, force=force, step=self.step
                 )
             return
@@ -284,7 +287,7 @@ class CbtService:
                 await asyncio.to_thread(os.unlink, e.scratch_path)
         server = await self.store.run(SyncStore.nbd_server, task.uuid)
         if server.socket is not None:
-            await asyncio.to_thread(blockdev.remove_socket_file, server.socket)
+            await asyncio.to_thread(nbd_server.remove_socket_file, server.socket)
         await self.store.run(SyncStore.clear_exports, task.uuid)
 
     async def disable(self, cmd: commands.DisableTask) -> Result:
@@ -358,7 +361,7 @@ class CbtService:
                 vm = await self.hypervisor.find_vm(ev.vm_uuid)
                 if vm is not None and vm.running:
                     qmp = await self.qmp.channel(ev.vm_uuid)
-                    await checkpoints.verify_checkpoints(self.store, qmp, task.uuid, vm)
+                    await tracking.verify_checkpoints(self.store, qmp, task.uuid, vm)
                 return
             if ev.kind is VmEventKind.CRASHED:
                 await self.store.run(SyncStore.set_tracking_lost, task.uuid, TRACKING_LOST)
@@ -407,7 +410,7 @@ class CbtService:
                 field="startOffset",
             )
         server = await self.store.run(SyncStore.nbd_server, task_uuid)
-        address = checkpoints.nbd_address(self.config, server, volume_uuid)
+        address = nbd_address(self.config, server, volume_uuid)
         context = (
             f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else "base:allocation"
         )
@@ -435,7 +438,7 @@ class CbtService:
             return  # the VM and its disks are gone from this host
         if vm.running:
             qmp: QmpChannel = await self.qmp.channel(task.vm_uuid)
-            removed = await checkpoints.remove_task_bitmaps(qmp, task.uuid)
+            removed = await tracking.remove_task_bitmaps(qmp, task.uuid)
             log.info("task %s: removed bitmaps %s", task.uuid, removed)
             return
         # VM shut off: the bitmaps live in the qcow2 files of every layer; remove them there.
@@ -444,7 +447,7 @@ class CbtService:
                 continue
             for path, present in await images.chain_bitmaps(disk.install_path):
                 for name in sorted(present):
-                    if checkpoints.ours(task.uuid, name) or checkpoints.is_temp(task.uuid, name):
+                    if ours(task.uuid, name) or is_temp(task.uuid, name):
                         await images.remove_bitmap(path, name)
 
 

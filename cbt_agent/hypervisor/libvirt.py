@@ -5,8 +5,6 @@ All blocking libvirt-python calls go through asyncio.to_thread, never on the eve
 Facts this module relies on (verified on libvirt 9.0 / QEMU 7.2):
 - `qemuMonitorCommand(dom, json, 0)` returns the raw reply text; a QMP error comes back as
   `{"error": {"class", "desc"}}` in that text, not as a libvirtError.
-- HMP `qemu-io` prints its result (including "write failed: ...") on QEMU's stdout, which is the
-  domain log file (`<qemu_log_dir>/<name>.log`), not the HMP reply: `qemu_io` reads the log.
 - `<source index='N'>` in the live XML is the index in libvirt's node names
   `libvirt-N-format` / `libvirt-N-storage`.
 """
@@ -33,10 +31,6 @@ from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError, QmpInte
 T = TypeVar("T")
 
 DEFAULT_QEMU_RUN_DIR = "/run/libvirt/qemu"
-DEFAULT_QEMU_LOG_DIR = "/var/log/libvirt/qemu"
-
-# words that mark a failure in HMP / qemu-io output
-_ERROR_MARKERS = ("error", "failed", "not found", "unknown command", "invalid")
 
 
 @dataclass(frozen=True)
@@ -115,11 +109,6 @@ def parse_domain_xml(xml: str) -> VmInfo:
                 )
             )
     return VmInfo(vm_uuid=name, running=running, disks=tuple(disks), domain_uuid=domain_uuid)
-
-
-def _looks_failed(output: str) -> bool:
-    low = output.lower()
-    return any(m in low for m in _ERROR_MARKERS)
 
 
 def _silence_libvirt_errors() -> None:
@@ -218,11 +207,9 @@ class Hypervisor:
         uri: str,
         *,
         qemu_run_dir: str = DEFAULT_QEMU_RUN_DIR,
-        qemu_log_dir: str = DEFAULT_QEMU_LOG_DIR,
     ) -> None:
         self.uri = uri
         self.qemu_run_dir = Path(qemu_run_dir)
-        self.qemu_log_dir = Path(qemu_log_dir)
         self._conn: Any = None
         self._reopen_lock = asyncio.Lock()
         self._watch: Callable[[VmEvent], Awaitable[None]] | None = None
@@ -430,64 +417,6 @@ class Hypervisor:
             cls = err.get("class", "GenericError") if isinstance(err, dict) else "GenericError"
             raise QmpCommandError(name, arguments, str(desc), str(cls))
         return reply.get("return")
-
-    async def hmp(self, vm_uuid: str, command_line: str) -> str:
-        """Run one HMP command through libvirt; returns its output.
-
-        Raises HypervisorError when the output reports an error. Note that `qemu-io` prints its
-        own result on QEMU's stdout (the domain log), not here: use `qemu_io` for writes.
-        """
-        dom = await self._domain(vm_uuid)
-        out = await self._call(
-            libvirt_qemu.qemuMonitorCommand,
-            dom,
-            command_line,
-            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
-        )
-        out = str(out)
-        if out.strip() and (
-            _looks_failed(out) if command_line.lstrip().startswith("qemu-io") else _hmp_error(out)
-        ):
-            raise HypervisorError(f"HMP {command_line!r} failed: {out.strip()}")
-        return out
-
-    async def qemu_io(self, vm_uuid: str, qdev: str, command: str) -> str:
-        """Run `qemu-io -d <qdev> "<command>"` and return qemu-io's output.
-
-        qdev is a QOM path such as /machine/peripheral/virtio-disk0/virtio-backend (see
-        DiskInfo.qdev). qemu-io writes its result to QEMU's stdout, which libvirt sends to the
-        domain log: the output is taken from there, and an error in it raises HypervisorError.
-        """
-        if '"' in command:
-            raise ValueError("qemu-io command must not contain double quotes")
-        log = self.qemu_log_dir / f"{vm_uuid}.log"
-
-        def log_size() -> int | None:
-            try:
-                return log.stat().st_size
-            except OSError:
-                return None
-
-        def log_tail(offset: int) -> str:
-            with log.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-
-        before = await asyncio.to_thread(log_size)
-        out = await self.hmp(vm_uuid, f'qemu-io -d {qdev} "{command}"')
-        if before is None:
-            return out
-        printed = await asyncio.to_thread(log_tail, before)
-        if _looks_failed(printed):
-            raise HypervisorError(f"qemu-io {command!r} on {qdev} failed: {printed.strip()}")
-        return printed
-
-
-def _hmp_error(output: str) -> bool:
-    low = output.lower()
-    return any(
-        line.strip().startswith(("error", "unknown command")) for line in low.splitlines()
-    ) or ("could not" in low)
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""qemu-img on image files of a VM that is shut off: the bitmaps of each file of a chain."""
+"""qemu-img: the agent's scratch files, and the image files of a VM that is shut off (the
+bitmaps of each file of a chain). Every qemu-img the agent runs is run here."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ async def remove_bitmap(path: str, name: str) -> None:
 async def virtual_size(path: str) -> int:
     info = json.loads(await run("qemu-img", "info", "-U", "--output=json", path))
     return int(info["virtual-size"])
+
+
+async def create(path: str, size: int | None, backing: str | None = None) -> None:
+    """A new qcow2 file of `size` bytes; on `backing` (a qcow2) when given, whose size it
+    takes when `size` is None."""
+    over = ["-b", backing, "-F", "qcow2"] if backing is not None else []
+    sized = [str(size)] if size is not None else []
+    await run("qemu-img", "create", "-q", "-f", "qcow2", *over, path, *sized)

@@ -1,6 +1,7 @@
 """Fault injection: the agent is killed with SIGKILL at each step of Enable, Disable and Delete
-(CBT_AGENT_CRASH_AT), restarted, and every case must end in a true status with nothing left
-behind in QEMU or on disk, and the next incremental must hold every write (none lost)."""
+(tests/faultagent.py installs the step hook), restarted, and every case must end in a true
+status with nothing left behind in QEMU or on disk, and the next incremental must hold every
+write (none lost)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import stack
 
 from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError
 from cbt_agent.hypervisor.libvirt import Hypervisor
+from testbed.qemu_io import hmp, qemu_io
 
 pytestmark = pytest.mark.stack
 
@@ -134,11 +135,11 @@ async def test_hmp_write_sets_dirty_bitmap(vm_factory: VmFactory, hypervisor: Hy
         {"execute": "block-dirty-bitmap-add", "arguments": {"node": node, "name": "b0"}},
     )
 
-    out = await hypervisor.qemu_io(vm.vm_uuid, disk.qdev, "write -P 0xab 1M 64k")
+    out = await qemu_io(hypervisor, vm.vm_uuid, disk.qdev, "write -P 0xab 1M 64k")
     assert "wrote 65536/65536 bytes at offset 1048576" in out
     await vm.write(disk.volume_uuid, 4 << 20, 4096, 0xCD)  # harness path: one more cluster
-    await hypervisor.hmp(
-        vm.vm_uuid, f'qemu-io -d {disk.qdev} "write -z 8M 64k"'
+    await hmp(
+        hypervisor, vm.vm_uuid, f'qemu-io -d {disk.qdev} "write -z 8M 64k"'
     )  # plain HMP: reply is empty
 
     blocks = await hypervisor.qmp_passthrough(vm.vm_uuid, {"execute": "query-block"})
@@ -170,10 +171,12 @@ async def test_write_errors_are_reported(vm_factory: VmFactory, hypervisor: Hype
     qdev = info.disks[0].qdev
     # beyond the end: qemu-io only says so on QEMU's stdout (the domain log)
     with pytest.raises(HypervisorError, match="failed"):
-        await hypervisor.qemu_io(vm.vm_uuid, qdev, "write -P 0xab 100M 64k")
+        await qemu_io(hypervisor, vm.vm_uuid, qdev, "write -P 0xab 100M 64k")
     with pytest.raises(HypervisorError, match="not found"):
-        await hypervisor.hmp(
-            vm.vm_uuid, 'qemu-io -d /machine/peripheral/nope/virtio-backend "write 0 512"'
+        await hmp(
+            hypervisor,
+            vm.vm_uuid,
+            'qemu-io -d /machine/peripheral/nope/virtio-backend "write 0 512"',
         )
     with pytest.raises(ValueError):
         await vm.write(vm.volumes[0].volume_uuid, 16 << 20, 512)

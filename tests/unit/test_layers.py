@@ -45,3 +45,17 @@ def test_the_check_sees_an_offender(tmp_path: Path) -> None:
     assert {"cbt_agent.api", "cbt_agent.api.zstack", "cbt_agent.api.jobs"} <= imported_modules(
         module
     )
+
+
+def test_the_installed_package_holds_no_development_code() -> None:
+    """Guest writes through HMP qemu-io, the demo and fault injection live in testbed/ and
+    tests/: nothing in cbt_agent/ imports them or speaks HMP."""
+    offenders: list[str] = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        dev = sorted(
+            m for m in imported_modules(path) if m.split(".")[0] in ("testbed", "tests", "stack")
+        )
+        text = path.read_text()
+        if dev or "VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP" in text or "qemu-io" in text:
+            offenders.append(str(path.relative_to(PACKAGE)))
+    assert offenders == []

@@ -1,10 +1,11 @@
-"""`cbt-agent demo`: a throwaway TCG VM under libvirt, the agent as a real process, and a full
-CBT cycle over the HTTP API: Create, Enable (full), write, Disable, writes around a live
-snapshot, Enable (incremental), read the changes over NBD, Disable, Delete. Everything it
+"""The demo (scripts/demo.sh): a throwaway TCG VM under libvirt, the agent as a real process,
+and a full CBT cycle over the HTTP API: Create, Enable (full), write, Disable, writes around a
+live snapshot, Enable (incremental), read the changes over NBD, Disable, Delete. Everything it
 starts it stops again, by pid."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -22,88 +23,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import quoteattr
 
 import aiohttp
 
 from cbt_agent.hypervisor.libvirt import Hypervisor
+from cbt_agent.qemu import images
 from cbt_agent.qemu import nbd as nbdio
+from testbed.domain import throwaway_domain_xml
+from testbed.qemu_io import qemu_io
 
 URI = "qemu:///system"
 MIB = 1 << 20
-
-
-def throwaway_domain_xml(
-    vm_uuid: str,
-    disks: list[tuple[str, Path]],
-    qmp_socket: Path | None,
-    *,
-    memory_mib: int = 64,
-    description: str = "cbt-agent throwaway VM",
-    kernel: tuple[Path, Path] | None = None,
-    console_log: Path | None = None,
-) -> str:
-    """A ZStack-style TCG domain: name = vm uuid, disk serial = volume uuid, optionally ZStack's
-    extra QMP socket through <qemu:commandline>. Without `kernel` it has no OS; with (vmlinuz,
-    initrd) it boots Linux from them with the first disk as root, a serial console (to
-    `console_log`) and the qemu-guest-agent channel, like a real guest."""
-    parts = []
-    # a real guest's trims reach the image (and its dirty bitmaps) as discards
-    discard = " discard='unmap'" if kernel is not None else ""
-    for i, (volume_uuid, path) in enumerate(disks):
-        parts.append(
-            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'{discard}/>"
-            f"<source file={quoteattr(str(path))}/>"
-            f"<target dev='vd{chr(ord('a') + i)}' bus='virtio'/>"
-            f"<serial>{volume_uuid}</serial></disk>"
-        )
-    cmdline = ""
-    if qmp_socket is not None:
-        arg = quoteattr(f"unix:{qmp_socket},server=on,wait=off")
-        cmdline = (
-            f"<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value={arg}/></qemu:commandline>"
-        )
-    return (
-        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
-        f"<name>{vm_uuid}</name><uuid>{uuid.UUID(hex=vm_uuid)}</uuid>"
-        f"<description>{escape(description)}</description>"
-        f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
-        f"<os><type arch='x86_64' machine='q35'>hvm</type>{_kernel_boot(kernel)}</os>"
-        "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
-        "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
-        f"{''.join(parts)}{_guest_devices(kernel, console_log)}"
-        "<controller type='usb' model='none'/><memballoon model='none'/>"
-        # a PCIe root port per disk, and two spare: q35 hot-plugs a disk only into a free one
-        "<controller type='pci' index='0' model='pcie-root'/>"
-        + "<controller type='pci' model='pcie-root-port'/>"
-        * (len(disks) + 2)
-        + "</devices>"
-        f"{cmdline}</domain>"
-    )
-
-
-def _kernel_boot(kernel: tuple[Path, Path] | None) -> str:
-    if kernel is None:
-        return ""
-    vmlinuz, initrd = kernel
-    return (
-        f"<kernel>{escape(str(vmlinuz))}</kernel><initrd>{escape(str(initrd))}</initrd>"
-        "<cmdline>root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0</cmdline>"
-    )
-
-
-def _guest_devices(kernel: tuple[Path, Path] | None, console_log: Path | None) -> str:
-    if kernel is None:
-        return ""
-    console = (
-        f"<serial type='file'><source path={quoteattr(str(console_log))}/></serial>"
-        if console_log is not None
-        else "<serial type='null'/>"
-    )
-    return (
-        f"{console}<controller type='virtio-serial'/>"
-        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
-    )
 
 
 async def _run(*cmd: str, show: bool = False) -> None:
@@ -159,8 +90,8 @@ class Api:
 
 
 async def _write(hv: Hypervisor, vm_uuid: str, alias: str, pattern: int, off: int, n: int) -> None:
-    await hv.qemu_io(
-        vm_uuid, f"/machine/peripheral/{alias}/virtio-backend", f"write -P {pattern} {off} {n}"
+    await qemu_io(
+        hv, vm_uuid, f"/machine/peripheral/{alias}/virtio-backend", f"write -P {pattern} {off} {n}"
     )
 
 
@@ -278,7 +209,7 @@ async def run_demo(keep: bool = False) -> int:
     try:
         step(1, f"A throwaway VM {vm_uuid} (TCG, 2 virtio disks, ZStack's extra QMP socket)")
         for (_vol, path), size in zip(disks, sizes, strict=True):
-            await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size))
+            await images.create(str(path), size)
         await hv.open()
         conn = await hv.connection()
         await asyncio.to_thread(conn.defineXML, throwaway_domain_xml(vm_uuid, disks, sock))
@@ -419,8 +350,7 @@ async def run_guest_demo(image: Path, keep: bool = False) -> int:
     dom: Any = None
     try:
         step(1, f"A Debian guest {vm_uuid} (TCG, direct kernel boot, qemu-guest-agent)")
-        backing = ["-b", str(image / "disk.qcow2"), "-F", "qcow2"]
-        await _run("qemu-img", "create", "-q", "-f", "qcow2", *backing, str(root))
+        await images.create(str(root), None, backing=str(image / "disk.qcow2"))
         await hv.open()
         conn = await hv.connection()
         xml = throwaway_domain_xml(
@@ -477,9 +407,21 @@ async def run_guest_demo(image: Path, keep: bool = False) -> int:
         await _remove(hv, dom, work, keep)
 
 
-def main() -> None:
-    sys.exit(asyncio.run(run_demo()))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m testbed.demo", description="a throwaway VM through a full CBT cycle"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--guest",
+        metavar="IMAGE_DIR",
+        help="a real guest instead (scripts/guest-image.sh's directory): quiesced checkpoints",
+    )
+    args = p.parse_args(argv)
+    if args.guest:
+        return asyncio.run(run_guest_demo(Path(args.guest), keep=args.keep))
+    return asyncio.run(run_demo(keep=args.keep))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""QEMU's built-in NBD server and its block exports, each step one QMP command or a short poll.
+
+Removal steps are idempotent (a thing already gone is success) and a server left running by an
+interrupted operation is stopped before a new one starts, so cleanup can be re-run after any
+crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from typing import Any
+
+from cbt_agent.errors import HypervisorError, QmpCommandError
+from cbt_agent.model import Source
+from cbt_agent.qemu.blockdev import wait_until
+from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.refusals import absent, says
+
+log = logging.getLogger(__name__)
+
+
+def export_args(export_id: str, node: str, name: str, bitmap: Source | None) -> dict[str, Any]:
+    """`block-export-add` of a read-only NBD export of `node` named `name`, with the dirty
+    bitmap (node, name) it publishes as `qemu:dirty-bitmap:<name>` when given."""
+    args: dict[str, Any] = {
+        "type": "nbd",
+        "id": export_id,
+        "node-name": node,
+        "name": name,
+        "writable": False,
+    }
+    if bitmap is not None:
+        args["bitmaps"] = [{"node": bitmap[0], "name": bitmap[1]}]
+    return args
+
+
+async def add_export(
+    qmp: QmpChannel, export_id: str, node: str, name: str, bitmap: Source | None
+) -> None:
+    await qmp.execute("block-export-add", export_args(export_id, node, name, bitmap))
+
+
+async def export_ids_of(qmp: QmpChannel) -> set[str]:
+    return {str(e["id"]) for e in await qmp.execute("query-block-exports")}
+
+
+async def delete_exports(
+    qmp: QmpChannel, export_ids: list[str], *, force: bool, grace: float = 3.0
+) -> None:
+    """Remove NBD exports and wait until QEMU has let go of them. Safe mode first (refused
+    while a client is connected); after `grace` seconds, or at once with `force`, hard mode."""
+    live = await export_ids_of(qmp)
+    pending = [x for x in export_ids if x in live]
+    if not pending:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    for export_id in pending:
+        mode = "hard" if force else "safe"
+        while True:
+            try:
+                await qmp.execute("block-export-del", {"id": export_id, "mode": mode})
+                break
+            except QmpCommandError as e:
+                if absent(e):
+                    break
+                if mode == "safe" and loop.time() < deadline:
+                    await asyncio.sleep(0.1)
+                    continue
+                if mode == "safe":
+                    log.warning(
+                        "export %s still in use after %.0fs: removing it hard", export_id, grace
+                    )
+                    mode = "hard"
+                    continue
+                raise
+
+    async def gone() -> bool:
+        return not set(pending) & await export_ids_of(qmp)
+
+    await wait_until(f"exports {', '.join(pending)} to be deleted", gone, 30)
+
+
+async def stop(qmp: QmpChannel) -> None:
+    try:
+        await qmp.execute("nbd-server-stop")
+    except QmpCommandError as e:
+        if not says(e, "not running", "no nbd server"):
+            raise
+
+
+async def _start_or_restart(qmp: QmpChannel, args: dict[str, Any]) -> None:
+    """nbd-server-start; a server left running by an interrupted operation is stopped first."""
+    try:
+        await qmp.execute("nbd-server-start", args)
+    except QmpCommandError as e:
+        if not says(e, "already running"):
+            raise
+        log.warning("an NBD server was left running: stopping it")
+        await stop(qmp)
+        await qmp.execute("nbd-server-start", args)
+
+
+def remove_socket_file(path: str) -> bool:
+    """Remove a unix socket (or stale file) at `path`; False if there was none. Never removes a
+    directory. Blocking (an unlink): fine to call from the event loop."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        raise HypervisorError(f"{path} is a directory, not an NBD socket")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
+
+
+async def start_unix(qmp: QmpChannel, path: str, tls_creds: str | None = None) -> None:
+    """Start the VM's NBD server on a unix socket at `path`, owner-only (0600). A stale file at
+    `path` is removed first; so is a server left running by an interrupted operation."""
+    if remove_socket_file(path):
+        log.warning("removed a stale NBD socket %s", path)
+    args: dict[str, Any] = {"addr": {"type": "unix", "data": {"path": path}}}
+    if tls_creds:
+        args["tls-creds"] = tls_creds
+    await _start_or_restart(qmp, args)
+    # QEMU made the socket with its umask; only the owner may connect (connect needs write)
+    try:
+        os.chmod(path, 0o600)
+    except OSError as e:
+        await stop(qmp)
+        remove_socket_file(path)
+        raise HypervisorError(f"cannot make the NBD socket {path} private: {e.strerror}") from None
+
+
+async def add_tls_creds(qmp: QmpChannel, creds_id: str, cert_dir: str) -> None:
+    """(Re)create the VM's `tls-creds-x509` server object from `cert_dir`, so certificates
+    replaced on disk are read again. An object of that id still held by a running NBD server
+    keeps working for it; the new one serves the next nbd-server-start."""
+    try:
+        await delete_object(qmp, creds_id)
+    except QmpCommandError as e:
+        log.warning("cannot remove the old %s (kept, not re-read): %s", creds_id, e)
+    args = {
+        "qom-type": "tls-creds-x509",
+        "id": creds_id,
+        "dir": cert_dir,
+        "endpoint": "server",
+        "verify-peer": False,
+    }
+    try:
+        await qmp.execute("object-add", args)
+    except QmpCommandError as e:
+        if not says(e, "already exists", "duplicate"):
+            raise
+
+
+async def delete_object(qmp: QmpChannel, object_id: str) -> None:
+    """object-del; an object that is not there is success."""
+    try:
+        await qmp.execute("object-del", {"id": object_id})
+    except QmpCommandError as e:
+        if not absent(e, "no such"):
+            raise
+
+
+async def start_inet(
+    qmp: QmpChannel, host: str, ports: list[int], tls_creds: str | None = None
+) -> int:
+    """Start the VM's NBD server on the first free port of `ports`. A server left running by an
+    earlier, interrupted operation is stopped first (it would make every later start fail)."""
+    restarted = False
+    last: QmpCommandError | None = None
+    for port in ports:
+        args: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+        if tls_creds:
+            args["tls-creds"] = tls_creds
+        try:
+            await qmp.execute("nbd-server-start", args)
+            return port
+        except QmpCommandError as e:
+            last = e
+            if says(e, "already running") and not restarted:
+                log.warning("an NBD server was left running: stopping it")
+                await stop(qmp)
+                restarted = True
+                try:
+                    await qmp.execute("nbd-server-start", args)
+                    return port
+                except QmpCommandError as e2:
+                    last = e2
+            if says(last, "address already in use", "failed to bind", "in use"):
+                continue
+            raise
+    raise HypervisorError(
+        f"no free NBD port in the configured range ({last.reply if last else ''})"
+    )
