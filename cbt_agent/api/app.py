@@ -18,10 +18,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from cbt_agent import __version__, commands
-from cbt_agent.api import openapi, zstack
+from cbt_agent import __version__
+from cbt_agent.api import openapi, replies, validate, zstack
 from cbt_agent.api.jobs import Jobs
 from cbt_agent.config import Config
+from cbt_agent.contract.constants import QUERY_FIELDS, QUERY_LIMIT, TASK_STATUSES, UUID_PATTERN
+from cbt_agent.contract.replies import INVENTORY_FIELDS, Health, JobLocation
 from cbt_agent.engine.checkpoints import StepHook
 from cbt_agent.engine.reconcile import reconcile
 from cbt_agent.engine.service import CbtService
@@ -36,30 +38,14 @@ SERVICE: web.AppKey[CbtService] = web.AppKey("service", CbtService)
 JOBS: web.AppKey[Jobs] = web.AppKey("jobs", Jobs)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 PREFIXES = ("/zstack/v1", "/v1")
-JOB_UUID = re.compile(r"^[0-9a-fA-F]{32}$")
-
-QUERY_FIELDS = {
-    "uuid": "str",
-    "name": "str",
-    "description": "str",
-    "status": "str",
-    "createDate": "date",
-    "lastOpDate": "date",
-    "resourceRefs.resourceUuid": "str",
-    "resourceRefs.resourceType": "str",
-    "resourceRefs.taskUuid": "str",
-    "resourceRefs.id": "int",
-}
+JOB_UUID = re.compile(UUID_PATTERN)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps(zstack.jsonable(body)),
-        content_type="application/json",
-    )
+    """A reply whose body is already in ZStack's JSON form (a wire model's `wire()`)."""
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
 
 
 def _error(exc: CbtError | dict[str, Any], status: int = 503) -> web.Response:
@@ -124,11 +110,10 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
 async def _submit(
     request: web.Request,
     api: str,
-    build: Callable[[], Any],
-    run: Callable[[Any], Awaitable[dict[str, Any]]],
+    operation: Callable[[], Awaitable[dict[str, Any]]],
     task_uuid: str | None = None,
 ) -> web.Response:
-    """Start an asynchronous API: validation and work both happen inside the job."""
+    """Start an asynchronous API: `operation` (validate, run, build the reply) is the job."""
     job_uuid = request.headers.get("X-Job-UUID")
     if job_uuid is not None and not JOB_UUID.match(job_uuid):
         return _plain(400, f"invalid X-Job-UUID[{job_uuid[:64]}]: must be 32 hex characters")
@@ -139,14 +124,11 @@ async def _submit(
         if problem:
             return _plain(400, f"invalid X-Web-Hook[{webhook[:200]}]: {problem}")
 
-    async def operation() -> dict[str, Any]:
-        return await run(build())
-
     want_schema = "X-JSON-Schema" in request.headers
     jobs = request.app[JOBS]
     if not await jobs.submit(job_uuid, api, operation, task_uuid, want_schema, webhook):
         return _plain(400, f"Duplicate job uuid[{job_uuid}]")
-    return _json({"location": _location(request, job_uuid)}, 202)
+    return _json(JobLocation(location=_location(request, job_uuid)).wire(), 202)
 
 
 def _webhook_problem(url: str, allowed: tuple[str, ...]) -> str | None:
@@ -190,7 +172,7 @@ async def deliver_webhook(session: ClientSession, job: ApiJob) -> None:
     for attempt in range(1, WEBHOOK_TRIES + 1):
         try:
             async with session.post(
-                job.webhook, json=zstack.jsonable(body), headers=headers, timeout=ClientTimeout(10)
+                job.webhook, json=body, headers=headers, timeout=ClientTimeout(10)
             ) as r:
                 if r.status < 300:
                     return
@@ -206,9 +188,11 @@ async def create_task(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     service = request.app[SERVICE]
-    return await _submit(
-        request, "CreateCbtTask", lambda: commands.create_task(body), service.create
-    )
+
+    async def create() -> dict[str, Any]:
+        return replies.inventory_reply(await service.create(validate.create_task(body)))
+
+    return await _submit(request, "CreateCbtTask", create)
 
 
 async def enable_task(request: web.Request) -> web.Response:
@@ -217,9 +201,11 @@ async def enable_task(request: web.Request) -> web.Response:
         return body
     uuid = request.match_info["uuid"]
     service = request.app[SERVICE]
-    return await _submit(
-        request, "EnableCbtTask", lambda: commands.enable_task(uuid, body), service.enable, uuid
-    )
+
+    async def enable() -> dict[str, Any]:
+        return replies.enable_reply(await service.enable(validate.enable_task(uuid, body)))
+
+    return await _submit(request, "EnableCbtTask", enable, uuid)
 
 
 async def disable_task(request: web.Request) -> web.Response:
@@ -228,20 +214,23 @@ async def disable_task(request: web.Request) -> web.Response:
         return body
     uuid = request.match_info["uuid"]
     service = request.app[SERVICE]
-    return await _submit(
-        request, "DisableCbtTask", lambda: commands.disable_task(uuid, body), service.disable, uuid
-    )
+
+    async def disable() -> dict[str, Any]:
+        return replies.inventory_reply(await service.disable(validate.disable_task(uuid, body)))
+
+    return await _submit(request, "DisableCbtTask", disable, uuid)
 
 
 async def delete_task(request: web.Request) -> web.Response:
     uuid = request.match_info["uuid"]
     service = request.app[SERVICE]
 
-    def build() -> commands.DeleteTask:
+    async def delete() -> dict[str, Any]:
         force = zstack.parse_bool_param("force", request.query.get("force"), False)
-        return commands.delete_task(uuid, force, request.query.get("deleteMode"))
+        await service.delete(validate.delete_task(uuid, force, request.query.get("deleteMode")))
+        return {}
 
-    return await _submit(request, "DeleteCbtTask", build, service.delete, uuid)
+    return await _submit(request, "DeleteCbtTask", delete, uuid)
 
 
 async def query_tasks(request: web.Request) -> web.Response:
@@ -254,12 +243,15 @@ async def query_tasks(request: web.Request) -> web.Response:
         if uuid is not None:
             conditions.append(zstack.Condition("uuid", "=", uuid))
         q = request.query
-        limit = zstack.parse_int_param("limit", q.get("limit"), 1000)
+        limit = zstack.parse_int_param("limit", q.get("limit"), QUERY_LIMIT)
         start = zstack.parse_int_param("start", q.get("start"), 0)
         count = zstack.parse_bool_param("count", q.get("count"), False)
         with_count = zstack.parse_bool_param("replyWithCount", q.get("replyWithCount"), False)
         fields = [f for f in (q.get("fields") or "").split(",") if f.strip()]
-        items = await request.app[SERVICE].inventories()
+        # the query runs over the inventories as Python values (dates as datetimes)
+        inventories = [replies.inventory(v) for v in await request.app[SERVICE].task_views()]
+        items = [inv.model_dump() for inv in inventories]
+        wire = {id(item): inv for item, inv in zip(items, inventories, strict=True)}
         page, total = zstack.apply_query(
             items,
             conditions,
@@ -272,14 +264,15 @@ async def query_tasks(request: web.Request) -> web.Response:
         return _error(e)
     if count:
         return _json({"total": total})
+    replied = [wire[id(item)].wire() for item in page]
     if fields:
-        unknown = [f for f in fields if f not in {k.split(".")[0] for k in QUERY_FIELDS}]
+        unknown = [f for f in fields if f not in INVENTORY_FIELDS]
         if unknown:
             return _error(
                 InvalidArgument(f"unknown field {unknown[0]!r} in fields", field="fields")
             )
-        page = [{k: v for k, v in inv.items() if k in fields} for inv in page]
-    body: dict[str, Any] = {"inventories": page}
+        replied = [{k: v for k, v in inv.items() if k in fields} for inv in replied]
+    body: dict[str, Any] = {"inventories": replied}
     if with_count:
         body["total"] = total
     return _json(_with_schema(request, body, force=True))
@@ -292,18 +285,18 @@ async def changed_areas(request: web.Request) -> web.Response:
     """Extension: the changed areas of one disk of a Running task (QueryChangedDiskAreas)."""
     q = request.query
     try:
-        task_uuid = commands.require_uuid(request.match_info["uuid"], "uuid")
-        volume_uuid = commands.require_uuid(request.match_info["volumeUuid"], "volumeUuid")
+        task_uuid = validate.require_uuid(request.match_info["uuid"], "uuid")
+        volume_uuid = validate.require_uuid(request.match_info["volumeUuid"], "volumeUuid")
         start = zstack.parse_int_param("startOffset", q.get("startOffset"), 0) or 0
         length = zstack.parse_int_param("length", q.get("length"), None, minimum=1)
         limit = zstack.parse_int_param("limit", q.get("limit"), MAX_AREAS, minimum=1)
         assert limit is not None
-        body = await request.app[SERVICE].changed_areas(
+        page = await request.app[SERVICE].changed_areas(
             task_uuid, volume_uuid, start, length, min(limit, MAX_AREAS)
         )
     except CbtError as e:
         return _error(e)
-    return _json(body)
+    return _json(replies.changed_areas(page))
 
 
 async def api_job(request: web.Request) -> web.Response:
@@ -329,13 +322,13 @@ async def unsupported(request: web.Request) -> web.Response:
         return body
     api = "ExportNbdVolumes" if request.path.endswith("/exportvolume") else "UnexportNbdVolumes"
 
-    async def refuse(_cmd: object) -> dict[str, Any]:
+    async def refuse() -> dict[str, Any]:
         raise OperationError(
             f"{api} is not supported by cbt-agent: it exports disks of running VMs through "
             "EnableCbtTask"
         )
 
-    return await _submit(request, api, lambda: None, refuse)
+    return await _submit(request, api, refuse)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -345,21 +338,20 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "version": __version__})
+    return _json(Health(status="ok", version=__version__).wire())
 
 
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    items = await service.inventories()
     by_status: dict[str, int] = {}
-    for inv in items:
-        by_status[inv["status"]] = by_status.get(inv["status"], 0) + 1
+    for view in await service.task_views():
+        by_status[view.task.status] = by_status.get(view.task.status, 0) + 1
     running = len(await service.store.run(SyncStore.running_jobs))
     lines = [
         "# HELP cbt_agent_tasks CBT tasks by status.",
         "# TYPE cbt_agent_tasks gauge",
     ]
-    for status in ("Created", "Starting", "Running", "Stopped", "Failed"):
+    for status in TASK_STATUSES:
         lines.append(f'cbt_agent_tasks{{status="{status}"}} {by_status.get(status, 0)}')
     lines += [
         "# HELP cbt_agent_jobs_running API jobs not finished yet.",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cbt_agent.config import UNIX_PATH_MAX, Config
+from cbt_agent.engine.results import VolumeBackup
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, GuestAgentUnavailable, VmInfo
 from cbt_agent.model import (
@@ -25,7 +25,6 @@ from cbt_agent.model import (
     Checkpoint,
     DiskPlan,
     Layer,
-    bitmap_base64,
     bitmap_from_extents,
     changed_bytes,
     checkpoint_name,
@@ -176,43 +175,8 @@ def _volume_info(
     bits: bytes,
     changed: int,
     quiesced: bool,
-) -> dict[str, Any]:
-    context = f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else None
-    extension: dict[str, Any] = {
-        "exportName": export.volume_uuid,
-        "dirtyBitmapContext": context,
-        "sinceBitmapName": export.since,
-        "reason": export.reason,
-        "granularity": export.granularity,
-        "size": export.size,
-        "changedBytes": changed,
-        "quiesced": quiesced,
-    }
-    # only when used, so a plain TCP export's info is exactly ZStack's fields plus the above
-    if server.socket is not None:
-        extension["nbdSocket"] = server.socket
-    if server.tls:
-        extension["nbdTls"] = True
-    return {
-        "volume": {
-            "volumeUuid": disk.volume_uuid,
-            "installPath": disk.install_path,
-            "deviceId": disk.device_id,
-            "deviceType": "file",
-            "format": disk.format,
-            "useVirtio": disk.bus == "virtio",
-        },
-        "mode": export.mode,
-        "bitmapName": export.checkpoint,
-        **extension,
-        "nbdServer": server.host,
-        # ZStack's SDK types it String: a JSON number would read "10501.0"
-        "nbdPort": str(server.port) if server.port is not None else None,
-        "bitmapBase64": bitmap_base64(bits),
-        "target": export.scratch_path,
-        "scratchNodeName": export.scratch_node,
-        "metadata": json.dumps(extension, separators=(",", ":")),
-    }
+) -> VolumeBackup:
+    return VolumeBackup(disk, export, server, bits, changed, quiesced)
 
 
 async def enable_dirty_bitmap_migration(qmp: QmpChannel) -> None:
@@ -302,7 +266,7 @@ async def _checkpoint_in_qemu(qmp: QmpChannel, exports: list[VolumeExport], name
 
 async def enable(
     ctx: EnableContext, since_name: str | None, lost: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[VolumeBackup]:
     """Cut a checkpoint on every disk of the VM and export each disk's point-in-time view with
     the changes since `since_name` (None: the latest checkpoint handed out), merged over every
     layer of each disk's backing chain. Returns VolumeCbtBackupInfos. On failure everything

@@ -31,7 +31,7 @@ import pytest
 import stack
 from agentproc import TOKEN, AgentProcess, free_port
 from cbtharness import Agent, by_volume
-from openapi_schema_validator import OAS30Validator
+from openapi_schema_validator import OAS31Validator
 
 from cbt_agent.api.openapi import openapi_document
 from cbt_agent.config import parse_config
@@ -222,7 +222,7 @@ def conforms(info: dict[str, Any]) -> None:
         "$ref": "#/components/schemas/VolumeCbtBackupInfo",
         "components": doc["components"],
     }
-    errors = [e.message for e in OAS30Validator(schema).iter_errors(info)]
+    errors = [e.message for e in OAS31Validator(schema).iter_errors(info)]
     assert errors == []
 
 
