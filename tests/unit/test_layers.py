@@ -7,7 +7,17 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cbt_agent"
-BELOW_THE_API = ["engine", "qemu", "hypervisor", "store.py", "model.py", "errors.py", "config.py"]
+BELOW_THE_API = [
+    "engine",
+    "qemu",
+    "hypervisor",
+    "store.py",
+    "model.py",
+    "errors.py",
+    "config.py",
+    "commands.py",
+    "contract",
+]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -45,3 +55,17 @@ def test_the_check_sees_an_offender(tmp_path: Path) -> None:
     assert {"cbt_agent.api", "cbt_agent.api.zstack", "cbt_agent.api.jobs"} <= imported_modules(
         module
     )
+
+
+def test_the_contract_is_pure() -> None:
+    """cbt_agent/contract depends on pydantic, errors.py and model.py only: the API, the client
+    and the tests can all read it."""
+    allowed = ("cbt_agent.contract", "cbt_agent.errors", "cbt_agent.model")
+    offenders: list[str] = []
+    for path in sorted((PACKAGE / "contract").rglob("*.py")):
+        for m in imported_modules(path):
+            if m.startswith("cbt_agent") and not m.startswith(allowed):
+                offenders.append(f"{path.relative_to(PACKAGE)}: {m}")
+            if m.split(".")[0] in ("aiohttp", "libvirt", "qemu", "sqlite_utils"):
+                offenders.append(f"{path.relative_to(PACKAGE)}: {m}")
+    assert offenders == []
