@@ -50,7 +50,7 @@ from qemu.qmp import QMPClient
 import cbt_agent.qemu.nbd as nbdio
 from bench import baseline
 from bench.stats import median_ms, row, run_guarded, verdict
-from cbt_agent import commands
+from cbt_agent.api import replies, validate
 from cbt_agent.config import ApiConfig, Config, NbdConfig
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.service import CbtService
@@ -493,11 +493,11 @@ async def variant(hv: Hypervisor, root: Path, n_disks: int, cycles: int) -> bool
         raw.calls.clear()
 
         created = await service.create(
-            commands.create_task({"params": {"name": "bench", "vmInstanceUuid": vm.vm_uuid}})
+            validate.create_task({"params": {"name": "bench", "vmInstanceUuid": vm.vm_uuid}})
         )
-        task_uuid = created["inventory"]["uuid"]
-        enable_cmd = commands.enable_task(task_uuid, {"params": {}})
-        disable_cmd = commands.disable_task(task_uuid, {"params": {}})
+        task_uuid = created.task.uuid
+        enable_cmd = validate.enable_task(task_uuid, {"params": {}})
+        disable_cmd = validate.disable_task(task_uuid, {"params": {}})
         rng = random.Random(n_disks)
         agent, rawS = Series(), Series()
 
@@ -510,7 +510,7 @@ async def variant(hv: Hypervisor, root: Path, n_disks: int, cycles: int) -> bool
             t_dis, _ = await timed(service.disable(disable_cmd))
             dis = meter.take()
             await router.close()
-            infos = result["volumeCbtBackupInfos"]
+            infos = replies.enable_reply(result)["volumeCbtBackupInfos"]
             want = "full" if i == 0 else "incremental"
             if any(x["mode"] != want for x in infos) or (
                 i > 0 and any(x["changedBytes"] <= 0 for x in infos)
@@ -562,7 +562,7 @@ async def variant(hv: Hypervisor, root: Path, n_disks: int, cycles: int) -> bool
                 await fn(i)
 
         await router.channel(vm.vm_uuid)
-        await service.delete(commands.delete_task(task_uuid, False, None))
+        await service.delete(validate.delete_task(task_uuid, False, None))
         await router.close()
         return report(n_disks, cycles, agent, rawS)
     finally:

@@ -33,7 +33,7 @@ import libvirt
 import libvirt_qemu
 
 from bench.stats import median_ms, row, run_guarded, verdict
-from cbt_agent import commands
+from cbt_agent.api import validate
 from cbt_agent.config import ApiConfig, Config, NbdConfig
 from cbt_agent.engine.service import CbtService
 from cbt_agent.hypervisor.libvirt import Hypervisor
@@ -118,7 +118,7 @@ async def run(cycles: int) -> int:
         await store.open()
         service = CbtService(config, store, hv, router)
         body = {"params": {"name": "bench", "vmInstanceUuid": vm_uuid}}
-        task = (await service.create(commands.create_task(body)))["inventory"]["uuid"]
+        task = (await service.create(validate.create_task(body))).task.uuid
         floor: list[float] = []
         windows: list[float] = []
         enable: dict[bool, list[float]] = {True: [], False: []}
@@ -128,12 +128,12 @@ async def run(cycles: int) -> int:
                     guest_sh, dom, "dd if=/dev/urandom of=/tmp/x bs=64k count=8 status=none"
                 )
                 tag = f"quiesce::{'true' if quiesce else 'false'}"
-                cmd = commands.enable_task(task, {"params": {}, "systemTags": [tag]})
+                cmd = validate.enable_task(task, {"params": {}, "systemTags": [tag]})
                 t0 = time.perf_counter()
                 result = await service.enable(cmd)
                 took = time.perf_counter() - t0
-                assert result["volumeCbtBackupInfos"][0]["quiesced"] is quiesce
-                await service.disable(commands.disable_task(task, {}))
+                assert result[0].quiesced is quiesce
+                await service.disable(validate.disable_task(task, {}))
                 if cycle == 0:
                     continue  # the first (full) cycle warms up
                 enable[quiesce].append(took)

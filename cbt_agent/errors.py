@@ -6,11 +6,20 @@ one, so a caller sees which parameter to fix.
 
 from __future__ import annotations
 
+from typing import Final
+
+# ZStack's error codes, defined once: every error class below and the API's ErrorCodes use these.
+SYS_INTERNAL: Final = "SYS.1000"  # an internal error
+SYS_TIMEOUT: Final = "SYS.1001"
+SYS_OPERATION: Final = "SYS.1006"  # an operation error
+SYS_INVALID: Final = "SYS.1007"  # an invalid argument
+ID_SESSION_EXPIRED: Final = "ID.1001"
+
 
 class CbtError(Exception):
     """Base of every error the agent raises on purpose."""
 
-    code = "SYS.1006"  # operation error
+    code = SYS_OPERATION
     description = "An operation failed"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
@@ -22,28 +31,28 @@ class CbtError(Exception):
 class InvalidArgument(CbtError):
     """Bad input: the message names the field."""
 
-    code = "SYS.1007"
+    code = SYS_INVALID
     description = "One or more API argument is invalid"
 
 
 class NotFound(CbtError):
     """A task, VM or volume that does not exist (an invalid argument, as in ZStack)."""
 
-    code = "SYS.1007"
+    code = SYS_INVALID
     description = "One or more API argument is invalid"
 
 
 class OperationError(CbtError):
     """The request is valid but cannot be done in the current state."""
 
-    code = "SYS.1006"
+    code = SYS_OPERATION
     description = "An operation failed"
 
 
 class HypervisorError(CbtError):
     """libvirt or QEMU refused or failed."""
 
-    code = "SYS.1006"
+    code = SYS_OPERATION
     description = "An operation failed"
 
 
@@ -69,7 +78,7 @@ class QmpInterrupted(HypervisorError):
 class ConfigError(CbtError):
     """The configuration file is invalid: names the key and the reason."""
 
-    code = "SYS.1007"
+    code = SYS_INVALID
     description = "Invalid configuration"
 
     def __init__(self, key: str, reason: str) -> None:

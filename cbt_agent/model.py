@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Final
 
 from cbt_agent.errors import OperationError
 
@@ -100,6 +101,10 @@ def checkpoint_seq(task_uuid: str, bitmap: str) -> int | None:
     if rest == bitmap or len(rest) != 6 or not rest.isdigit():
         return None
     return int(rest)
+
+
+# QEMU's default dirty-bitmap granularity (= a qcow2 cluster): bytes per bit of a change set.
+DEFAULT_GRANULARITY: Final = 65536
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from cbt_agent import __version__, commands
-from cbt_agent.api import openapi, query, zstack
+from cbt_agent import __version__
+from cbt_agent.api import openapi, query, replies, validate, zstack
 from cbt_agent.api.jobs import Jobs
 from cbt_agent.config import Config
+from cbt_agent.contract.constants import QUERY_FIELDS, QUERY_LIMIT, TASK_STATUSES, UUID_PATTERN
+from cbt_agent.contract.replies import INVENTORY_FIELDS, Health, JobLocation
 from cbt_agent.engine.checkpoints import StepHook
 from cbt_agent.engine.reconcile import reconcile
 from cbt_agent.engine.service import CbtService
@@ -37,30 +39,14 @@ SERVICE: web.AppKey[CbtService] = web.AppKey("service", CbtService)
 JOBS: web.AppKey[Jobs] = web.AppKey("jobs", Jobs)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 PREFIXES = ("/zstack/v1", "/v1")
-JOB_UUID = re.compile(r"^[0-9a-fA-F]{32}$")
-
-QUERY_FIELDS = {
-    "uuid": "str",
-    "name": "str",
-    "description": "str",
-    "status": "str",
-    "createDate": "date",
-    "lastOpDate": "date",
-    "resourceRefs.resourceUuid": "str",
-    "resourceRefs.resourceType": "str",
-    "resourceRefs.taskUuid": "str",
-    "resourceRefs.id": "int",
-}
+JOB_UUID = re.compile(UUID_PATTERN)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps(zstack.jsonable(body)),
-        content_type="application/json",
-    )
+    """A reply whose body is already in ZStack's JSON form (a wire model's `wire()`)."""
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
 
 
 def _error(exc: CbtError | dict[str, Any], status: int = 503) -> web.Response:
@@ -125,11 +111,10 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
 async def _submit(
     request: web.Request,
     api: str,
-    build: Callable[[], Any],
-    run: Callable[[Any], Awaitable[dict[str, Any]]],
+    operation: Callable[[], Awaitable[dict[str, Any]]],
     task_uuid: str | None = None,
 ) -> web.Response:
-    """Start an asynchronous API: validation and work both happen inside the job."""
+    """Start an asynchronous API: `operation` (validate, run, build the reply) is the job."""
     job_uuid = request.headers.get("X-Job-UUID")
     if job_uuid is not None and not JOB_UUID.match(job_uuid):
         return _plain(400, f"invalid X-Job-UUID[{job_uuid[:64]}]: must be 32 hex characters")
@@ -140,14 +125,11 @@ async def _submit(
         if problem:
             return _plain(400, f"invalid X-Web-Hook[{webhook[:200]}]: {problem}")
 
-    async def operation() -> dict[str, Any]:
-        return await run(build())
-
     want_schema = "X-JSON-Schema" in request.headers
     jobs = request.app[JOBS]
     if not await jobs.submit(job_uuid, api, operation, task_uuid, want_schema, webhook):
         return _plain(400, f"Duplicate job uuid[{job_uuid}]")
-    return _json({"location": _location(request, job_uuid)}, 202)
+    return _json(JobLocation(location=_location(request, job_uuid)).wire(), 202)
 
 
 def _webhook_problem(url: str, allowed: tuple[str, ...]) -> str | None:
@@ -191,7 +173,7 @@ async def deliver_webhook(session: ClientSession, job: ApiJob) -> None:
     for attempt in range(1, WEBHOOK_TRIES + 1):
         try:
             async with session.post(
-                job.webhook, json=zstack.jsonable(body), headers=headers, timeout=ClientTimeout(10)
+                job.webhook, json=body, headers=headers, timeout=ClientTimeout(10)
             ) as r:
                 if r.status < 300:
                     return
@@ -207,9 +189,11 @@ async def create_task(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     service = request.app[SERVICE]
-    return await _submit(
-        request, "CreateCbtTask", lambda: commands.create_task(body), service.create
-    )
+
+    async def create() -> dict[str, Any]:
+        return replies.inventory_reply(await service.create(validate.create_task(body)))
+
+    return await _submit(request, "CreateCbtTask", create)
 
 
 async def enable_task(request: web.Request) -> web.Response:
@@ -218,9 +202,11 @@ async def enable_task(request: web.Request) -> web.Response:
         return body
     uuid = request.match_info["uuid"]
     service = request.app[SERVICE]
-    return await _submit(
-        request, "EnableCbtTask", lambda: commands.enable_task(uuid, body), service.enable, uuid
-    )
+
+    async def enable() -> dict[str, Any]:
+        return replies.enable_reply(await service.enable(validate.enable_task(uuid, body)))
+
+    return await _submit(request, "EnableCbtTask", enable, uuid)
 
 
 async def disable_task(request: web.Request) -> web.Response:
@@ -229,25 +215,29 @@ async def disable_task(request: web.Request) -> web.Response:
         return body
     uuid = request.match_info["uuid"]
     service = request.app[SERVICE]
-    return await _submit(
-        request, "DisableCbtTask", lambda: commands.disable_task(uuid, body), service.disable, uuid
-    )
+
+    async def disable() -> dict[str, Any]:
+        return replies.inventory_reply(await service.disable(validate.disable_task(uuid, body)))
+
+    return await _submit(request, "DisableCbtTask", disable, uuid)
 
 
 async def delete_task(request: web.Request) -> web.Response:
     uuid = request.match_info["uuid"]
     service = request.app[SERVICE]
 
-    def build() -> commands.DeleteTask:
+    async def delete() -> dict[str, Any]:
         force = query.parse_bool_param("force", request.query.get("force"), False)
-        return commands.delete_task(uuid, force, request.query.get("deleteMode"))
+        await service.delete(validate.delete_task(uuid, force, request.query.get("deleteMode")))
+        return {}
 
-    return await _submit(request, "DeleteCbtTask", build, service.delete, uuid)
+    return await _submit(request, "DeleteCbtTask", delete, uuid)
 
 
 async def query_tasks(request: web.Request) -> web.Response:
-    """QueryCbtTask. Reading, filtering, sorting and serializing run in threads, never on the
-    event loop: a query over 10,000 tasks costs the loop nothing but the hand-over."""
+    """QueryCbtTask. Building the inventories, filtering, sorting and serializing run in a
+    thread, never on the event loop: a query over 10,000 tasks costs the loop only the
+    hand-over."""
     try:
         conditions = query.parse_conditions(request.query.getall("q", []))
     except query.QuerySyntaxError as e:
@@ -257,33 +247,34 @@ async def query_tasks(request: web.Request) -> web.Response:
         if uuid is not None:
             conditions.append(query.Condition("uuid", "=", uuid))
         q = request.query
-        limit = query.parse_int_param("limit", q.get("limit"), 1000)
+        limit = query.parse_int_param("limit", q.get("limit"), QUERY_LIMIT)
         start = query.parse_int_param("start", q.get("start"), 0)
         count = query.parse_bool_param("count", q.get("count"), False)
         with_count = query.parse_bool_param("replyWithCount", q.get("replyWithCount"), False)
         fields = [f for f in (q.get("fields") or "").split(",") if f.strip()]
-        unknown = [f for f in fields if f not in {k.split(".")[0] for k in QUERY_FIELDS}]
-        if unknown:
-            raise InvalidArgument(f"unknown field {unknown[0]!r} in fields", field="fields")
-        items = await request.app[SERVICE].inventories()
+        sort = q.get("sort")
+        views = await request.app[SERVICE].task_views()
 
         def answer() -> str:
+            # the query runs over the inventories as Python values (dates as datetimes); only
+            # the page is built as wire models
+            items = [replies.query_item(v) for v in views]
+            view_of = {id(item): v for item, v in zip(items, views, strict=True)}
             page, total = query.apply_query(
-                items,
-                conditions,
-                fields=QUERY_FIELDS,
-                sort=q.get("sort"),
-                start=start or 0,
-                limit=limit,
+                items, conditions, fields=QUERY_FIELDS, sort=sort, start=start or 0, limit=limit
             )
             if count:
                 return json.dumps({"total": total})
+            replied = [replies.inventory(view_of[id(item)]).wire() for item in page]
             if fields:
-                page = [{k: v for k, v in inv.items() if k in fields} for inv in page]
-            body: dict[str, Any] = {"inventories": page}
+                unknown = [f for f in fields if f not in INVENTORY_FIELDS]
+                if unknown:
+                    raise InvalidArgument(f"unknown field {unknown[0]!r} in fields", field="fields")
+                replied = [{k: v for k, v in inv.items() if k in fields} for inv in replied]
+            body: dict[str, Any] = {"inventories": replied}
             if with_count:
                 body["total"] = total
-            return json.dumps(zstack.jsonable(_with_schema(request, body, force=True)))
+            return json.dumps(_with_schema(request, body, force=True))
 
         text = await asyncio.to_thread(answer)
     except CbtError as e:
@@ -298,18 +289,18 @@ async def changed_areas(request: web.Request) -> web.Response:
     """Extension: the changed areas of one disk of a Running task (QueryChangedDiskAreas)."""
     q = request.query
     try:
-        task_uuid = commands.require_uuid(request.match_info["uuid"], "uuid")
-        volume_uuid = commands.require_uuid(request.match_info["volumeUuid"], "volumeUuid")
+        task_uuid = validate.require_uuid(request.match_info["uuid"], "uuid")
+        volume_uuid = validate.require_uuid(request.match_info["volumeUuid"], "volumeUuid")
         start = query.parse_int_param("startOffset", q.get("startOffset"), 0) or 0
         length = query.parse_int_param("length", q.get("length"), None, minimum=1)
         limit = query.parse_int_param("limit", q.get("limit"), MAX_AREAS, minimum=1)
         assert limit is not None
-        body = await request.app[SERVICE].changed_areas(
+        page = await request.app[SERVICE].changed_areas(
             task_uuid, volume_uuid, start, length, min(limit, MAX_AREAS)
         )
     except CbtError as e:
         return _error(e)
-    return _json(body)
+    return _json(replies.changed_areas(page))
 
 
 async def api_job(request: web.Request) -> web.Response:
@@ -335,13 +326,13 @@ async def unsupported(request: web.Request) -> web.Response:
         return body
     api = "ExportNbdVolumes" if request.path.endswith("/exportvolume") else "UnexportNbdVolumes"
 
-    async def refuse(_cmd: object) -> dict[str, Any]:
+    async def refuse() -> dict[str, Any]:
         raise OperationError(
             f"{api} is not supported by cbt-agent: it exports disks of running VMs through "
             "EnableCbtTask"
         )
 
-    return await _submit(request, api, lambda: None, refuse)
+    return await _submit(request, api, refuse)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -351,21 +342,18 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "version": __version__})
+    return _json(Health(status="ok", version=__version__).wire())
 
 
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    items = await service.inventories()
-    by_status: dict[str, int] = {}
-    for inv in items:
-        by_status[inv["status"]] = by_status.get(inv["status"], 0) + 1
+    by_status, _exports = await service.store.run(SyncStore.counts)  # aggregates, not a scan
     running = len(await service.store.run(SyncStore.running_jobs))
     lines = [
         "# HELP cbt_agent_tasks CBT tasks by status.",
         "# TYPE cbt_agent_tasks gauge",
     ]
-    for status in ("Created", "Starting", "Running", "Stopped", "Failed"):
+    for status in TASK_STATUSES:
         lines.append(f'cbt_agent_tasks{{status="{status}"}} {by_status.get(status, 0)}')
     lines += [
         "# HELP cbt_agent_jobs_running API jobs not finished yet.",

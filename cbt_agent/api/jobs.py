@@ -21,7 +21,7 @@ from cbt_agent.store import ApiJob, Store, SyncStore
 
 log = logging.getLogger(__name__)
 
-Result = dict[str, Any]
+Result = dict[str, Any]  # a reply in ZStack's JSON form, as the API built it
 RESTART_ERROR = "the agent restarted before this job finished; see the task's status history"
 
 
@@ -80,7 +80,7 @@ class Jobs:
             )
             await self.store.run(SyncStore.finish_job, job_uuid, error=error)
         else:
-            await self.store.run(SyncStore.finish_job, job_uuid, result=zstack.jsonable(result))
+            await self.store.run(SyncStore.finish_job, job_uuid, result=result)
         if self.on_done is not None:
             job = await self.store.run(SyncStore.get_job, job_uuid)
             if job is not None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from cbt_agent.api.zstack import _DATE_FORMS, parse_date
+from cbt_agent.contract.dates import DATE_FORMS as _DATE_FORMS
+from cbt_agent.contract.dates import parse_date
 from cbt_agent.errors import InvalidArgument
 
 # ZStack's RestServer.QUERY_OP_MAPPING, in its order: a condition splits at the first operator

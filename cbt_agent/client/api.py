@@ -14,8 +14,10 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
 from cbt_agent.client.errors import ApiError, BackupError
+from cbt_agent.contract.replies import CbtTaskInventory, VolumeCbtBackupInfo
 
 API_PREFIX = "/zstack/v1"
 POLL_INTERVAL = 0.05
@@ -26,6 +28,15 @@ JOB_TIMEOUT = 600.0  # an Enable of many large disks still finishes in seconds
 class TaskRef:
     uuid: str
     status: str
+
+    @classmethod
+    def from_reply(cls, d: object) -> TaskRef:
+        """From a CbtTaskInventory as the agent writes it."""
+        try:
+            inv = CbtTaskInventory.model_validate(d)
+        except ValidationError as e:
+            raise BackupError(f"malformed CbtTaskInventory from the agent ({e}): {d}") from e
+        return cls(inv.uuid, inv.status.value)
 
 
 @dataclass(frozen=True)
@@ -49,29 +60,29 @@ class VolumeBackupInfo:
     nbd_tls: bool = False  # the export requires TLS (nbdTls)
 
     @classmethod
-    def from_reply(cls, d: dict[str, Any]) -> VolumeBackupInfo:
+    def from_reply(cls, d: object) -> VolumeBackupInfo:
+        """From a VolumeCbtBackupInfo as the agent writes it."""
         try:
-            volume = d["volume"]["volumeUuid"]
-            port = d.get("nbdPort")
-            return cls(
-                volume_uuid=str(volume),
-                mode=str(d["mode"]),
-                bitmap_name=str(d["bitmapName"]),
-                since=d.get("sinceBitmapName"),
-                reason=d.get("reason"),
-                nbd_server=d.get("nbdServer"),
-                nbd_port=int(port) if port is not None else None,
-                nbd_socket=d.get("nbdSocket"),
-                export_name=str(d.get("exportName") or volume),
-                dirty_context=d.get("dirtyBitmapContext"),
-                granularity=int(d.get("granularity") or 65536),
-                size=int(d["size"]),
-                changed_bytes=d.get("changedBytes"),
-                bitmap_b64=d.get("bitmapBase64"),
-                nbd_tls=bool(d.get("nbdTls")),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BackupError(f"malformed VolumeCbtBackupInfo from the agent ({e!r}): {d}") from e
+            info = VolumeCbtBackupInfo.model_validate(d)
+        except ValidationError as e:
+            raise BackupError(f"malformed VolumeCbtBackupInfo from the agent ({e}): {d}") from e
+        return cls(
+            volume_uuid=info.volume.volume_uuid,
+            mode=info.mode,
+            bitmap_name=info.bitmap_name,
+            since=info.since_bitmap_name,
+            reason=info.reason,
+            nbd_server=info.nbd_server,
+            nbd_port=int(info.nbd_port) if info.nbd_port is not None else None,
+            nbd_socket=info.nbd_socket,
+            export_name=info.export_name,
+            dirty_context=info.dirty_bitmap_context,
+            granularity=info.granularity,
+            size=info.size,
+            changed_bytes=info.changed_bytes,
+            bitmap_b64=info.bitmap_base64,
+            nbd_tls=bool(info.nbd_tls),
+        )
 
 
 def _base_url(url: str) -> str:
@@ -187,7 +198,7 @@ class CbtApi:
         tasks = reply.get("inventories") or []
         if not tasks:
             return None
-        return TaskRef(str(tasks[0]["uuid"]), str(tasks[0]["status"]))
+        return TaskRef.from_reply(tasks[0])
 
     async def create_task(
         self, vm_uuid: str, name: str, resource_uuid: str | None = None
@@ -199,8 +210,7 @@ class CbtApi:
         if resource_uuid is not None:
             params["resourceUuid"] = resource_uuid
         reply = await self.call("CreateCbtTask", "POST", "/cbt-task/create", {"params": params})
-        inv = reply["inventory"]
-        return TaskRef(str(inv["uuid"]), str(inv["status"]))
+        return TaskRef.from_reply(reply.get("inventory"))
 
     async def enable(
         self, task_uuid: str, bitmap_name: str | None, quiesce: bool | None = None
@@ -224,5 +234,4 @@ class CbtApi:
             f"/cbt-task/disable/{task_uuid}",
             {"params": {"force": force}},
         )
-        inv = reply["inventory"]
-        return TaskRef(str(inv["uuid"]), str(inv["status"]))
+        return TaskRef.from_reply(reply.get("inventory"))

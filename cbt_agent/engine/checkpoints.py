@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cbt_agent.config import Config
 from cbt_agent.engine.exports import nbd_address, private_dir, start_nbd_server, teardown_exports
@@ -29,11 +27,12 @@ from cbt_agent.engine.plan import (
     with_new_granularity,
 )
 from cbt_agent.engine.quiesce import Freeze, GuestFreezer, checkpoint_transaction
+from cbt_agent.engine.results import VolumeBackup
 from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
 from cbt_agent.errors import HypervisorError, OperationError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.model import bitmap_base64, bitmap_from_extents, changed_bytes, full_bitmap
+from cbt_agent.model import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.qemu import bitmaps, blockdev, images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel
@@ -75,43 +74,8 @@ def _volume_info(
     bits: bytes,
     changed: int,
     quiesced: bool,
-) -> dict[str, Any]:
-    context = f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else None
-    extension: dict[str, Any] = {
-        "exportName": export.volume_uuid,
-        "dirtyBitmapContext": context,
-        "sinceBitmapName": export.since,
-        "reason": export.reason,
-        "granularity": export.granularity,
-        "size": export.size,
-        "changedBytes": changed,
-        "quiesced": quiesced,
-    }
-    # only when used, so a plain TCP export's info is exactly ZStack's fields plus the above
-    if server.socket is not None:
-        extension["nbdSocket"] = server.socket
-    if server.tls:
-        extension["nbdTls"] = True
-    return {
-        "volume": {
-            "volumeUuid": disk.volume_uuid,
-            "installPath": disk.install_path,
-            "deviceId": disk.device_id,
-            "deviceType": "file",
-            "format": disk.format,
-            "useVirtio": disk.bus == "virtio",
-        },
-        "mode": export.mode,
-        "bitmapName": export.checkpoint,
-        **extension,
-        "nbdServer": server.host,
-        # ZStack's SDK types it String: a JSON number would read "10501.0"
-        "nbdPort": str(server.port) if server.port is not None else None,
-        "bitmapBase64": bitmap_base64(bits),
-        "target": export.scratch_path,
-        "scratchNodeName": export.scratch_node,
-        "metadata": json.dumps(extension, separators=(",", ":")),
-    }
+) -> VolumeBackup:
+    return VolumeBackup(disk, export, server, bits, changed, quiesced)
 
 
 async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
@@ -170,7 +134,7 @@ async def _checkpoint_in_qemu(qmp: QmpChannel, exports: list[VolumeExport], name
 
 async def enable(
     ctx: EnableContext, since_name: str | None, lost: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[VolumeBackup]:
     """Cut a checkpoint on every disk of the VM and export each disk's point-in-time view with
     the changes since `since_name` (None: the latest checkpoint handed out), merged over every
     layer of each disk's backing chain. Returns VolumeCbtBackupInfos. On failure everything

@@ -12,7 +12,6 @@ import logging
 import os
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Any
 
 from cbt_agent import commands, logctx
 from cbt_agent.config import Config
@@ -20,6 +19,7 @@ from cbt_agent.engine import checkpoints, tracking
 from cbt_agent.engine.checkpoints import EnableContext
 from cbt_agent.engine.exports import nbd_address, teardown_exports
 from cbt_agent.engine.plan import found_on, is_temp, ours
+from cbt_agent.engine.results import ChangedAreas, TaskView, VolumeBackup
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import (
     CbtError,
@@ -40,35 +40,9 @@ from cbt_agent.model import (
 from cbt_agent.qemu import images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
-from cbt_agent.store import ResourceRef, Store, SyncStore
+from cbt_agent.store import Store, SyncStore
 
 log = logging.getLogger(__name__)
-
-Result = dict[str, Any]
-
-
-def inventory(task: CbtTask, refs: list[ResourceRef]) -> dict[str, Any]:
-    """CbtTaskInventory with datetimes (the API layer formats them the ZStack way)."""
-    inv: dict[str, Any] = {
-        "uuid": task.uuid,
-        "name": task.name,
-        "description": task.description,
-        "status": task.status.value,
-        "createDate": task.create_date,
-        "lastOpDate": task.last_op_date,
-        "resourceRefs": [
-            {
-                "id": r.id,
-                "taskUuid": r.task_uuid,
-                "resourceUuid": r.resource_uuid,
-                "resourceType": r.resource_type,
-                "createDate": r.create_date,
-                "lastOpDate": r.last_op_date,
-            }
-            for r in refs
-        ],
-    }
-    return inv
 
 
 class GuestOf:
@@ -105,16 +79,16 @@ class CbtService:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def task_inventory(self, task_uuid: str) -> dict[str, Any]:
-        def read(s: SyncStore) -> dict[str, Any]:
-            return inventory(s.require_task(task_uuid), s.resource_refs(task_uuid))
+    async def task_view(self, task_uuid: str) -> TaskView:
+        def read(s: SyncStore) -> TaskView:
+            return TaskView(s.require_task(task_uuid), s.resource_refs(task_uuid))
 
         return await self.store.run(read)
 
-    async def inventories(self) -> list[dict[str, Any]]:
-        def read(s: SyncStore) -> list[dict[str, Any]]:
+    async def task_views(self) -> list[TaskView]:
+        def read(s: SyncStore) -> list[TaskView]:
             refs = s.all_resource_refs()
-            return [inventory(t, refs.get(t.uuid, [])) for t in s.list_tasks()]
+            return [TaskView(t, refs.get(t.uuid, [])) for t in s.list_tasks()]
 
         return await self.store.run(read)
 
@@ -139,7 +113,7 @@ class CbtService:
 
     # -- operations ------------------------------------------------------------------------------
 
-    async def create(self, cmd: commands.CreateTask) -> Result:
+    async def create(self, cmd: commands.CreateTask) -> TaskView:
         """A new task; with `resourceUuid` of a task whose bitmaps the VM's disks carry (the VM
         came from another host, or this host lost its database), that task, adopted: its
         checkpoints rebuilt from the disks, the history saying where they were found."""
@@ -167,7 +141,7 @@ class CbtService:
             )
         if found:
             log.warning("task %s: %s", task.uuid, reason)
-        return {"inventory": await self.task_inventory(task.uuid)}
+        return await self.task_view(task.uuid)
 
     async def _found_on_disks(self, vm: VmInfo, task_uuid: str) -> tuple[list[Checkpoint], str]:
         """The checkpoints of `task_uuid` that the VM's disks carry, on every layer, and the
@@ -209,7 +183,7 @@ class CbtService:
         logctx.VM.set(vm_uuid)  # the rest of this api job's lines name the VM
         return vm_uuid
 
-    async def enable(self, cmd: commands.EnableTask) -> Result:
+    async def enable(self, cmd: commands.EnableTask) -> list[VolumeBackup]:
         vm_uuid = await self._vm_of(cmd.task_uuid)
         async with self._locks[vm_uuid]:
             task = await self.store.run(SyncStore.require_task, cmd.task_uuid)
@@ -244,8 +218,8 @@ class CbtService:
             except Exception as e:
                 await self._fail(task.uuid, f"enable failed: {_reason(e)}")
                 raise
-            modes = ", ".join(f"{i['volume']['volumeUuid'][:8]}={i['mode']}" for i in infos)
-            name = str(infos[0]["bitmapName"])
+            modes = ", ".join(f"{i.disk.volume_uuid[:8]}={i.export.mode}" for i in infos)
+            name = infos[0].export.checkpoint
             notes = "".join(f"; {n}" for n in ctx.notes)
 
             def running(s: SyncStore) -> CbtTask:
@@ -259,7 +233,7 @@ class CbtService:
                     )
 
             await self.store.run(running)
-        return {"volumeCbtBackupInfos": infos}
+        return infos
 
     async def teardown_task(self, task: CbtTask, *, force: bool) -> None:
         """End the task's exports, wherever the VM is. With the VM gone, only files remain."""
@@ -290,13 +264,13 @@ class CbtService:
             await asyncio.to_thread(nbd_server.remove_socket_file, server.socket)
         await self.store.run(SyncStore.clear_exports, task.uuid)
 
-    async def disable(self, cmd: commands.DisableTask) -> Result:
+    async def disable(self, cmd: commands.DisableTask) -> TaskView:
         vm_uuid = await self._vm_of(cmd.task_uuid)
         async with self._locks[vm_uuid]:
             task = await self.store.run(SyncStore.require_task, cmd.task_uuid)
             has_exports = bool(await self.store.run(SyncStore.exports, task.uuid))
             if task.status in (TaskStatus.CREATED, TaskStatus.STOPPED) and not has_exports:
-                return {"inventory": await self.task_inventory(task.uuid)}
+                return await self.task_view(task.uuid)
             await self.store.run(SyncStore.set_operation, task.uuid, "disable")
             try:
                 await self.teardown_task(task, force=cmd.force)
@@ -305,20 +279,19 @@ class CbtService:
                 raise
             reason = "disabled" + (" (forced)" if cmd.force else "")
             await self._status(task.uuid, TaskStatus.STOPPED, reason)
-        return {"inventory": await self.task_inventory(task.uuid)}
+        return await self.task_view(task.uuid)
 
-    async def delete(self, cmd: commands.DeleteTask) -> Result:
+    async def delete(self, cmd: commands.DeleteTask) -> None:
         task = await self.store.run(SyncStore.get_task, cmd.task_uuid)
         if task is None:
-            return {}  # deleting a missing task succeeds, as in ZStack
+            return  # deleting a missing task succeeds, as in ZStack
         lenient = cmd.force or cmd.enforcing
         async with self._locks[task.vm_uuid]:
             task = await self.store.run(SyncStore.get_task, cmd.task_uuid)
             if task is None:
-                return {}
+                return
             await self.store.run(SyncStore.set_operation, task.uuid, "delete")
             await self.finish_delete(task, lenient=lenient, reason="deleted")
-        return {}
 
     async def finish_delete(self, task: CbtTask, *, lenient: bool, reason: str) -> None:
         """Disable, remove every bitmap of the task, forget it. The caller holds the VM lock."""
@@ -389,7 +362,7 @@ class CbtService:
 
     async def changed_areas(
         self, task_uuid: str, volume_uuid: str, start: int, length: int | None, limit: int
-    ) -> Result:
+    ) -> ChangedAreas:
         """The changed areas of one disk of a Running task's current checkpoint (VMware
         QueryChangedDiskAreas): maximal runs, at most `limit` a page; `nextOffset` continues."""
         task = await self.store.run(SyncStore.require_task, task_uuid)
@@ -415,18 +388,7 @@ class CbtService:
             f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else "base:allocation"
         )
         page = await asyncio.to_thread(nbdio.changed_areas, address, context, start, length, limit)
-        return {
-            "volumeUuid": volume_uuid,
-            "size": export.size,
-            "granularity": export.granularity,
-            "mode": export.mode,
-            "bitmapName": export.checkpoint,
-            "sinceBitmapName": export.since,
-            "startOffset": start,
-            "length": page.end - start,
-            "changedAreas": [{"start": s, "length": n} for s, n in page.areas],
-            "nextOffset": None if page.done else page.end,
-        }
+        return ChangedAreas(export, start, page.end, list(page.areas), page.done)
 
     async def _remove_bitmaps(self, task: CbtTask) -> None:
         if task.released is not None:

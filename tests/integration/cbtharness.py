@@ -8,7 +8,7 @@ from typing import Any
 
 import stack
 
-from cbt_agent import commands
+from cbt_agent.api import replies, validate
 from cbt_agent.config import Config
 from cbt_agent.engine.service import CbtService
 from cbt_agent.hypervisor.libvirt import Hypervisor
@@ -42,20 +42,22 @@ class Agent:
         await self.store.close()
 
     async def create(self, vm: stack.TestVm) -> str:
-        cmd = commands.create_task({"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid}})
-        return str((await self.service.create(cmd))["inventory"]["uuid"])
+        cmd = validate.create_task({"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid}})
+        return (await self.service.create(cmd)).task.uuid
 
     async def enable(self, task: str, since: str | None = None) -> list[dict[str, Any]]:
         body = {"params": {"bitmapName": since}} if since else {}
-        result = await self.service.enable(commands.enable_task(task, body))
+        result = replies.enable_reply(await self.service.enable(validate.enable_task(task, body)))
         return list(result["volumeCbtBackupInfos"])
 
     async def disable(self, task: str, force: bool = False) -> None:
-        await self.service.disable(commands.disable_task(task, {"params": {"force": force}}))
+        await self.service.disable(validate.disable_task(task, {"params": {"force": force}}))
 
     async def areas(self, task: str, volume: str) -> list[tuple[int, int]]:
         """The whole changed-areas answer of one disk as (start, length) runs."""
-        page = await self.service.changed_areas(task, volume, 0, None, 10_000)
+        page = replies.changed_areas(
+            await self.service.changed_areas(task, volume, 0, None, 10_000)
+        )
         assert page["nextOffset"] is None
         return [(a["start"], a["length"]) for a in page["changedAreas"]]
 

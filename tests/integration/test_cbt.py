@@ -18,7 +18,7 @@ import pytest
 import stack
 from cbtharness import Agent, address, by_volume, dirty_runs, expected_runs, read_export
 
-from cbt_agent import commands
+from cbt_agent.api import replies, validate
 from cbt_agent.errors import CbtError
 from cbt_agent.model import DirtyExtent, TaskStatus, bitmap_from_extents
 from cbt_agent.qemu import nbd as nbdio
@@ -288,8 +288,8 @@ async def test_delete_removes_bitmaps_running_and_shut_off(
     await agent.enable(t2)
     await agent.disable(t2)
     await asyncio.to_thread(stopped.shutdown)  # clean quit: the bitmap is saved in the qcow2
-    await agent.service.delete(commands.delete_task(t1, False, None))
-    await agent.service.delete(commands.delete_task(t2, False, None))
+    await agent.service.delete(validate.delete_task(t1, False, None))
+    await agent.service.delete(validate.delete_task(t2, False, None))
     for vol in running.volumes:
         assert bitmap_names(running, vol.volume_uuid) == []
     assert qemu_state(running) == {"exports": [], "jobs": [], "scratch": []}
@@ -317,7 +317,7 @@ async def test_changed_areas_pages_equal_a_direct_nbd_read(
     task = await agent.create(vm)
     full = (await agent.enable(task))[0]
     # a full: the areas that hold data (base:allocation), here none yet
-    page = await agent.service.changed_areas(task, v0, 0, None, 100)
+    page = replies.changed_areas(await agent.service.changed_areas(task, v0, 0, None, 100))
     assert (page["mode"], page["changedAreas"], page["nextOffset"]) == ("full", [], None)
     assert page["bitmapName"] == full["bitmapName"]
     await agent.disable(task)
@@ -327,7 +327,7 @@ async def test_changed_areas_pages_equal_a_direct_nbd_read(
     info = (await agent.enable(task))[0]
     direct = dirty_runs(info)
     assert direct == expected_runs(writes, size)
-    whole = await agent.service.changed_areas(task, v0, 0, None, 10_000)
+    whole = replies.changed_areas(await agent.service.changed_areas(task, v0, 0, None, 10_000))
     assert [(a["start"], a["length"]) for a in whole["changedAreas"]] == direct
     assert (whole["startOffset"], whole["length"], whole["nextOffset"]) == (0, size, None)
     # paged two at a time: the pages join up to the same runs, none split across pages
@@ -335,7 +335,7 @@ async def test_changed_areas_pages_equal_a_direct_nbd_read(
     offset: int | None = 0
     pages = 0
     while offset is not None:
-        page = await agent.service.changed_areas(task, v0, offset, None, 2)
+        page = replies.changed_areas(await agent.service.changed_areas(task, v0, offset, None, 2))
         assert len(page["changedAreas"]) <= 2
         got += [(a["start"], a["length"]) for a in page["changedAreas"]]
         assert page["startOffset"] + page["length"] == (page["nextOffset"] or size)
@@ -343,7 +343,7 @@ async def test_changed_areas_pages_equal_a_direct_nbd_read(
         pages += 1
     assert got == direct and pages == 5  # the last page finds no more
     # a window: only what lies inside it, clipped
-    window = await agent.service.changed_areas(task, v0, 40 * MIB + G, G, 10)
+    window = replies.changed_areas(await agent.service.changed_areas(task, v0, 40 * MIB + G, G, 10))
     assert window["changedAreas"] == [{"start": 40 * MIB + G, "length": G}]
     with pytest.raises(CbtError, match="beyond the disk's size"):
         await agent.service.changed_areas(task, v0, size, None, 10)

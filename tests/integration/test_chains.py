@@ -21,7 +21,7 @@ import stack
 from agentproc import TOKEN, AgentProcess, cli, restored_disks
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
 
-from cbt_agent import commands
+from cbt_agent.api import validate
 from cbt_agent.errors import CbtError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import VmEvent, VmEventKind
 from cbt_agent.model import (
@@ -491,7 +491,7 @@ async def test_delete_removes_bitmaps_from_every_layer(
     for vm in (running, stopped):
         t = await agent.store.run(SyncStore.task_for_vm, vm.vm_uuid)
         assert t is not None
-        await agent.service.delete(commands.delete_task(t.uuid, False, None))
+        await agent.service.delete(validate.delete_task(t.uuid, False, None))
     assert task_bitmaps(running) == {}
     # the backing layers are read-only again
     ro = {n["node-name"]: n["ro"] for n in running.qmp("query-named-block-nodes", {"flat": True})}

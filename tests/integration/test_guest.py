@@ -22,7 +22,7 @@ import stack
 from agentproc import TOKEN, AgentProcess, cli, restored_images
 from cbtharness import Agent
 
-from cbt_agent import commands
+from cbt_agent.api import replies, validate
 from cbt_agent.engine.reconcile import reconcile
 from cbt_agent.errors import CbtError
 from cbt_agent.model import TaskStatus
@@ -150,7 +150,7 @@ async def test_quiesce_failure_paths_always_thaw(
     agent = await make_agent(step=hook, ports="11000:11049")
     task = await agent.create(vm)
     node.append(vm.node_name(vm.volumes[0].volume_uuid))
-    quiesced = commands.enable_task(task, {"params": {}, "systemTags": ["quiesce::true"]})
+    quiesced = validate.enable_task(task, {"params": {}, "systemTags": ["quiesce::true"]})
     with pytest.raises(CbtError, match="QMP transaction failed"):
         await agent.service.enable(quiesced)
     assert await asyncio.to_thread(guest.freeze_status, vm) == "thawed"
@@ -173,7 +173,7 @@ async def test_quiesce_failure_paths_always_thaw(
     )
 
     # and a quiesced Enable that works says so, per disk and in the history
-    info = (await agent.service.enable(quiesced))["volumeCbtBackupInfos"][0]
+    info = replies.enable_reply(await agent.service.enable(quiesced))["volumeCbtBackupInfos"][0]
     assert info["quiesced"] is True and json.loads(info["metadata"])["quiesced"] is True
     rows = await agent.store.run(SyncStore.history_rows, task)
     assert "; quiesced (guest filesystems frozen " in rows[-1]["reason"]
@@ -213,7 +213,7 @@ async def test_quiesce_failure_paths_always_thaw(
     assert await asyncio.to_thread(guest.freeze_status, vm) == "thawed"
     assert [c.name for c in await agent.store.run(SyncStore.checkpoints, task)] == before
     assert vm.qmp("query-block-exports") == [] and vm.qmp("query-jobs") == []
-    info = (await agent.service.enable(quiesced))["volumeCbtBackupInfos"][0]
+    info = replies.enable_reply(await agent.service.enable(quiesced))["volumeCbtBackupInfos"][0]
     assert info["mode"] == "incremental" and info["quiesced"] is True
     await agent.disable(task)
 
@@ -232,7 +232,7 @@ async def test_without_a_guest_agent_auto_is_crash_consistent_and_always_fails(
         "configured)"
     )
     await agent.disable(task)
-    always = commands.enable_task(task, {"params": {}, "systemTags": ["quiesce::true"]})
+    always = validate.enable_task(task, {"params": {}, "systemTags": ["quiesce::true"]})
     with pytest.raises(CbtError) as err:
         await agent.service.enable(always)
     assert err.value.message.startswith(
@@ -240,8 +240,8 @@ async def test_without_a_guest_agent_auto_is_crash_consistent_and_always_fails(
         "filesystems: "
     )
     assert vm.qmp("query-block-exports") == [] and vm.qmp("query-jobs") == []
-    never = commands.enable_task(task, {"params": {}, "systemTags": ["quiesce::false"]})
-    info = (await agent.service.enable(never))["volumeCbtBackupInfos"][0]
+    never = validate.enable_task(task, {"params": {}, "systemTags": ["quiesce::false"]})
+    info = replies.enable_reply(await agent.service.enable(never))["volumeCbtBackupInfos"][0]
     assert info["quiesced"] is False and info["mode"] == "incremental"
     rows = await agent.store.run(SyncStore.history_rows, task)
     assert rows[-1]["reason"].endswith("; crash-consistent (quiesce not asked for)")

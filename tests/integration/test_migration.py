@@ -23,7 +23,7 @@ from agentproc import TOKEN, AgentProcess, cli, restored_disks
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs
 from qemu.qmp import QMPClient
 
-from cbt_agent import commands
+from cbt_agent.api import replies, validate
 from cbt_agent.hypervisor.libvirt import VmEvent, VmEventKind
 from cbt_agent.model import FULL_NONE_HANDED_OUT, TaskStatus
 from cbt_agent.qemu import images
@@ -122,7 +122,7 @@ async def test_a_lost_database_costs_nothing_with_resource_uuid(
 
     fresh = await make_agent(ports="11150:11199")
     body = {"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid, "resourceUuid": task}}
-    created = await fresh.service.create(commands.create_task(body))
+    created = replies.inventory_reply(await fresh.service.create(validate.create_task(body)))
     assert created["inventory"]["uuid"] == task
     cps = await fresh.store.run(SyncStore.checkpoints, task)
     assert [(c.name, c.handed_out, sorted(c.volumes)) for c in cps] == [
@@ -144,7 +144,7 @@ async def test_a_lost_database_costs_nothing_with_resource_uuid(
     # a Create with a uuid whose bitmaps no disk carries is a new, empty task
     other = vm_factory(disks_mib=[16])
     body = {"params": {"name": "x", "vmInstanceUuid": other.vm_uuid, "resourceUuid": "ab" * 16}}
-    await fresh.service.create(commands.create_task(body))
+    await fresh.service.create(validate.create_task(body))
     assert await fresh.store.run(SyncStore.checkpoints, "ab" * 16) == []
     rows = await fresh.store.run(SyncStore.history_rows, "ab" * 16)
     assert rows[0]["reason"] == "created"
@@ -162,7 +162,7 @@ async def test_default_enable_after_adoption_is_full_saying_what_to_pass(
     await asyncio.to_thread(agent.config.db_path.unlink)
     fresh = await make_agent(ports="11150:11199")
     body = {"params": {"name": "t", "vmInstanceUuid": vm.vm_uuid, "resourceUuid": task}}
-    await fresh.service.create(commands.create_task(body))
+    await fresh.service.create(validate.create_task(body))
     info = (await fresh.enable(task))[0]
     assert (info["mode"], info["reason"]) == ("full", FULL_NONE_HANDED_OUT)
     await fresh.disable(task)
@@ -187,7 +187,7 @@ async def test_source_host_lets_go_and_delete_keeps_the_disks_bitmaps(
     assert t.reason == "VM migrated away from this host (5/3)"
     assert t.released == t.reason
     assert await asyncio.to_thread(os.listdir, agent.config.scratch_dir) == []
-    await agent.service.delete(commands.delete_task(task, False, None))
+    await agent.service.delete(validate.delete_task(task, False, None))
     assert await agent.store.run(SyncStore.get_task, task) is None
     [(_file, names)] = await images.chain_bitmaps(str(vm.volumes[0].path))
     assert names == {name}  # the new host's tracking is untouched

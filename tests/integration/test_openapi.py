@@ -1,4 +1,4 @@
-"""The OpenAPI document against the real app: it is valid OpenAPI 3, it documents every route
+"""The OpenAPI document against the real app: it is valid OpenAPI 3.1, it documents every route
 app.py registers, real replies conform to it, and schemathesis fuzzing of every operation finds
 no server error and no reply outside the document.
 
@@ -31,7 +31,7 @@ import stack
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, Phase
-from openapi_schema_validator import OAS30Validator
+from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_openapi
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
@@ -137,7 +137,7 @@ async def test_served_document_is_valid_openapi(client: TestClient[Any, Any]) ->
         assert r.content_type == "application/json"
         doc = await r.json()
         assert doc == openapi_document(prefix)
-        assert doc["openapi"] == "3.0.3"
+        assert doc["openapi"] == "3.1.0"
         validate_openapi(doc)
 
 
@@ -318,7 +318,7 @@ class Harness:
     def conforms(self, value: Any, component: str) -> None:
         """`value` against one of the document's component schemas."""
         schema = {"$ref": f"#/components/schemas/{component}", "components": self.doc["components"]}
-        errors = [e.message for e in OAS30Validator(schema).iter_errors(value)]
+        errors = [e.message for e in OAS31Validator(schema).iter_errors(value)]
         if errors:
             self.failures.append(f"{component}: {errors[:5]} in {json.dumps(value)[:2000]}")
 

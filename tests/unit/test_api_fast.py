@@ -169,8 +169,9 @@ async def test_like_with_forty_wildcards_answers_fast(client: TestClient[Any, An
 async def test_ten_thousand_tasks_query_off_the_loop(
     client: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    """10,000 tasks: a full query (filter, sort, a page of 1,000, count) runs off the event loop;
-    the loop never stalls for more than a few milliseconds while it runs."""
+    """10,000 tasks: a full query (filter, sort, a page of 1,000, count) runs off the event loop.
+    The loop still shares the GIL with the threads doing it: its worst stall is ~15-20 ms here
+    (it was 108 ms with the query on the loop); the bound leaves room for a slower machine."""
 
     def fill() -> None:
         s = SyncStore(tmp_path / "state" / "cbt-agent.db")
@@ -193,5 +194,4 @@ async def test_ten_thousand_tasks_query_off_the_loop(
     assert body["total"] == 10_000
     names = [i["name"] for i in body["inventories"]]
     assert names == [f"task-{i:05d}" for i in range(9_999, 8_999, -1)]
-    print(f"worst loop stall {lag.worst * 1000:.1f} ms")
-    assert lag.worst < 0.03, f"the loop stalled {lag.worst * 1000:.1f} ms"
+    assert lag.worst < 0.05, f"the loop stalled {lag.worst * 1000:.1f} ms"

@@ -15,6 +15,7 @@ import pytest
 from fakeblock import FakeBlockLayer
 from fakeqmp import FakeQmp
 
+from cbt_agent.api import replies
 from cbt_agent.config import Config, parse_config
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext
@@ -83,8 +84,10 @@ class Rig:
 
     async def enable(self, since: str | None = None) -> list[dict[str, Any]]:
         """An Enable that reaches Running: its checkpoint is handed out."""
-        infos = await checkpoints.enable(await self.context(), since)
-        await self.store.run(SyncStore.mark_handed_out, TASK, infos[0]["bitmapName"])
+        volumes = await checkpoints.enable(await self.context(), since)
+        await self.store.run(SyncStore.mark_handed_out, TASK, volumes[0].export.checkpoint)
+        # what the API replies, in ZStack's JSON form
+        infos: list[dict[str, Any]] = replies.enable_reply(volumes)["volumeCbtBackupInfos"]
         return infos
 
     async def disable(self) -> None:

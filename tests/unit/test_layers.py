@@ -7,7 +7,17 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cbt_agent"
-BELOW_THE_API = ["engine", "qemu", "hypervisor", "store", "model.py", "errors.py", "config.py"]
+BELOW_THE_API = [
+    "engine",
+    "qemu",
+    "hypervisor",
+    "store",
+    "model.py",
+    "errors.py",
+    "config.py",
+    "commands.py",
+    "contract",
+]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -58,4 +68,18 @@ def test_the_installed_package_holds_no_development_code() -> None:
         text = path.read_text()
         if dev or "VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP" in text or "qemu-io" in text:
             offenders.append(str(path.relative_to(PACKAGE)))
+    assert offenders == []
+
+
+def test_the_contract_is_pure() -> None:
+    """cbt_agent/contract depends on pydantic, errors.py and model.py only: the API, the client
+    and the tests can all read it."""
+    allowed = ("cbt_agent.contract", "cbt_agent.errors", "cbt_agent.model")
+    offenders: list[str] = []
+    for path in sorted((PACKAGE / "contract").rglob("*.py")):
+        for m in imported_modules(path):
+            if m.startswith("cbt_agent") and not m.startswith(allowed):
+                offenders.append(f"{path.relative_to(PACKAGE)}: {m}")
+            if m.split(".")[0] in ("aiohttp", "libvirt", "qemu", "sqlite_utils"):
+                offenders.append(f"{path.relative_to(PACKAGE)}: {m}")
     assert offenders == []

@@ -1,0 +1,137 @@
+"""The engine's results as ZStack's replies: domain values in, wire models out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cbt_agent.contract.replies import (
+    CbtTaskInventory,
+    CbtTaskResourceRefInventory,
+    ChangedArea,
+    ChangedAreasPage,
+    EnableCbtTaskReply,
+    InventoryReply,
+    VolumeCbtBackupInfo,
+    VolumeTO,
+)
+from cbt_agent.engine.results import ChangedAreas, TaskView, VolumeBackup
+from cbt_agent.model import bitmap_base64
+
+__all__ = [
+    "backup_info",
+    "changed_areas",
+    "enable_reply",
+    "inventory",
+    "inventory_reply",
+    "query_item",
+]
+
+
+def inventory(view: TaskView) -> CbtTaskInventory:
+    task = view.task
+    return CbtTaskInventory(
+        uuid=task.uuid,
+        name=task.name,
+        description=task.description,
+        status=task.status,
+        create_date=task.create_date,
+        last_op_date=task.last_op_date,
+        resource_refs=[
+            CbtTaskResourceRefInventory(
+                id=r.id,
+                task_uuid=r.task_uuid,
+                resource_uuid=r.resource_uuid,
+                resource_type=r.resource_type,  # type: ignore[arg-type]
+                create_date=r.create_date,
+                last_op_date=r.last_op_date,
+            )
+            for r in view.refs
+        ],
+    )
+
+
+def query_item(view: TaskView) -> dict[str, Any]:
+    """The inventory as the query language reads it: the model's keys with Python values
+    (dates as datetimes), built without the model, so a query over every task stays cheap;
+    only the page it returns is built as models. A unit test holds it equal to
+    `inventory(view).model_dump()` (None standing for a dropped field)."""
+    task = view.task
+    return {
+        "uuid": task.uuid,
+        "name": task.name,
+        "description": task.description,
+        "status": task.status,
+        "createDate": task.create_date,
+        "lastOpDate": task.last_op_date,
+        "resourceRefs": [
+            {
+                "id": r.id,
+                "taskUuid": r.task_uuid,
+                "resourceUuid": r.resource_uuid,
+                "resourceType": r.resource_type,
+                "createDate": r.create_date,
+                "lastOpDate": r.last_op_date,
+            }
+            for r in view.refs
+        ],
+    }
+
+
+def backup_info(v: VolumeBackup) -> VolumeCbtBackupInfo:
+    disk, export, server = v.disk, v.export, v.server
+    return VolumeCbtBackupInfo.build(
+        volume=VolumeTO(
+            volume_uuid=disk.volume_uuid,
+            install_path=disk.install_path,
+            device_id=disk.device_id,
+            device_type="file",
+            format=disk.format,
+            use_virtio=disk.bus == "virtio",
+        ),
+        mode=export.mode,
+        bitmap_name=export.checkpoint,
+        export_name=export.volume_uuid,
+        dirty_bitmap_context=v.dirty_bitmap_context,
+        since_bitmap_name=export.since,
+        reason=export.reason,
+        granularity=export.granularity,
+        size=export.size,
+        changed_bytes=v.changed_bytes,
+        quiesced=v.quiesced,
+        # only when used, so a plain TCP export's info is exactly ZStack's fields plus the above
+        nbd_socket=server.socket,
+        nbd_tls=True if server.tls else None,
+        nbd_server=server.host,
+        # ZStack's SDK types it String: a JSON number would read "10501.0"
+        nbd_port=str(server.port) if server.port is not None else None,
+        bitmap_base64=bitmap_base64(v.bitmap),
+        target=export.scratch_path,
+        scratch_node_name=export.scratch_node,
+    )
+
+
+def inventory_reply(view: TaskView) -> dict[str, Any]:
+    """CreateCbtTask's and DisableCbtTask's result."""
+    return InventoryReply(inventory=inventory(view)).wire()
+
+
+def enable_reply(volumes: list[VolumeBackup]) -> dict[str, Any]:
+    """EnableCbtTask's result."""
+    return EnableCbtTaskReply(volume_cbt_backup_infos=[backup_info(v) for v in volumes]).wire()
+
+
+def changed_areas(page: ChangedAreas) -> dict[str, Any]:
+    """A page of QueryChangedDiskAreas."""
+    e = page.export
+    return ChangedAreasPage(
+        volume_uuid=e.volume_uuid,
+        size=e.size,
+        granularity=e.granularity,
+        mode=e.mode,  # type: ignore[arg-type]
+        bitmap_name=e.checkpoint,
+        since_bitmap_name=e.since,
+        start_offset=page.start,
+        length=page.end - page.start,
+        changed_areas=[ChangedArea(start=s, length=n) for s, n in page.areas],
+        next_offset=None if page.done else page.end,
+    ).wire()

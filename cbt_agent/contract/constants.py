@@ -1,0 +1,64 @@
+"""The facts of the wire contract that more than one place needs, each defined once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final, Literal, get_args
+
+from cbt_agent.model import DEFAULT_GRANULARITY, TaskStatus
+
+# A ZStack uuid: 32 hex digits, either case, no dashes (tasks, VMs, volumes, jobs, tags).
+UUID_PATTERN: Final = "^[0-9a-fA-F]{32}$"
+# A checkpoint (bitmap) name as a caller may pass it back to Enable.
+BITMAP_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$"
+# ZStack's (Gson's default) date form, e.g. "Nov 7, 2026 9:05:03 PM" (server-local time).
+DATE_PATTERN: Final = r"^[A-Z][a-z]{2} \d{1,2}, \d{4} \d{1,2}:\d{2}:\d{2} (AM|PM)$"
+
+BackupMode = Literal["full", "incremental"]
+DeleteMode = Literal["Permissive", "Enforcing"]
+ResourceType = Literal["VmInstanceVO", "VolumeVO"]
+TASK_STATUSES: Final = tuple(s.value for s in TaskStatus)
+BACKUP_MODES: Final[tuple[str, ...]] = get_args(BackupMode)
+DELETE_MODES: Final[tuple[str, ...]] = get_args(DeleteMode)
+RESOURCE_TYPES: Final[tuple[str, ...]] = get_args(ResourceType)
+
+MAX_NAME: Final = 255
+MAX_DESCRIPTION: Final = 2048
+QUERY_LIMIT: Final = 1000  # ZStack's default `limit`
+QUIESCE_TAG: Final = "quiesce::"  # the system tag of EnableCbtTask: quiesce::true|false
+
+# What QueryCbtTask can filter and sort on, with each field's kind (the query engine's table).
+QUERY_FIELDS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "uuid": "str",
+        "name": "str",
+        "description": "str",
+        "status": "str",
+        "createDate": "date",
+        "lastOpDate": "date",
+        "resourceRefs.resourceUuid": "str",
+        "resourceRefs.resourceType": "str",
+        "resourceRefs.taskUuid": "str",
+        "resourceRefs.id": "int",
+    }
+)
+
+__all__ = [
+    "BACKUP_MODES",
+    "BITMAP_PATTERN",
+    "DATE_PATTERN",
+    "DEFAULT_GRANULARITY",
+    "DELETE_MODES",
+    "MAX_DESCRIPTION",
+    "MAX_NAME",
+    "QUERY_FIELDS",
+    "QUERY_LIMIT",
+    "QUIESCE_TAG",
+    "RESOURCE_TYPES",
+    "TASK_STATUSES",
+    "UUID_PATTERN",
+    "BackupMode",
+    "DeleteMode",
+    "ResourceType",
+]

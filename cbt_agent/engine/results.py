@@ -1,0 +1,48 @@
+"""What the engine's operations return: domain values, not JSON. The API turns them into
+ZStack's replies (`cbt_agent.api.replies`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cbt_agent.hypervisor.libvirt import DiskInfo
+from cbt_agent.model import CbtTask
+from cbt_agent.store import NbdServer, ResourceRef, VolumeExport
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task with the resources it covers (its VM, then its volumes)."""
+
+    task: CbtTask
+    refs: list[ResourceRef]
+
+
+@dataclass(frozen=True)
+class VolumeBackup:
+    """One disk after an Enable: where its point-in-time view is exported and what changed."""
+
+    disk: DiskInfo
+    export: VolumeExport
+    server: NbdServer
+    bitmap: bytes  # bit i set = cluster i changed, LSB first within each byte
+    changed_bytes: int
+    quiesced: bool  # the guest's filesystems were frozen for the checkpoint
+
+    @property
+    def dirty_bitmap_context(self) -> str | None:
+        """The NBD meta context of the changes; None for a full (read base:allocation)."""
+        t = self.export.temp_bitmap
+        return f"qemu:dirty-bitmap:{t}" if t else None
+
+
+@dataclass(frozen=True)
+class ChangedAreas:
+    """One page of a disk's changed areas in the current checkpoint: maximal runs between
+    `start` and `end`; `done` when nothing lies beyond."""
+
+    export: VolumeExport
+    start: int
+    end: int
+    areas: list[tuple[int, int]]  # (offset, length)
+    done: bool
