@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -170,6 +171,41 @@ FULL_GAP = (
 )
 FULL_BROKEN = "change tracking of this disk was interrupted before checkpoint {name}: {why}"
 FULL_LAYER_SIZE = "backing image {image} is {old} bytes, the disk {new}: its bitmaps cannot merge"
+
+
+# The class of each reason for a full, for counting (metrics): what a template starts with.
+_REASON_CLASSES: tuple[tuple[str, str], ...] = (
+    (FULL_FIRST, "first"),
+    (FULL_NONE_HANDED_OUT, "first"),
+    (FULL_UNKNOWN, "base"),
+    (FULL_REMOVED, "base"),
+    (FULL_MISSING, "missing"),
+    (FULL_INCONSISTENT, "inconsistent"),
+    (TRACKING_LOST, "inconsistent"),
+    (FULL_NEW_DISK, "new_disk"),
+    (FULL_RESIZED, "resized"),
+    (FULL_LAYER_SIZE, "resized"),
+    (FULL_NEW_TOP, "chain_changed"),
+    (FULL_GAP, "chain_changed"),
+    (FULL_BROKEN, "chain_changed"),
+)
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{[a-z_]+\}", template)
+    return re.compile(".*".join(re.escape(p) for p in parts), re.DOTALL)
+
+
+_REASON_PATTERNS = tuple((_template_pattern(t), cls) for t, cls in _REASON_CLASSES)
+
+
+def full_reason_class(reason: str) -> str:
+    """ "first", "base", "missing", "inconsistent", "new_disk", "resized", "chain_changed", or
+    "other": which of the reasons above `reason` is an instance of."""
+    for pattern, cls in _REASON_PATTERNS:
+        if pattern.match(reason):
+            return cls
+    return "other"
 
 
 def found_checkpoints(

@@ -23,13 +23,14 @@ from cbt_agent import __version__
 from cbt_agent.api import openapi, query, replies, validate, zstack
 from cbt_agent.api.jobs import Jobs
 from cbt_agent.config import Config
-from cbt_agent.contract.constants import QUERY_FIELDS, QUERY_LIMIT, TASK_STATUSES, UUID_PATTERN
+from cbt_agent.contract.constants import QUERY_FIELDS, QUERY_LIMIT, UUID_PATTERN
 from cbt_agent.contract.replies import INVENTORY_FIELDS, Health, JobLocation
 from cbt_agent.engine.checkpoints import StepHook
 from cbt_agent.engine.reconcile import reconcile
 from cbt_agent.engine.service import CbtService
 from cbt_agent.errors import CbtError, InvalidArgument, OperationError
 from cbt_agent.hypervisor.libvirt import Hypervisor
+from cbt_agent.metrics import CONTENT_TYPE, Metrics
 from cbt_agent.qemu.qmp import QmpRouter
 from cbt_agent.store import ApiJob, Store, SyncStore
 
@@ -164,9 +165,12 @@ WEBHOOK_TRIES = 15
 WEBHOOK_INTERVAL = 2.0
 
 
-async def deliver_webhook(session: ClientSession, job: ApiJob) -> None:
+async def deliver_webhook(
+    session: ClientSession, job: ApiJob, outcome: Callable[[str], None] = lambda _o: None
+) -> None:
     """POST a finished job's reply to its X-Web-Hook, as ZStack does: headers X-Job-UUID and
-    X-Job-Success, retried on failure (15 tries, 2 s apart)."""
+    X-Job-Success, retried on failure (15 tries, 2 s apart). `outcome` hears "delivered",
+    "retried" for each failed try, "gave_up"."""
     assert job.webhook is not None
     status, body = job_reply(job)
     headers = {"X-Job-UUID": job.uuid, "X-Job-Success": "true" if status == 200 else "false"}
@@ -176,11 +180,14 @@ async def deliver_webhook(session: ClientSession, job: ApiJob) -> None:
                 job.webhook, json=body, headers=headers, timeout=ClientTimeout(10)
             ) as r:
                 if r.status < 300:
+                    outcome("delivered")
                     return
                 log.warning("webhook %s for job %s answered %d", job.webhook, job.uuid, r.status)
         except (ClientError, TimeoutError) as e:
             log.warning("webhook %s for job %s: %s (try %d)", job.webhook, job.uuid, e, attempt)
+        outcome("retried")
         await asyncio.sleep(WEBHOOK_INTERVAL)
+    outcome("gave_up")
     log.error("webhook %s for job %s: giving up; the result stays pollable", job.webhook, job.uuid)
 
 
@@ -346,21 +353,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format: figures kept current as things happen (cbt_agent.metrics); a
+    scrape adds two small counts (jobs running, exports open)."""
     service = request.app[SERVICE]
-    by_status, _exports = await service.store.run(SyncStore.counts)  # aggregates, not a scan
+    _by_status, exports = await service.store.run(SyncStore.counts)
     running = len(await service.store.run(SyncStore.running_jobs))
-    lines = [
-        "# HELP cbt_agent_tasks CBT tasks by status.",
-        "# TYPE cbt_agent_tasks gauge",
-    ]
-    for status in TASK_STATUSES:
-        lines.append(f'cbt_agent_tasks{{status="{status}"}} {by_status.get(status, 0)}')
-    lines += [
-        "# HELP cbt_agent_jobs_running API jobs not finished yet.",
-        "# TYPE cbt_agent_jobs_running gauge",
-        f"cbt_agent_jobs_running {running}",
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    body = request.app[METRICS].render(jobs_running=running, exports_open=exports)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 @web.middleware
@@ -419,6 +418,7 @@ def add_routes(app: web.Application) -> None:
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 HYPERVISOR: web.AppKey[Hypervisor] = web.AppKey("hypervisor", Hypervisor)
 ROUTER: web.AppKey[QmpRouter] = web.AppKey("qmp_router", QmpRouter)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 
 def make_app(
@@ -437,10 +437,11 @@ def make_app(
         middlewares=[never_a_traceback, authenticated],
     )
     app[CONFIG] = config
+    app[METRICS] = figures = Metrics()
     add_routes(app)
 
     async def store(app: web.Application) -> AsyncIterator[None]:
-        app[STORE] = Store(config.db_path)
+        app[STORE] = Store(config.db_path, figures)
         await app[STORE].open()
         yield
         await app[STORE].close()
@@ -452,13 +453,17 @@ def make_app(
         await app[HYPERVISOR].close()
 
     async def qmp(app: web.Application) -> AsyncIterator[None]:
-        app[ROUTER] = QmpRouter(config.qmp_socket_template, app[HYPERVISOR])
+        app[ROUTER] = QmpRouter(
+            config.qmp_socket_template, app[HYPERVISOR], on_error=figures.qmp_failed
+        )
         yield
         await app[ROUTER].close()
 
     async def worker(app: web.Application) -> AsyncIterator[None]:
-        service = CbtService(config, app[STORE], app[HYPERVISOR], app[ROUTER], step=step)
-        jobs = Jobs(config, app[STORE])
+        service = CbtService(
+            config, app[STORE], app[HYPERVISOR], app[ROUTER], step=step, metrics=figures
+        )
+        jobs = Jobs(config, app[STORE], figures)
         app[SERVICE] = service
         app[JOBS] = jobs
         try:
@@ -479,7 +484,7 @@ def make_app(
 
         async def on_job_done(job: ApiJob) -> None:
             if job.webhook:
-                t = asyncio.create_task(deliver_webhook(session, job))
+                t = asyncio.create_task(deliver_webhook(session, job, figures.webhook))
                 deliveries.add(t)
                 t.add_done_callback(deliveries.discard)
 

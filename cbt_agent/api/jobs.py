@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from cbt_agent import logctx
 from cbt_agent.api import zstack
 from cbt_agent.config import Config
 from cbt_agent.errors import CbtError
+from cbt_agent.metrics import Metrics
 from cbt_agent.store import ApiJob, Store, SyncStore
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,10 @@ RESTART_ERROR = "the agent restarted before this job finished; see the task's st
 class Jobs:
     """Runs operations as api jobs in the background and records how each ended."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, metrics: Metrics | None = None) -> None:
         self.config = config
         self.store = store
+        self.metrics = metrics
         # called with each finished job (the app delivers X-Web-Hook results with it)
         self.on_done: Callable[[ApiJob], Awaitable[None]] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -66,21 +69,27 @@ class Jobs:
         # this asyncio task's own context: every line logged for the job names it
         logctx.JOB.set(job_uuid)
         logctx.TASK.set(task_uuid)
+        started = time.monotonic()
         try:
             result = await operation()
         except CbtError as e:
             log.info("job %s %s failed: %s", job_uuid, api, e.message)
+            outcome = "failed"
             await self.store.run(
                 SyncStore.finish_job, job_uuid, error=zstack.error_from_exception(e)
             )
         except Exception as e:
             log.exception("job %s %s failed unexpectedly", job_uuid, api)
+            outcome = "internal_error"
             error = zstack.error_code(
                 zstack.SYS_INTERNAL, "An internal error happened", f"{type(e).__name__}: {e}"
             )
             await self.store.run(SyncStore.finish_job, job_uuid, error=error)
         else:
+            outcome = "succeeded"
             await self.store.run(SyncStore.finish_job, job_uuid, result=result)
+        if self.metrics is not None:
+            self.metrics.job_done(api, outcome, time.monotonic() - started)
         if self.on_done is not None:
             job = await self.store.run(SyncStore.get_job, job_uuid)
             if job is not None:

@@ -55,6 +55,7 @@ class EnableContext:
     guest: GuestFreezer | None = None  # the VM's guest agent, for quiesced checkpoints
     quiesce: str = "never"  # "auto" | "always" | "never"
     freeze_timeout: float = 10.0
+    found_inconsistent: int = 0  # the task's bitmaps QEMU reported inconsistent (removed)
 
     async def at(self, name: str) -> None:
         if self.step is not None:
@@ -161,6 +162,8 @@ async def enable(
     )
     for stale in plan.stale:
         log.warning("removing bitmap %s on %s (%s)", stale.name, stale.node, stale.why)
+        if stale.why == "inconsistent":
+            ctx.found_inconsistent += 1
         await bitmaps.remove_bitmap(qmp, stale.node, stale.name)
 
     exports = list(plan.exports)

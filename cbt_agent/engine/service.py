@@ -29,6 +29,7 @@ from cbt_agent.errors import (
     QmpInterrupted,
 )
 from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInfo
+from cbt_agent.metrics import Metrics
 from cbt_agent.model import (
     TRACKING_LOST,
     CbtTask,
@@ -69,12 +70,14 @@ class CbtService:
         hypervisor: Hypervisor,
         qmp: QmpRouter,
         step: StepHook | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.hypervisor = hypervisor
         self.qmp = qmp
         self.step = step
+        self.metrics = metrics
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -233,6 +236,11 @@ class CbtService:
                     )
 
             await self.store.run(running)
+            if self.metrics is not None:
+                self.metrics.inconsistent_bitmaps.inc(ctx.found_inconsistent)
+                self.metrics.enabled(
+                    (i.export.mode, i.export.reason, i.changed_bytes) for i in infos
+                )
         return infos
 
     async def teardown_task(self, task: CbtTask, *, force: bool) -> None:
@@ -334,7 +342,11 @@ class CbtService:
                 vm = await self.hypervisor.find_vm(ev.vm_uuid)
                 if vm is not None and vm.running:
                     qmp = await self.qmp.channel(ev.vm_uuid)
-                    await tracking.verify_checkpoints(self.store, qmp, task.uuid, vm)
+                    broken = await tracking.verify_checkpoints(self.store, qmp, task.uuid, vm)
+                    if self.metrics is not None:
+                        self.metrics.inconsistent_bitmaps.inc(
+                            sum(1 for b in broken if b.endswith("(inconsistent)"))
+                        )
                 return
             if ev.kind is VmEventKind.CRASHED:
                 await self.store.run(SyncStore.set_tracking_lost, task.uuid, TRACKING_LOST)

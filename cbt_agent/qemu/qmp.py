@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
@@ -36,7 +36,18 @@ class QmpChannel(Protocol):
     async def close(self) -> None: ...
 
 
-class SocketQmp:
+class _Counted:
+    """A channel that reports each failed command's QMP error class ("Interrupted" when no
+    reply came) to `on_error`, for metrics."""
+
+    on_error: Callable[[str], None] | None = None
+
+    def _failed(self, error_class: str) -> None:
+        if self.on_error is not None:
+            self.on_error(error_class)
+
+
+class SocketQmp(_Counted):
     """A held qemu.qmp connection to a VM's extra QMP socket."""
 
     kind = "socket"
@@ -65,10 +76,12 @@ class SocketQmp:
                     self._client.execute(command, arguments), COMMAND_TIMEOUT
                 )
             except ExecuteError as e:
+                self._failed(e.error_class)
                 raise QmpCommandError(
                     command, dict(arguments or {}), str(e), e.error_class
                 ) from None
             except (ExecInterruptedError, StateError, ConnectionError, TimeoutError) as e:
+                self._failed("Interrupted")
                 raise QmpInterrupted(
                     f"QMP {command} on {self.path} was interrupted: {e or type(e).__name__}"
                 ) from None
@@ -83,7 +96,7 @@ class SocketQmp:
         await self._safe_disconnect()
 
 
-class PassthroughQmp:
+class PassthroughQmp(_Counted):
     """QMP through libvirt's monitor (`qemuMonitorCommand`), when there is no extra socket."""
 
     kind = "libvirt"
@@ -96,7 +109,14 @@ class PassthroughQmp:
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = dict(arguments)
-        return await self._target.qmp_passthrough(self.vm_uuid, message)
+        try:
+            return await self._target.qmp_passthrough(self.vm_uuid, message)
+        except QmpCommandError as e:
+            self._failed(e.error_class)
+            raise
+        except QmpInterrupted:
+            self._failed("Interrupted")
+            raise
 
     async def close(self) -> None:
         return None
@@ -106,10 +126,16 @@ class QmpRouter:
     """Gives each VM its QMP channel: the held socket connection when the socket exists,
     otherwise libvirt's passthrough. A broken connection is dropped and made anew."""
 
-    def __init__(self, socket_template: str, passthrough: PassthroughTarget) -> None:
+    def __init__(
+        self,
+        socket_template: str,
+        passthrough: PassthroughTarget,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.socket_template = socket_template
         self._passthrough = passthrough
         self._channels: dict[str, QmpChannel] = {}
+        self.on_error = on_error  # each failed command's QMP error class (for metrics)
 
     def socket_path(self, vm_uuid: str) -> str:
         return self.socket_template.format(vm_uuid=vm_uuid)
@@ -126,6 +152,7 @@ class QmpRouter:
         chan: QmpChannel
         if await asyncio.to_thread(os.path.exists, path):
             sock = SocketQmp(vm_uuid, path)
+            sock.on_error = self.on_error
             try:
                 await sock.connect()
                 chan = sock
@@ -134,6 +161,8 @@ class QmpRouter:
                 chan = PassthroughQmp(vm_uuid, self._passthrough)
         else:
             chan = PassthroughQmp(vm_uuid, self._passthrough)
+        if isinstance(chan, PassthroughQmp):
+            chan.on_error = self.on_error
         self._channels[vm_uuid] = chan
         return chan
 

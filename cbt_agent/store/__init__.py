@@ -12,12 +12,15 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cbt_agent.store.jobs import JobRows
 from cbt_agent.store.records import ApiJob, NbdServer, ResourceRef, VolumeExport, utcnow
 from cbt_agent.store.schema import SCHEMA_VERSION
 from cbt_agent.store.tasks import TaskRows
+
+if TYPE_CHECKING:
+    from cbt_agent.metrics import Metrics
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -40,14 +43,22 @@ class SyncStore(TaskRows, JobRows):
 class Store:
     """The async face of SyncStore: every call runs on the store's own single thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, metrics: Metrics | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbt-store")
         self.path = path
+        self.metrics = metrics
         self.sync: SyncStore | None = None
 
     async def open(self) -> None:
+        def open_store() -> SyncStore:
+            sync = SyncStore(self.path)
+            if self.metrics is not None:
+                sync.metrics = self.metrics
+                self.metrics.tasks_counted(sync.counts()[0])  # then kept current by commits
+            return sync
+
         loop = asyncio.get_running_loop()
-        self.sync = await loop.run_in_executor(self._executor, SyncStore, self.path)
+        self.sync = await loop.run_in_executor(self._executor, open_store)
 
     async def close(self) -> None:
         if self.sync is not None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
@@ -14,6 +15,9 @@ from cbt_agent.model import CbtTask, TaskStatus
 from cbt_agent.store.records import _dt
 from cbt_agent.store.schema import _MIGRATIONS, SCHEMA_VERSION, _Transaction
 
+if TYPE_CHECKING:
+    from cbt_agent.metrics import Metrics
+
 
 class Rows:
     """One connection to the database, used from one thread at a time; the row helpers the
@@ -21,6 +25,8 @@ class Rows:
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
+        self.metrics: Metrics | None = None  # set by the agent's Store: figures for /metrics
+        self._after_commit: list[Callable[[], None]] = []
         if readonly:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
@@ -59,7 +65,14 @@ class Rows:
                 self.db.execute(f"PRAGMA user_version = {version + 1}")
 
     def _tx(self) -> Any:
-        return _Transaction(self.db.conn)
+        return _Transaction(self.db.conn, self._after_commit)
+
+    def _on_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the open transaction commits (now, outside one)."""
+        if self.db.conn.in_transaction:
+            self._after_commit.append(callback)
+        else:
+            callback()
 
     # -- tasks ---------------------------------------------------------------------------------
 

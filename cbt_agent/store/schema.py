@@ -4,6 +4,7 @@ transaction each; `PRAGMA user_version` counts those applied."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 SCHEMA_VERSION = 3
 
@@ -75,11 +76,16 @@ _MIGRATIONS: list[list[str]] = [
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK; nests by doing nothing inside an open transaction."""
+    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK; nests by doing nothing inside an open transaction.
+    `after_commit`: callbacks queued during the transaction, run once it committed (dropped on
+    a rollback): what the process keeps in memory follows only what the database holds."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, after_commit: list[Callable[[], None]] | None = None
+    ) -> None:
         self.conn = conn
         self.outer = False
+        self.after_commit = after_commit if after_commit is not None else []
 
     def __enter__(self) -> None:
         if not self.conn.in_transaction:
@@ -89,7 +95,11 @@ class _Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if not self.outer:
             return
+        callbacks = list(self.after_commit)
+        self.after_commit.clear()
         if exc_type is None:
             self.conn.execute("COMMIT")
+            for callback in callbacks:
+                callback()
         else:
             self.conn.execute("ROLLBACK")

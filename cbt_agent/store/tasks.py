@@ -94,6 +94,10 @@ class TaskRows(CheckpointRows):
     def _add_transition(
         self, task_uuid: str, old: str | None, new: str, reason: str, at: str
     ) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            before, after = getattr(old, "value", old), str(getattr(new, "value", new))
+            self._on_commit(lambda: metrics.task_moved(before, after))
         self.db.table("transitions").insert(
             {
                 "task_uuid": task_uuid,

@@ -38,6 +38,7 @@ from apiharness import (
     is_file,
     no_task_rows,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from cbt_agent import __version__
 from cbt_agent.config import Config
@@ -223,6 +224,37 @@ async def test_enable_incremental_and_schema(
         "Running",
         "Stopped",
     ]
+
+    # the scrape moved by exactly what happened
+    r = await api.request("GET", "/metrics")
+    assert r.status == 200, r
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.body)
+        for s in family.samples
+    }
+
+    def metric(name: str, **labels: str) -> float:
+        return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    disks = "cbt_agent_enable_disks_total"
+    assert metric(disks, mode="full", reason="first") == 1
+    assert metric(disks, mode="incremental", reason="") == 1
+    assert metric("cbt_agent_changed_bytes_handed_out_total") == 65536
+    moved = "cbt_agent_status_transitions_total"
+    assert metric(moved, from_status="", to_status="Created") == 1
+    assert metric(moved, from_status="Created", to_status="Starting") == 1
+    assert metric(moved, from_status="Starting", to_status="Running") == 2
+    assert metric(moved, from_status="Running", to_status="Stopped") == 2
+    assert metric(moved, from_status="Stopped", to_status="Starting") == 1
+    jobs = "cbt_agent_api_jobs_total"
+    assert metric(jobs, api="EnableCbtTask", outcome="succeeded") == 2
+    assert metric(jobs, api="EnableCbtTask", outcome="failed") == 1
+    assert metric(jobs, api="DisableCbtTask", outcome="succeeded") == 2
+    assert metric(jobs, api="DisableCbtTask", outcome="failed") == 1
+    assert metric("cbt_agent_operation_seconds_count", operation="enable") == 3
+    assert metric("cbt_agent_tasks", status="Stopped") == 1
+    assert metric("cbt_agent_exports_open") == 0
 
 
 # ---- 2. X-Job-UUID and X-JSON-Schema ---------------------------------------------------------
@@ -729,10 +761,10 @@ async def test_routes(api: Api, vm_factory: Callable[..., stack.TestVm]) -> None
     r = await api.request("GET", "/metrics")
     assert r.status == 200 and r.content_type == "text/plain", r
     lines = r.body.splitlines()
-    assert 'cbt_agent_tasks{status="Created"} 1' in lines
+    assert 'cbt_agent_tasks{status="Created"} 1.0' in lines
     for status in ("Starting", "Running", "Stopped", "Failed"):
-        assert f'cbt_agent_tasks{{status="{status}"}} 0' in lines
-    assert "cbt_agent_jobs_running 0" in lines
+        assert f'cbt_agent_tasks{{status="{status}"}} 0.0' in lines
+    assert "cbt_agent_jobs_running 0.0" in lines
     r = await api.request("GET", "/metrics", token=None)
     assert_plain(r, 400, "missing header 'Authorization'")
     r = await api.request("GET", "/healthz", token=None)
