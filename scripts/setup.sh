@@ -1,34 +1,30 @@
 #!/usr/bin/env bash
-# Installs everything cbt-agent needs on a fresh Debian 12 host (run as root):
-# Debian packages (QEMU 7.2, libvirt 9.0, libnbd), a libvirtd that runs without systemd,
-# and a venv in .venv with the agent installed (.venv/bin/cbt-agent).
+# Sets up a TEST MACHINE for cbt-agent (a fresh Debian 12, run as root): Debian packages
+# (QEMU 7.2, libvirt 9.0, libnbd), a libvirtd that runs without systemd, and .venv with the
+# agent and its test tools. It REWRITES /etc/libvirt/qemu.conf (QEMU as root, no security
+# driver, no cgroups: what a machine without systemd needs). Never run it on a production
+# hypervisor: scripts/install.sh installs the agent there and leaves libvirt alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-log() { printf '[setup] %s\n' "$*"; }
+LOG_TAG=setup
+. scripts/lib.sh
 
-PKGS=(qemu-system-x86 qemu-utils python3-libnbd libnbd-bin openssl
-      libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
-      debootstrap e2fsprogs)
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# the agent's own packages, and what the tests need: QEMU to run VMs, libvirtd, openssl for
+# test certificates, debootstrap and e2fsprogs for the guest image
+ensure_packages qemu-system-x86 qemu-utils python3-libnbd libnbd-bin openssl \
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config \
+  debootstrap e2fsprogs python3-venv
 
 # libvirtd without systemd: a user it can parse, and a qemu.conf that needs no virtlogd,
 # no cgroups, no namespaces and no relabelling (see shared ENVIRONMENT.md).
 id libvirt-qemu >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin libvirt-qemu
 QEMU_CONF=/etc/libvirt/qemu.conf
 if ! grep -q '^# cbt-agent setup' "$QEMU_CONF" 2>/dev/null; then
-  log "writing $QEMU_CONF"
+  log "writing $QEMU_CONF (the original kept as $QEMU_CONF.orig)"
   mkdir -p /etc/libvirt
+  [ ! -e "$QEMU_CONF" ] || [ -e "$QEMU_CONF.orig" ] || cp -p "$QEMU_CONF" "$QEMU_CONF.orig"
   cat >"$QEMU_CONF" <<'CONF'
 # cbt-agent setup: libvirtd without systemd, virtlogd, cgroups or namespaces
 user = "root"
@@ -43,20 +39,6 @@ CONF
 fi
 "$ROOT/scripts/libvirtd.sh" start
 
-if [ ! -x .venv/bin/python ]; then
-  log "creating .venv"
-  python3 -m venv .venv
-fi
-# libnbd has no PyPI package: Debian's binding is built for CPython 3.11, this Python's ABI.
-SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/libnbdmod.cpython-311-x86_64-linux-gnu.so; do
-  [ -e "$f" ] || { echo "missing $f (python3-libnbd)" >&2; exit 1; }
-  ln -sf "$f" "$SITE/"
-done
-log "installing the agent into .venv"
-.venv/bin/pip install -q --upgrade pip >/dev/null
-# every version exactly as the suite last passed with it (constraints.txt)
-.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
-.venv/bin/python -c 'import nbd, libvirt, qemu.qmp, aiohttp, sqlite_utils' \
-  || { echo "python dependencies did not import" >&2; exit 1; }
+# the test tools too (pytest, ruff, mypy, schemathesis), editable: tests run this checkout
+make_venv -e ".[dev]"
 log "ready: .venv/bin/cbt-agent"
