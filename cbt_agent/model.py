@@ -131,6 +131,16 @@ class Layer:
     bitmaps: Mapping[str, BitmapState]
     read_only: bool = False
     driver: str = "qcow2"
+    compat: str = "1.1"  # qcow2's version: "0.10" (v2) cannot hold persistent bitmaps
+
+    @property
+    def bitmaps_unsupported(self) -> str | None:
+        """Why this image cannot hold persistent dirty bitmaps, or None when it can."""
+        if self.driver != "qcow2":
+            return f"a {self.driver or 'non-qcow2'} image"
+        if self.compat == "0.10":
+            return "a qcow2 v2 image (compat=0.10)"
+        return None
 
 
 # A bitmap on one layer of a disk: (node name, bitmap name), as block-dirty-bitmap-merge takes it.

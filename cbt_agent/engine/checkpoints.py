@@ -24,6 +24,7 @@ from cbt_agent.engine.plan import (
     DiskView,
     found_on,
     plan_enable,
+    refuse_untrackable,
     with_new_granularity,
 )
 from cbt_agent.engine.quiesce import Freeze, GuestFreezer, checkpoint_transaction
@@ -145,6 +146,7 @@ async def enable(
         raise OperationError(f"VM [uuid: {ctx.vm.vm_uuid}] has no disk with a volume uuid (serial)")
     await refuse_block_jobs(qmp, ctx.vm.vm_uuid)
     views = await read_disks(qmp, ctx.vm)
+    refuse_untrackable(views)
     ctx.notes.extend(
         f"adopted checkpoint {n} found on the disks"
         for n in await adopt_unknown_checkpoints(store, task_uuid, views)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cbt_agent.errors import OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo
 from cbt_agent.model import (
     Checkpoint,
@@ -111,6 +112,23 @@ class EnablePlan:
     @property
     def sizes(self) -> dict[str, int]:
         return {e.volume_uuid: e.size for e in self.exports}
+
+
+def refuse_untrackable(views: Iterable[DiskView]) -> None:
+    """OperationError naming every disk whose top image cannot hold persistent dirty bitmaps
+    (raw, qcow2 v2): no change of it could be tracked, so Enable makes nothing."""
+    problems = [
+        f"disk {v.disk.volume_uuid} ({v.top.filename}) is {why}"
+        for v in views
+        if (why := v.top.bitmaps_unsupported) is not None
+    ]
+    if problems:
+        raise OperationError(
+            "; ".join(problems)
+            + ": it cannot hold persistent dirty bitmaps, so its changes cannot be tracked. "
+            "With the VM shut off, upgrade a qcow2 v2 image in place (qemu-img amend -f qcow2 "
+            "-o compat=1.1 FILE) or convert a raw one (qemu-img convert -O qcow2), then retry"
+        )
 
 
 def plan_enable(

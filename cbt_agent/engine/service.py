@@ -18,7 +18,7 @@ from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints, tracking
 from cbt_agent.engine.checkpoints import EnableContext
 from cbt_agent.engine.exports import nbd_address, teardown_exports
-from cbt_agent.engine.plan import found_on, is_temp, ours
+from cbt_agent.engine.plan import found_on, is_temp, ours, refuse_untrackable
 from cbt_agent.engine.results import ChangedAreas, TaskView, VolumeBackup
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import (
@@ -195,6 +195,10 @@ class CbtService:
                     f"CbtTask [uuid: {task.uuid}] has already enabled, please disable it"
                 )
             vm = await self._running_vm(vm_uuid)
+            # a disk that cannot hold persistent bitmaps (raw, qcow2 v2): refused before anything
+            # changes, the task as it was
+            qmp = await self.qmp.channel(vm_uuid)
+            refuse_untrackable(await checkpoints.read_disks(qmp, vm))
             await self._status(
                 task.uuid, TaskStatus.STARTING, "enable requested", operation="enable"
             )

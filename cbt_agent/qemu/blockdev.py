@@ -125,6 +125,11 @@ def _layer(node: dict[str, Any]) -> Layer:
         bitmaps=bitmaps_of(node),
         read_only=bool(node.get("ro", False)),
         driver=str(node.get("drv", "")),
+        compat=str(
+            (((node.get("image") or {}).get("format-specific") or {}).get("data") or {}).get(
+                "compat", "1.1"
+            )
+        ),
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
+import subprocess
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -589,6 +591,50 @@ async def test_enable_refusals(api: Api, vm_factory: Callable[..., stack.TestVm]
     with api.db() as s:
         assert len(s.checkpoints(task)) == 1
         assert s.checkpoints(idle) == [] and s.exports(idle) == []
+
+
+@pytest.mark.parametrize("kind", ["raw", "qcow2 v2"])
+async def test_enable_refuses_a_disk_that_cannot_hold_bitmaps(
+    api: Api, vm_factory: Callable[..., stack.TestVm], kind: str
+) -> None:
+    """A raw disk, or a qcow2 v2 (compat=0.10) one, cannot hold persistent bitmaps: Enable is
+    refused with the disk, its file and the fix named, before anything changes."""
+    vm = vm_factory([16, 16], start=False)
+    bad = vm.volumes[1]
+
+    async def qemu_img(*args: str) -> None:
+        await asyncio.to_thread(subprocess.run, ["qemu-img", *args], check=True)
+
+    if kind == "raw":
+        raw = bad.path.with_suffix(".raw")
+        await qemu_img("convert", "-q", "-O", "raw", str(bad.path), str(raw))
+        raw.rename(bad.path)
+        # that disk's driver becomes raw (the first stays qcow2)
+        disks = re.findall(r"<disk .*?</disk>", vm.domain().XMLDesc(0), re.S)
+        mine = next(d for d in disks if str(bad.path) in d)
+        xml = vm.domain().XMLDesc(0).replace(mine, mine.replace("type='qcow2'", "type='raw'"))
+        stack.connection().defineXML(xml)
+        what = "a raw image"
+    else:
+        await qemu_img("amend", "-q", "-f", "qcow2", "-o", "compat=0.10", str(bad.path))
+        what = "a qcow2 v2 image (compat=0.10)"
+    vm.start()
+    task = await api.create(vm.vm_uuid)
+    r = await api.call("POST", f"{P}/cbt-task/enable/{task}", {"params": {}})
+    assert_error(
+        r,
+        "SYS.1006",
+        f"disk {bad.volume_uuid} ({bad.path}) is {what}: it cannot hold persistent dirty "
+        "bitmaps, so its changes cannot be tracked",
+        "qemu-img amend -f qcow2 -o compat=1.1",
+    )
+    assert api.history(task) == ["Created"]
+    for volume in vm.volumes:
+        assert vm.bitmaps(volume.volume_uuid) == []
+    assert vm.qmp("query-block-exports") == []
+    assert vm.qmp("query-block-jobs") == []
+    with api.db() as s:
+        assert s.checkpoints(task) == [] and s.exports(task) == []
 
 
 # ---- 7. Delete ----------------------------------------------------------------------------------

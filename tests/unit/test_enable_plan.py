@@ -3,10 +3,14 @@ and the bitmaps to clear, decided from plain data (no QEMU, no SQLite)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cbt_agent.engine.plan import DiskView, Merge, StaleBitmap, plan_enable
+import pytest
+
+from cbt_agent.engine.plan import DiskView, Merge, StaleBitmap, plan_enable, refuse_untrackable
+from cbt_agent.errors import OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo
 from cbt_agent.model import (
     FULL_FIRST,
@@ -231,3 +235,21 @@ def test_a_pending_break_is_recorded_in_the_checkpoint_and_cleared() -> None:
     assert plan.disks[0].mode == "full" and plan.disks[0].reason == why
     assert plan.breaks == {V0: why}
     assert plan.clears_pending
+
+
+def test_disks_that_cannot_hold_bitmaps_are_refused_by_name() -> None:
+    good = view(0, V0, layer("a-top"))
+    raw = view(1, V1, dataclasses.replace(layer("b-top"), driver="raw"))
+    refuse_untrackable([good])  # a qcow2 v3 top: nothing to say
+    with pytest.raises(OperationError) as caught:
+        refuse_untrackable([good, raw])
+    assert caught.value.message.startswith(
+        f"disk {V1} (/img/b-top.qcow2) is a raw image: it cannot hold persistent dirty "
+        "bitmaps, so its changes cannot be tracked."
+    )
+    v2 = view(0, V0, dataclasses.replace(layer("a-top"), compat="0.10"), layer("a-base"))
+    with pytest.raises(OperationError, match=r"is a qcow2 v2 image \(compat=0\.10\).*amend"):
+        refuse_untrackable([v2])
+    # only the top takes new bitmaps: an old v2 backing file is no obstacle
+    old_base = view(0, V0, layer("a-top"), dataclasses.replace(layer("a-b"), compat="0.10"))
+    refuse_untrackable([old_base])
