@@ -28,6 +28,7 @@ def _config(args: argparse.Namespace) -> Config:
 async def _serve(config: Config, step: StepHook | None) -> None:
     from aiohttp import web
 
+    from cbt_agent.api import server
     from cbt_agent.api.app import STORE, make_app
     from cbt_agent.config import server_ssl_context
     from cbt_agent.sdnotify import Notifier
@@ -41,10 +42,20 @@ async def _serve(config: Config, step: StepHook | None) -> None:
             raise ConfigError("api.tls_cert", f"cannot load the certificate: {e}") from None
     notifier = Notifier.from_env()
     app = make_app(config, step=step)
-    runner = web.AppRunner(app, access_log=logging.getLogger("cbt_agent.access"))
+    server.quiet_loop_errors(asyncio.get_running_loop())
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("cbt_agent.access"),
+        keepalive_timeout=config.api.keepalive_timeout,
+    )
     await runner.setup()  # opens the store, libvirt, and reconciles before listening
-    site = web.TCPSite(runner, config.api.host, config.api.port, ssl_context=ssl_context)
-    await site.start()
+    listener = await server.listen(
+        runner,
+        config.api.host,
+        config.api.port,
+        ssl_context=ssl_context,
+        max_connections=config.api.max_connections,
+    )
 
     async def describe() -> str:
         by_status, exports = await app[STORE].run(SyncStore.counts)
@@ -68,6 +79,7 @@ async def _serve(config: Config, step: StepHook | None) -> None:
     logging.getLogger("cbt_agent").info("stopping: finishing running operations")
     notifier.stopping()
     try:
+        listener.close()  # no new connections; the open ones finish in cleanup
         await runner.cleanup()
     finally:
         pings.cancel()

@@ -27,6 +27,9 @@ class ApiConfig:
     webhook_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # X-Web-Hook targets
     tls_cert: Path | None = None  # PEM certificate chain: `serve` answers HTTPS
     tls_key: Path | None = None  # its private key
+    max_connections: int = 512  # open connections; more get a bare 503 (see api/server.py)
+    keepalive_timeout: int = 15  # seconds an idle connection, or a request's headers, may take
+    max_jobs_per_caller: int = 64  # api jobs one token may have running at once
 
 
 # Files QEMU's tls-creds-x509 (endpoint server) reads from [nbd] tls_cert_dir; libnbd, as the
@@ -99,6 +102,9 @@ _KNOWN: dict[str, set[str]] = {
         "webhook_hosts",
         "tls_cert",
         "tls_key",
+        "max_connections",
+        "keepalive_timeout",
+        "max_jobs_per_caller",
     },
     "state": {"dir"},
     "libvirt": {"uri"},
@@ -275,6 +281,9 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
         webhook_hosts=_webhook_hosts(api),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        max_connections=_int(api, "api", "max_connections", 512, 8, 100_000),
+        keepalive_timeout=_int(api, "api", "keepalive_timeout", 15, 1, 3600),
+        max_jobs_per_caller=_int(api, "api", "max_jobs_per_caller", 64, 1, 100_000),
     )
 
     state = _table(doc, "state")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import hmac
 import json
 import logging
@@ -17,10 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import web
 
 from cbt_agent import __version__
-from cbt_agent.api import openapi, query, replies, validate, zstack
+from cbt_agent.api import openapi, query, replies, validate, webhooks, zstack
 from cbt_agent.api.jobs import Jobs
 from cbt_agent.config import Config
 from cbt_agent.contract.constants import QUERY_FIELDS, QUERY_LIMIT, UUID_PATTERN
@@ -73,7 +74,8 @@ def _authenticate(request: web.Request) -> web.Response | None:
     if header is None:
         return _plain(400, "missing header 'Authorization'")
     scheme, _, token = header.strip().partition(" ")
-    if scheme != "OAuth" or not token.strip():
+    # printable ASCII only: other bytes (aiohttp hands them on undecoded) are no token
+    if scheme != "OAuth" or not token.strip() or not (token.isascii() and token.isprintable()):
         return _plain(400, "Authorization header must be 'OAuth <session uuid>'")
     token = token.strip()
     known = False
@@ -90,8 +92,26 @@ def _authenticate(request: web.Request) -> web.Response | None:
 
 
 def _location(request: web.Request, job_uuid: str) -> str:
-    base = request.app[CONFIG].api.public_url or f"{request.scheme}://{request.host}"
+    """Where to poll the job: `api.public_url`, else the address the caller connected to (the
+    server's own socket, never the request's Host header, which the caller writes)."""
+    base = request.app[CONFIG].api.public_url
+    if base is None:
+        api = request.app[CONFIG].api
+        host, port = api.host, api.port
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            host, port = str(sockname[0]), int(sockname[1])
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if api.tls_cert is not None else "http"
+        base = f"{scheme}://{host}:{port}"
     return f"{base}/zstack/v1/api-jobs/{job_uuid}"
+
+
+def _caller(request: web.Request) -> str:
+    """Who asked, for counting their jobs: a digest of the token (never the token itself)."""
+    _scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
 
 
 async def _body(request: web.Request) -> dict[str, Any] | web.Response:
@@ -117,18 +137,31 @@ async def _submit(
 ) -> web.Response:
     """Start an asynchronous API: `operation` (validate, run, build the reply) is the job."""
     job_uuid = request.headers.get("X-Job-UUID")
-    if job_uuid is not None and not JOB_UUID.match(job_uuid):
+    if job_uuid is not None and not JOB_UUID.fullmatch(job_uuid):
         return _plain(400, f"invalid X-Job-UUID[{job_uuid[:64]}]: must be 32 hex characters")
     job_uuid = (job_uuid or zstack.new_uuid()).lower()
     webhook = request.headers.get("X-Web-Hook")
     if webhook is not None:
         problem = _webhook_problem(webhook, request.app[CONFIG].api.webhook_hosts)
+        if len(webhook) > webhooks.MAX_URL:
+            problem = f"longer than {webhooks.MAX_URL} characters"
         if problem:
             return _plain(400, f"invalid X-Web-Hook[{webhook[:200]}]: {problem}")
 
     want_schema = "X-JSON-Schema" in request.headers
     jobs = request.app[JOBS]
-    if not await jobs.submit(job_uuid, api, operation, task_uuid, want_schema, webhook):
+    caller = _caller(request)
+    cap = request.app[CONFIG].api.max_jobs_per_caller
+    if jobs.running_for(caller) >= cap:
+        return _error(
+            OperationError(
+                f"this caller has {cap} api jobs running (api.max_jobs_per_caller): "
+                "retry when some have finished"
+            )
+        )
+    if not await jobs.submit(
+        job_uuid, api, operation, task_uuid, want_schema, webhook, caller=caller
+    ):
         return _plain(400, f"Duplicate job uuid[{job_uuid}]")
     return _json(JobLocation(location=_location(request, job_uuid)).wire(), 202)
 
@@ -159,36 +192,6 @@ def job_reply(job: ApiJob) -> tuple[int, dict[str, Any]]:
         if schema:
             result = {**result, "schema": schema}
     return 200, result
-
-
-WEBHOOK_TRIES = 15
-WEBHOOK_INTERVAL = 2.0
-
-
-async def deliver_webhook(
-    session: ClientSession, job: ApiJob, outcome: Callable[[str], None] = lambda _o: None
-) -> None:
-    """POST a finished job's reply to its X-Web-Hook, as ZStack does: headers X-Job-UUID and
-    X-Job-Success, retried on failure (15 tries, 2 s apart). `outcome` hears "delivered",
-    "retried" for each failed try, "gave_up"."""
-    assert job.webhook is not None
-    status, body = job_reply(job)
-    headers = {"X-Job-UUID": job.uuid, "X-Job-Success": "true" if status == 200 else "false"}
-    for attempt in range(1, WEBHOOK_TRIES + 1):
-        try:
-            async with session.post(
-                job.webhook, json=body, headers=headers, timeout=ClientTimeout(10)
-            ) as r:
-                if r.status < 300:
-                    outcome("delivered")
-                    return
-                log.warning("webhook %s for job %s answered %d", job.webhook, job.uuid, r.status)
-        except (ClientError, TimeoutError) as e:
-            log.warning("webhook %s for job %s: %s (try %d)", job.webhook, job.uuid, e, attempt)
-        outcome("retried")
-        await asyncio.sleep(WEBHOOK_INTERVAL)
-    outcome("gave_up")
-    log.error("webhook %s for job %s: giving up; the result stays pollable", job.webhook, job.uuid)
 
 
 async def create_task(request: web.Request) -> web.Response:
@@ -314,7 +317,7 @@ async def api_job(request: web.Request) -> web.Response:
     # a result holds NBD endpoints: only known callers may read it (ZStack's SDK sends the
     # session on polls too)
     job_uuid = request.match_info["uuid"]
-    if not JOB_UUID.match(job_uuid):
+    if not JOB_UUID.fullmatch(job_uuid):
         return _plain(404, f"no job[uuid: {job_uuid[:64]}]")
     job = await request.app[SERVICE].store.run(SyncStore.get_job, job_uuid.lower())
     if job is None:
@@ -478,13 +481,14 @@ def make_app(
         finally:
             await jobs.drain()
 
-    async def webhooks(app: web.Application) -> AsyncIterator[None]:
-        session = ClientSession()
+    async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
+        http = webhooks.session(await webhooks.pinned_addresses(config.api.webhook_hosts))
         deliveries: set[asyncio.Task[None]] = set()
 
         async def on_job_done(job: ApiJob) -> None:
             if job.webhook:
-                t = asyncio.create_task(deliver_webhook(session, job, figures.webhook))
+                reply = job_reply(job)
+                t = asyncio.create_task(webhooks.deliver(http, job, reply, figures.webhook))
                 deliveries.add(t)
                 t.add_done_callback(deliveries.discard)
 
@@ -495,12 +499,12 @@ def make_app(
             await app[JOBS].drain()  # their results still go out before the session closes
             for t in list(deliveries):
                 t.cancel()
-            await session.close()
+            await http.close()
 
     async def expiry(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(app[JOBS].expire_forever(), name="job-expiry")
         yield
         task.cancel()
 
-    app.cleanup_ctx.extend([store, libvirt, qmp, worker, webhooks, expiry])
+    app.cleanup_ctx.extend([store, libvirt, qmp, worker, webhook_delivery, expiry])
     return app

@@ -8,6 +8,7 @@ ZStack's JSON and ErrorCodes happens here, at the boundary, never in the engine.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ class Jobs:
         # called with each finished job (the app delivers X-Web-Hook results with it)
         self.on_done: Callable[[ApiJob], Awaitable[None]] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._per_caller: collections.Counter[str] = collections.Counter()
 
     async def submit(
         self,
@@ -46,8 +48,10 @@ class Jobs:
         task_uuid: str | None = None,
         want_schema: bool = False,
         webhook: str | None = None,
+        caller: str = "",
     ) -> bool:
-        """Record a job and run `operation` in the background; False if the job uuid is taken."""
+        """Record a job and run `operation` in the background; False if the job uuid is taken.
+        `caller` (who asked, e.g. a digest of the token) is counted while the job runs."""
         if not await self.store.run(
             SyncStore.create_job, job_uuid, api, task_uuid, want_schema, webhook
         ):
@@ -56,8 +60,20 @@ class Jobs:
             self._run(job_uuid, api, operation, task_uuid), name=f"job-{job_uuid}"
         )
         self._running.add(job)
-        job.add_done_callback(self._running.discard)
+        self._per_caller[caller] += 1
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            self._per_caller[caller] -= 1
+            if self._per_caller[caller] <= 0:
+                del self._per_caller[caller]
+
+        job.add_done_callback(done)
         return True
+
+    def running_for(self, caller: str) -> int:
+        """Jobs of `caller` not finished yet."""
+        return self._per_caller.get(caller, 0)
 
     async def _run(
         self,

@@ -384,7 +384,9 @@ def parse_int_param(
         return default
     text = raw.strip()
     if not _INT_RE.fullmatch(text):
-        raise InvalidArgument(f"{name} must be an integer, got {raw!r}", field=name)
+        raise InvalidArgument(f"{name} must be an integer, got {raw[:40]!r}", field=name)
+    if len(text.lstrip("+-").lstrip("0")) > 18:  # beyond any offset or count (and int()'s limit)
+        raise InvalidArgument(f"{name} is out of range, got {raw[:40]!r}…", field=name)
     value = int(text)
     if value < minimum:
         raise InvalidArgument(f"{name} must be >= {minimum}, got {value}", field=name)

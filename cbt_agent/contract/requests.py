@@ -77,7 +77,7 @@ def _zstack_bool(value: object) -> object:
 
 
 def _bitmap_name(value: object) -> object:
-    if not isinstance(value, str) or not _BITMAP.match(value):
+    if not isinstance(value, str) or not _BITMAP.fullmatch(value):
         raise _refuse(
             "field [bitmapName] must be a checkpoint name returned by an earlier Enable "
             "(letters, digits, '.', '_', ':', '-'; at most 255)"

@@ -35,7 +35,7 @@ _UUID = re.compile(UUID_PATTERN)
 
 def check_uuid(value: object) -> str:
     """`value` as a ZStack uuid (lower case); a PydanticCustomError ``cbt_uuid`` otherwise."""
-    if not isinstance(value, str) or not _UUID.match(value):
+    if not isinstance(value, str) or not _UUID.fullmatch(value):
         raise PydanticCustomError("cbt_uuid", "not a uuid of 32 hex characters without dashes")
     return value.lower()
 

@@ -13,7 +13,7 @@ import stack
 from aiohttp import web
 from apiharness import CBT_TASK, Api, P, assert_error, assert_plain
 
-from cbt_agent.api import app as app_module
+from cbt_agent.api import webhooks
 from cbt_agent.api.app import JOBS
 from cbt_agent.config import Config
 from cbt_agent.store import SyncStore
@@ -58,7 +58,7 @@ class Receiver:
 async def test_webhook_gets_the_result_with_zstack_headers(
     api: Api, vm_factory: Callable[..., stack.TestVm], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app_module, "WEBHOOK_INTERVAL", 0.05)
+    monkeypatch.setattr(webhooks, "INTERVAL", 0.05)
     vm = vm_factory(start=False)
     hook = Receiver(fail_first=2)  # delivery is retried
     await hook.start()

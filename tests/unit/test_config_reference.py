@@ -50,6 +50,9 @@ def test_the_readme_and_the_example_name_every_key_and_no_other() -> None:
 DEFAULTS: dict[str, Callable[[Config], Any]] = {
     "api.listen": lambda c: f"`{c.api.host}:{c.api.port}`",
     "api.max_body_bytes": lambda c: f"{c.api.max_body_bytes >> 20} MiB",
+    "api.max_connections": lambda c: str(c.api.max_connections),
+    "api.keepalive_timeout": lambda c: str(c.api.keepalive_timeout),
+    "api.max_jobs_per_caller": lambda c: str(c.api.max_jobs_per_caller),
     "state.dir": lambda c: f"`{c.state_dir}`",
     "libvirt.uri": lambda c: f"`{c.libvirt_uri}`",
     "qmp.socket_template": lambda c: f"`{c.qmp_socket_template}`",
