@@ -440,7 +440,14 @@ async def https_agent(
         port,
         short_dir / "state",
         qmp_socket_template,
-        **{"api.tls_cert": f'"{pki.api_cert}"', "api.tls_key": f'"{pki.api_key}"', **extra},
+        **{
+            "api.tls_cert": f'"{pki.api_cert}"',
+            "api.tls_key": f'"{pki.api_key}"',
+            # the name the certificate carries: job locations are built from it (never from
+            # the request's Host header)
+            "api.public_url": f'"https://localhost:{port}"',
+            **extra,
+        },
     )
     agent = HttpsAgent(config, port, pki.ca_cert)
     await agent.use_ca()
