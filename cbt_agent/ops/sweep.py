@@ -128,6 +128,8 @@ async def _bitmaps(
         return out
     seen: set[tuple[str, str]] = set()
     for chain in await file_chains(vm):
+        if not os.path.isabs(chain.disk.install_path):
+            continue  # a network or block disk without a file: qemu-img cannot look at it
         if chain.error is not None:
             raise CbtError(f"disk {chain.disk.volume_uuid}: {chain.error}")
         for layer in chain.layers:

@@ -257,3 +257,11 @@ def test_status_json_and_errors_are_one_line(
     assert main(["sweep", "-c", str(tmp_path / "nope.toml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config file not found" in err
+
+
+def test_the_operator_commands_stay_below_the_api() -> None:
+    """ops/ reads the engine's rules and the store, never the HTTP layer."""
+    from test_layers import PACKAGE, imported_modules
+
+    for path in sorted((PACKAGE / "ops").rglob("*.py")):
+        assert not [m for m in imported_modules(path) if m.startswith("cbt_agent.api")], path
