@@ -1,4 +1,4 @@
-"""`cbt-agent serve | status | tasks | backup | restore | verify`."""
+"""`cbt-agent serve | status | tasks | checkpoints | sweep | backup | restore | verify`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import signal
+import sqlite3
 import ssl
 import sys
 from pathlib import Path
@@ -98,11 +99,15 @@ def status_line(by_status: dict[str, int], exports: int) -> str:
 
 def serve(config: Config, *, step: StepHook | None = None) -> int:
     """Run the agent until SIGTERM or SIGINT, logging to stderr. `step`: called between the
-    steps of Enable, Disable and Delete (fault-injection tests install one; the product none)."""
+    steps of Enable, Disable and Delete (fault-injection tests install one; the product none).
+    The state directory's lock is held throughout: one agent per database, and the operator
+    commands can tell that an agent runs."""
     from cbt_agent import logctx
+    from cbt_agent.ops.presence import serving
 
     logctx.setup(config.log_level, access=config.log_access)
-    asyncio.run(_serve(config, step))
+    with serving(config):
+        asyncio.run(_serve(config, step))
     return 0
 
 
@@ -120,44 +125,105 @@ def _open_store(config: Config) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Every task from the database alone: works while the agent is down."""
+    from cbt_agent.ops import status
+
     config = _config(args)
     store = _open_store(config)
-    rows: list[dict[str, Any]] = []
+    rows: list[status.TaskSummary] = []
     if store is not None:
-        for t in store.list_tasks():
-            cps = store.checkpoints(t.uuid)
-            server = store.nbd_server(t.uuid)
-            nbd = f"{server.host}:{server.port}" if server.port else server.socket
-            if nbd and server.tls:
-                nbd += " (TLS)"
-            rows.append(
-                {
-                    "uuid": t.uuid,
-                    "name": t.name,
-                    "vmInstanceUuid": t.vm_uuid,
-                    "status": t.status.value,
-                    "reason": t.reason,
-                    "lastOpDate": t.last_op_date.isoformat(timespec="seconds"),
-                    "checkpoints": len(cps),
-                    "latestCheckpoint": cps[-1].name if cps else None,
-                    "nbd": nbd,
-                }
-            )
-        store.close()
+        try:
+            rows = status.summaries(store)
+        finally:
+            store.close()
     if args.json:
-        print(json.dumps({"database": str(config.db_path), "tasks": rows}, indent=2))
+        tasks = [status.to_json(r) for r in rows]
+        print(json.dumps({"database": str(config.db_path), "tasks": tasks}, indent=2))
         return 0
     print(f"database: {config.db_path}" + ("" if store else " (not created yet)"))
     if not rows:
         print("no CBT tasks")
         return 0
-    print(f"{'TASK':32}  {'VM':32}  {'STATUS':8}  {'CKPTS':>5}  {'NBD':21}  REASON")
-    for r in rows:
-        print(
-            f"{r['uuid']:32}  {r['vmInstanceUuid']:32}  {r['status']:8}  {r['checkpoints']:>5}  "
-            f"{r['nbd'] or '-':21}  {r['reason'] or ''}"
-        )
+    for line in status.lines(rows):
+        print(line)
     return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    """One VM's bitmaps, per disk and layer, beside what the database expects: 0 consistent,
+    1 mismatches (flagged). Reads only; the agent may be down."""
+    from cbt_agent.ops import checkpoints
+
+    config = _config(args)
+    store = _open_store(config)
+    try:
+        report = asyncio.run(checkpoints.inspect_checkpoints(config, store, args.vm_uuid))
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        print(json.dumps(checkpoints.to_json(report), indent=2))
+    else:
+        for line in checkpoints.lines(report):
+            print(line)
+    return 0 if report.consistent else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """What the agent left that its database does not explain: listed (exit 1 when there is
+    any), removed only with --apply, and then only while no agent runs (or with --force)."""
+    from cbt_agent.hypervisor.libvirt import Hypervisor
+    from cbt_agent.ops import sweep
+    from cbt_agent.ops.presence import agent_presence
+
+    config = _config(args)
+    agent = agent_presence(config)
+    if args.apply and agent.running and not args.force:
+        print(
+            f"cbt-agent: sweep --apply refused: the agent is running ({agent.how}); stop it "
+            "first (its operations would race the sweep), or pass --force",
+            file=sys.stderr,
+        )
+        return 2
+    store = _open_store(config)
+    vms = frozenset(args.vm) if args.vm else None
+
+    async def run() -> tuple[list[sweep.Outcome], list[str]]:
+        async with Hypervisor(config.libvirt_uri) as hv:
+            free = not agent.running
+            if args.apply:
+                return await sweep.apply(config, store, hv, socket_free=free, vms=vms)
+            found = await sweep.find(config, store, hv, socket_free=free, vms=vms)
+            return sweep.planned(found), found.problems
+
+    try:
+        outcomes, problems = asyncio.run(run())
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        out = {
+            "applied": bool(args.apply),
+            "agent": agent.to_json(),
+            "strays": [sweep.to_json(o) for o in outcomes],
+            "problems": problems,
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"agent: {'running' if agent.running else 'not running'} ({agent.how})")
+        if outcomes:
+            for line in sweep.lines(outcomes):
+                print(line)
+        else:
+            print(
+                "nothing stray: no unknown bitmaps, NBD sockets, scratch files or storage daemons"
+            )
+        for problem in problems:
+            print(f"not looked at: {problem}")
+        if outcomes and not args.apply:
+            print("run `cbt-agent sweep --apply` with the agent stopped to remove them")
+    if args.apply:
+        return 0 if sweep.settled(outcomes) and not problems else 1
+    return 0 if not outcomes and not problems else 1
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -323,11 +389,33 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("serve", help="run the agent")).set_defaults(fn=cmd_serve)
     st = with_config(sub.add_parser("status", help="tasks from the database (agent may be down)"))
     st.add_argument("--json", action="store_true")
-    st.set_defaults(fn=cmd_status)
+    st.set_defaults(fn=cmd_status, look=True)
     tk = with_config(sub.add_parser("tasks", help="one task: checkpoints and status history"))
     tk.add_argument("uuid")
     tk.add_argument("--json", action="store_true")
-    tk.set_defaults(fn=cmd_tasks)
+    tk.set_defaults(fn=cmd_tasks, look=True)
+    cp = with_config(
+        sub.add_parser(
+            "checkpoints",
+            help="one VM's bitmaps per disk and layer beside the database (agent may be down)",
+        )
+    )
+    cp.add_argument("vm_uuid", metavar="VM_UUID", help="vmInstanceUuid (the libvirt domain name)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(fn=cmd_checkpoints, look=True)
+    sw = with_config(
+        sub.add_parser("sweep", help="list what the agent left that its database does not explain")
+    )
+    sw.add_argument("--apply", action="store_true", help="remove them (the agent stopped)")
+    sw.add_argument("--force", action="store_true", help="with --apply: even while the agent runs")
+    sw.add_argument(
+        "--vm",
+        action="append",
+        metavar="VM_UUID",
+        help="look only at this VM's disks and NBD socket (repeatable; default: every VM)",
+    )
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(fn=cmd_sweep, look=True)
     bk = sub.add_parser("backup", help="back up every disk of a VM (full, then incremental)")
     bk.add_argument("--url", required=True, help="the agent, e.g. http://127.0.0.1:7090")
     bk.add_argument("--token", help="OAuth session token (default $CBT_AGENT_TOKEN)")
@@ -363,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the operator commands (status, tasks, checkpoints, sweep): 1 means "found something", so
+    # a failure to look is 2, and always one line, never a traceback
+    look = bool(getattr(args, "look", False))
     try:
         return int(args.fn(args))
     except ConfigError as e:
@@ -370,9 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CbtError as e:
         print(f"cbt-agent: {e.message}", file=sys.stderr)
-        return 1
+        return 2 if look else 1
     except KeyboardInterrupt:
         return 130
+    except (OSError, sqlite3.Error) as e:
+        if not look:
+            raise
+        print(f"cbt-agent: {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -348,6 +348,22 @@ class Hypervisor:
         text = await self._call(xml)
         return None if text is None else parse_domain_xml(text)
 
+    async def list_vms(self) -> list[VmInfo]:
+        """Every domain defined on this host, running or not, with its disks."""
+        conn = await self.connection()
+
+        def xmls() -> list[str]:
+            out: list[str] = []
+            for dom in conn.listAllDomains(0):
+                try:
+                    out.append(cast(str, dom.XMLDesc(0)))
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # undefined meanwhile
+                        raise
+            return out
+
+        return [parse_domain_xml(text) for text in await self._call(xmls)]
+
     async def is_running(self, vm_uuid: str) -> bool:
         dom = await self._lookup(vm_uuid)
         if dom is None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 
 from cbt_agent.errors import HypervisorError
+from cbt_agent.model import DEFAULT_GRANULARITY, BitmapState, Layer
 
 
 async def run(*cmd: str) -> str:
@@ -49,3 +50,37 @@ async def create(path: str, size: int | None, backing: str | None = None) -> Non
     over = ["-b", backing, "-F", "qcow2"] if backing is not None else []
     sized = [str(size)] if size is not None else []
     await run("qemu-img", "create", "-q", "-f", "qcow2", *over, path, *sized)
+
+
+async def chain_layers(path: str) -> list[Layer]:
+    """Every file of the backing chain of `path`, top first, each with its bitmaps as the file
+    records them: `in-use` on a closed file means inconsistent (QEMU did not close it), `auto`
+    recording. Only a look (-U): for the disks of a shut-off VM. Nodes are unnamed here, and
+    the files record no dirty counts (0)."""
+    out = json.loads(await run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
+    layers: list[Layer] = []
+    for depth, info in enumerate(out if isinstance(out, list) else [out]):
+        states: dict[str, BitmapState] = {}
+        for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", []) or []:
+            flags = set(b.get("flags", []))
+            name = str(b["name"])
+            states[name] = BitmapState(
+                name=name,
+                recording="auto" in flags,
+                persistent=True,
+                inconsistent="in-use" in flags,
+                busy=False,
+                granularity=int(b.get("granularity", DEFAULT_GRANULARITY)),
+                count=0,
+            )
+        layers.append(
+            Layer(
+                node="",
+                filename=str(info["filename"]),
+                size=int(info.get("virtual-size", 0)),
+                bitmaps=states,
+                read_only=depth > 0,
+                driver=str(info.get("format", "")),
+            )
+        )
+    return layers

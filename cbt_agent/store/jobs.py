@@ -70,6 +70,16 @@ class JobRows(Rows):
         row = self._row("SELECT * FROM api_jobs WHERE uuid = ?", (uuid,))
         return self._job(row) if row else None
 
+    def latest_job(self, task_uuid: str, api: str) -> ApiJob | None:
+        """The task's most recently finished, successful job of `api` still kept (None: none
+        succeeded, or it expired after `[jobs] keep_seconds`)."""
+        row = self._row(
+            "SELECT * FROM api_jobs WHERE task_uuid = ? AND api = ? AND state = 'Succeeded' "
+            "ORDER BY finished DESC LIMIT 1",
+            (task_uuid, api),
+        )
+        return self._job(row) if row else None
+
     def running_jobs(self) -> list[ApiJob]:
         return [self._job(r) for r in self._rows("SELECT * FROM api_jobs WHERE state = 'Running'")]
 
