@@ -41,6 +41,16 @@ def connection_cap(configured: int) -> int:
 
 
 class _QuietRequestHandler(RequestHandler):
+    def __init__(self, *args: Any, on_lost: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_lost = on_lost
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._on_lost is not None:
+            self._on_lost()
+            self._on_lost = None
+        super().connection_lost(exc)
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -104,12 +114,21 @@ async def listen(
     cap = connection_cap(max_connections)
     kwargs: dict[str, Any] = dict(server._kwargs)  # what aiohttp's own handlers get
     throttle = _Throttled()
+    # counted when made, not when aiohttp registers them: asyncio accepts a burst of
+    # connections (up to the backlog) before any of them runs connection_made
+    open_now = 0
+
+    def lost() -> None:
+        nonlocal open_now
+        open_now -= 1
 
     def protocol() -> asyncio.Protocol:
-        if len(server.connections) >= cap:
+        nonlocal open_now
+        if open_now >= cap:
             throttle.refuse(cap)
             return _Refused()
-        return _QuietRequestHandler(server, loop=loop, **kwargs)
+        open_now += 1
+        return _QuietRequestHandler(server, loop=loop, on_lost=lost, **kwargs)
 
     return await loop.create_server(protocol, host, port, ssl=ssl_context, reuse_address=True)
 
