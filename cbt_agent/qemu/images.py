@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from cbt_agent.errors import HypervisorError
+from cbt_agent.model import BitmapState
 
 
 async def run(*cmd: str) -> str:
@@ -49,3 +53,57 @@ async def create(path: str, size: int | None, backing: str | None = None) -> Non
     over = ["-b", backing, "-F", "qcow2"] if backing is not None else []
     sized = [str(size)] if size is not None else []
     await run("qemu-img", "create", "-q", "-f", "qcow2", *over, path, *sized)
+
+
+@dataclass(frozen=True)
+class ImageLayer:
+    """One file of a shut-off disk's backing chain as `qemu-img info` reads it."""
+
+    filename: str
+    format: str
+    size: int  # virtual size
+    bitmaps: Mapping[str, BitmapState]
+
+
+def _bitmap_states(info: dict[str, Any]) -> dict[str, BitmapState]:
+    """A qcow2 file's persistent bitmaps: flag `auto` = recording, `in-use` = inconsistent (the
+    image was not closed cleanly while it was open read-write)."""
+    out: dict[str, BitmapState] = {}
+    for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", []) or []:
+        flags = set(b.get("flags", []))
+        name = str(b["name"])
+        out[name] = BitmapState(
+            name=name,
+            recording="auto" in flags,
+            persistent=True,
+            inconsistent="in-use" in flags,
+            busy=False,
+            granularity=int(b.get("granularity", 65536)),
+            count=0,  # qemu-img does not say; nothing offline needs it
+        )
+    return out
+
+
+async def chain_info(path: str) -> list[ImageLayer]:
+    """Every file of the backing chain of `path`, top first, with its format, virtual size and
+    bitmaps (read with -U: a look, whatever holds the files)."""
+    out = json.loads(await run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
+    return [
+        ImageLayer(
+            filename=str(info["filename"]),
+            format=str(info.get("format", "")),
+            size=int(info.get("virtual-size", 0)),
+            bitmaps=_bitmap_states(info) if info.get("format") == "qcow2" else {},
+        )
+        for info in (out if isinstance(out, list) else [out])
+    ]
+
+
+async def add_bitmap(path: str, name: str) -> None:
+    """A new persistent, recording (`auto`) bitmap in a qcow2 file nothing else holds."""
+    await run("qemu-img", "bitmap", "--add", path, name)
+
+
+async def disable_bitmap(path: str, name: str) -> None:
+    """Freeze a bitmap in a qcow2 file nothing else holds: it records no later write."""
+    await run("qemu-img", "bitmap", "--disable", path, name)
