@@ -55,15 +55,13 @@ def holder(pid: int | None) -> str:
 
 
 def daemon_paths(cfg: Config, vm_uuid: str) -> tuple[str, str]:
-    """The daemon's pid file and QMP socket: in <state.dir>/qsd (owner-only), or in a private
-    temporary directory when that socket path is too long for a unix socket."""
+    """The daemon's pid file and QMP socket, in <state.dir>/qsd (owner-only); the socket in a
+    private temporary directory when that path is too long for a unix socket."""
     base = cfg.state_dir / "qsd"
+    private_dir(base)
     sock = base / f"{vm_uuid}.qmp"
     if len(os.fsencode(sock)) > UNIX_PATH_MAX:
-        base = Path(tempfile.mkdtemp(prefix=TEMP_DIR_PREFIX))  # 0700, a fresh name
-        sock = base / "qmp.sock"
-    else:
-        private_dir(base)
+        sock = Path(tempfile.mkdtemp(prefix=TEMP_DIR_PREFIX)) / "qmp.sock"  # 0700, fresh
     return str(base / f"{vm_uuid}.pid"), str(sock)
 
 
