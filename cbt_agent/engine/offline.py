@@ -28,7 +28,7 @@ from cbt_agent.engine.checkpoints import adopt_unknown_checkpoints
 from cbt_agent.engine.exports import nbd_address, private_dir, start_nbd_server
 from cbt_agent.engine.results import VolumeBackup
 from cbt_agent.engine.steps import StepHook
-from cbt_agent.errors import HypervisorError, OperationError
+from cbt_agent.errors import HypervisorError, NotFound, OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.model import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.qemu import bitmaps, images, nbd_server, storage_daemon
@@ -95,7 +95,7 @@ def select_disks(vm: VmInfo, volume_uuids: list[str]) -> list[DiskInfo]:
         known = {d.volume_uuid for d in disks}
         unknown = [v for v in volume_uuids if v not in known]
         if unknown:
-            raise OperationError(
+            raise NotFound(
                 f"volume [uuid: {unknown[0]}] is not a disk of VM [uuid: {vm.vm_uuid}]",
                 field="volumeUuids",
             )

@@ -309,7 +309,7 @@ class CbtService:
                 known = {d.volume_uuid for d in vm.disks}
                 unknown = [v for v in cmd.volume_uuids if v not in known]
                 if unknown:
-                    raise OperationError(
+                    raise NotFound(
                         f"volume [uuid: {unknown[0]}] is not a disk of VM [uuid: {cmd.vm_uuid}]",
                         field="volumeUuids",
                     )

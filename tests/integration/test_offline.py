@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import stack
+from apiharness import BACKUP_INFO, INFO_FIELDS, VOLUME_TO, Api, P, assert_error
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
 from offlinehelp import daemons_of, stop_daemons_of
 
@@ -220,3 +221,53 @@ async def test_offline_export_survives_an_agent_restart_and_a_dead_daemon_is_rec
     assert str(t.reason).startswith("offline export lost while the agent was down")
     assert await third.store.run(SyncStore.storage_daemon, vm.vm_uuid) is None
     vm.start()
+
+
+async def test_offline_export_through_the_api(
+    vm_factory: Callable[..., stack.TestVm], api: Api, tmp_path: Path
+) -> None:
+    """ZStack's ExportNbdVolumes / UnexportNbdVolumes over HTTP: async jobs, `volumeInfos` with
+    ZStack's schema map, refusals through the job; Unexport's `{}` carries what ended."""
+    vm = vm_factory(disks_mib=[16, 16])
+    (v0, path0, _), (v1, _, _) = vm.volumes
+    export_path, unexport_path = f"{P}/cbt-task/exportvolume", f"{P}/cbt-task/unexportvolume"
+    body = {"params": {"vmInstanceUuid": vm.vm_uuid}}
+    task = await api.create(vm.vm_uuid)
+    try:
+        assert_error(await api.call("POST", export_path, body), "SYS.1006", "is running")
+        first = (await api.enable(task))[0]["bitmapName"]
+        r = await api.call("POST", f"{P}/cbt-task/disable/{task}", {"params": {}})
+        assert r.status == 200, r
+        await vm.write(v1, MIB, 4096, 0x42)
+        vm.shutdown()
+        for bad, needle in (
+            ({"params": {**body["params"], "volumeUuids": ["b" * 32]}}, "is not a disk of VM"),
+            ({"params": {**body["params"], "bitmapName": "x y"}}, "field [bitmapName]"),
+            ({**body, "systemTags": ["bitmapName::x y"]}, "field [bitmapName]"),
+        ):
+            assert_error(await api.call("POST", export_path, bad), "SYS.1007", needle)
+
+        r = await api.call(
+            "POST", export_path, {**body, "systemTags": [f"bitmapName::{first}"]},
+            headers={"X-JSON-Schema": "true"},
+        )  # fmt: skip
+        assert r.status == 200, r
+        infos = by_volume(r.body["volumeInfos"])
+        assert r.body["schema"]["volumeInfos[0]"] == BACKUP_INFO
+        assert r.body["schema"]["volumeInfos[0].volume"] == VOLUME_TO
+        assert infos[v0]["sinceBitmapName"] == first
+        assert dirty_runs(infos[v0]) == []
+        assert dirty_runs(infos[v1]) == [(MIB, G)]
+        assert set(infos[v0]) >= INFO_FIELDS
+        assert api.status(task) == "Running"
+        # a second export is refused while this one is open
+        assert_error(await api.call("POST", export_path, body), "SYS.1006", "already exported")
+
+        r = await api.call("POST", unexport_path, body)
+        assert r.status == 200, r
+        assert set(r.body) == {"volumeUuids", "storageDaemonPid", "releasedImages", "message"}
+        assert str(path0) in r.body["releasedImages"]
+        assert api.history(task)[-2:] == ["Running", "Stopped"]
+        vm.start()
+    finally:
+        await stop_daemons_of(tmp_path / "state")
