@@ -483,6 +483,11 @@ class CbtService:
                 f"CbtTask [uuid: {task_uuid}] is {task.status}: changed areas need a Running task"
             )
         exports = {e.volume_uuid: e for e in await self.store.run(SyncStore.exports, task_uuid)}
+        if not exports:  # an offline export's disks, served by the VM's storage daemon
+            offline_exports = await self.store.run(SyncStore.daemon_exports, task.vm_uuid)
+            exports = {
+                e.volume_uuid: offline.as_volume_export(task_uuid, e) for e in offline_exports
+            }
         export = exports.get(volume_uuid)
         if export is None:
             raise NotFound(

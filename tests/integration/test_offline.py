@@ -102,6 +102,7 @@ async def test_offline_export_is_the_writes_since_the_last_checkpoint_and_locks_
     assert dirty_runs(i0) == want0
     assert dirty_runs(i1) == expected_runs(writes1, size1)
     assert i0["changedBytes"] == sum(n for _, n in want0)
+    assert await agent.areas(task, v0) == want0  # QueryChangedDiskAreas answers offline too
     bits = base64.b64decode(i0["bitmapBase64"])
     assert {c for c in range(size0 // G) if bits[c // 8] >> (c % 8) & 1} == {
         c for s, n in want0 for c in range(s // G, (s + n + G - 1) // G)
