@@ -245,6 +245,12 @@ class ApiJobResult(WireModel):
     inventory: CbtTaskInventory | None = None
     volume_cbt_backup_infos: list[VolumeCbtBackupInfo] | None = None
     volume_infos: list[VolumeCbtBackupInfo] | None = None  # ExportNbdVolumes
+    # UnexportNbdVolumes, when an export was open (see UnexportNbdVolumesReply)
+    volume_uuids: list[Uuid] | None = None
+    storage_daemon_pid: int | None = None
+    released_images: list[str] | None = None
+    start_refused: str | None = None
+    message: str | None = None
     schema_map: SchemaMap | None = Field(default=None, alias="schema")
 
 

@@ -266,10 +266,15 @@ class CbtService:
             disks = offline.select_disks(vm, list(cmd.volume_uuids))
             daemon = await self.store.run(SyncStore.storage_daemon, cmd.vm_uuid)
             if task.status in (TaskStatus.RUNNING, TaskStatus.STARTING) or daemon is not None:
-                if not cmd.force:
+                if not cmd.force and daemon is not None:
                     raise OperationError(
                         f"CbtTask [uuid: {task.uuid}] has already exported the volumes of VM "
                         f"[uuid: {cmd.vm_uuid}]: unexport them first (or pass force)"
+                    )
+                if not cmd.force:
+                    raise OperationError(
+                        f"CbtTask [uuid: {task.uuid}] has already enabled, please disable it "
+                        "(or pass force)"
                     )
                 await self.finish_disable(task, "ended by a forced ExportNbdVolumes")
             await self._status(
