@@ -35,3 +35,19 @@ class DeleteTask:
     task_uuid: str
     force: bool
     enforcing: bool
+
+
+@dataclass(frozen=True)
+class ExportVolumes:
+    """ExportNbdVolumes: the disks of a VM that is not running, exported read-only."""
+
+    vm_uuid: str
+    volume_uuids: tuple[str, ...]  # empty: every disk
+    bitmap_name: str | None  # changes since this checkpoint; None: the latest handed out
+    force: bool  # end an offline export already open first, instead of refusing
+
+
+@dataclass(frozen=True)
+class UnexportVolumes:
+    vm_uuid: str
+    volume_uuids: tuple[str, ...]

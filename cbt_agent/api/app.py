@@ -62,7 +62,7 @@ def _plain(status: int, text: str) -> web.Response:
 
 def _with_schema(request: web.Request, body: dict[str, Any], force: bool = False) -> dict[str, Any]:
     if force or "X-JSON-Schema" in request.headers:
-        schema = zstack.schema_map(body, zstack.CBT_SCHEMA_CLASSES)
+        schema = zstack.schema_map(body, zstack.REPLY_SCHEMA_CLASSES)
         if schema:
             return {**body, "schema": schema}
     return body
@@ -188,7 +188,7 @@ def job_reply(job: ApiJob) -> tuple[int, dict[str, Any]]:
         return 503, {"error": job.error}
     result = job.result or {}
     if job.want_schema:
-        schema = zstack.schema_map(result, zstack.CBT_SCHEMA_CLASSES)
+        schema = zstack.schema_map(result, zstack.REPLY_SCHEMA_CLASSES)
         if schema:
             result = {**result, "schema": schema}
     return 200, result
@@ -328,21 +328,31 @@ async def api_job(request: web.Request) -> web.Response:
     return _json(body, status)
 
 
-async def unsupported(request: web.Request) -> web.Response:
-    """ZStack's ExportNbdVolumes / UnexportNbdVolumes (disks of a VM that is NOT running): not
-    offered by this agent; answered as ZStack answers, through a failed job."""
+async def export_volumes(request: web.Request) -> web.Response:
+    """ExportNbdVolumes: the disks of a VM that is not running, exported read-only over NBD."""
     body = await _body(request)
     if isinstance(body, web.Response):
         return body
-    api = "ExportNbdVolumes" if request.path.endswith("/exportvolume") else "UnexportNbdVolumes"
+    service = request.app[SERVICE]
 
-    async def refuse() -> dict[str, Any]:
-        raise OperationError(
-            f"{api} is not supported by cbt-agent: it exports disks of running VMs through "
-            "EnableCbtTask"
-        )
+    async def export() -> dict[str, Any]:
+        return replies.export_reply(await service.export_volumes(validate.export_volumes(body)))
 
-    return await _submit(request, api, refuse)
+    return await _submit(request, "ExportNbdVolumes", export)
+
+
+async def unexport_volumes(request: web.Request) -> web.Response:
+    """UnexportNbdVolumes: the VM's offline export ends; its images' locks are released."""
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    service = request.app[SERVICE]
+
+    async def unexport() -> dict[str, Any]:
+        cmd = validate.unexport_volumes(body)
+        return replies.unexport_reply(await service.unexport_volumes(cmd))
+
+    return await _submit(request, "UnexportNbdVolumes", unexport)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -400,8 +410,8 @@ _PUBLIC: frozenset[Callable[..., Any]] = frozenset({healthz, openapi_document})
 def add_routes(app: web.Application) -> None:
     for prefix in PREFIXES:
         app.router.add_post(f"{prefix}/cbt-task/create", create_task)
-        app.router.add_post(f"{prefix}/cbt-task/exportvolume", unsupported)
-        app.router.add_post(f"{prefix}/cbt-task/unexportvolume", unsupported)
+        app.router.add_post(f"{prefix}/cbt-task/exportvolume", export_volumes)
+        app.router.add_post(f"{prefix}/cbt-task/unexportvolume", unexport_volumes)
         app.router.add_post(f"{prefix}/cbt-task/enable/{{uuid}}", enable_task)
         app.router.add_post(f"{prefix}/cbt-task/disable/{{uuid}}", disable_task)
         # "create" is CreateCbtTask's path, not a task uuid: GET/DELETE on it are a 405

@@ -155,10 +155,6 @@ def _async_operation(
 
 
 def _paths(prefix: str) -> Schema:
-    not_supported = (
-        " Not supported by cbt-agent (it exports disks of running VMs through EnableCbtTask): "
-        "the job fails with SYS.1006."
-    )
     not_allowed = {"405": _response("MethodNotAllowed")}
     task_path = f"{prefix}/cbt-task/{{uuid}}"
     query_parameters: list[Schema] = [
@@ -233,17 +229,21 @@ def _paths(prefix: str) -> Schema:
         f"{prefix}/cbt-task/exportvolume": {
             "post": _async_operation(
                 "ExportNbdVolumes",
-                "ZStack's export of a stopped VM's disks over NBD." + not_supported,
+                "Export the disks of a VM that is not running read-only over NBD (a "
+                "qemu-storage-daemon per VM), with a checkpoint cut offline and the changes "
+                "since the base (job result: {volumeInfos}). The VM's task goes Running; the "
+                "daemon holds the images' locks (the VM cannot start) until UnexportNbdVolumes.",
                 [],
-                _body("ExportNbdVolumesRequest", "ZStack's parameters (not used).", required=False),
+                _body("ExportNbdVolumesRequest", "The VM and its disks.", required=True),
             )
         },
         f"{prefix}/cbt-task/unexportvolume": {
             "post": _async_operation(
                 "UnexportNbdVolumes",
-                "ZStack's end of ExportNbdVolumes." + not_supported,
+                "End the VM's offline export: its qemu-storage-daemon stopped, the images' "
+                "locks released (job result: {} with what ended, when something was exported).",
                 [],
-                _body("ExportNbdVolumesRequest", "ZStack's parameters (not used).", required=False),
+                _body("ExportNbdVolumesRequest", "The VM (vmInstanceUuid).", required=True),
             )
         },
         f"{prefix}/cbt-task/enable/{{uuid}}": {

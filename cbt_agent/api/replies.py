@@ -10,20 +10,24 @@ from cbt_agent.contract.replies import (
     ChangedArea,
     ChangedAreasPage,
     EnableCbtTaskReply,
+    ExportNbdVolumesReply,
     InventoryReply,
+    UnexportNbdVolumesReply,
     VolumeCbtBackupInfo,
     VolumeTO,
 )
-from cbt_agent.engine.results import ChangedAreas, TaskView, VolumeBackup
+from cbt_agent.engine.results import ChangedAreas, TaskView, Unexported, VolumeBackup
 from cbt_agent.model import bitmap_base64
 
 __all__ = [
     "backup_info",
     "changed_areas",
     "enable_reply",
+    "export_reply",
     "inventory",
     "inventory_reply",
     "query_item",
+    "unexport_reply",
 ]
 
 
@@ -118,6 +122,24 @@ def inventory_reply(view: TaskView) -> dict[str, Any]:
 def enable_reply(volumes: list[VolumeBackup]) -> dict[str, Any]:
     """EnableCbtTask's result."""
     return EnableCbtTaskReply(volume_cbt_backup_infos=[backup_info(v) for v in volumes]).wire()
+
+
+def export_reply(volumes: list[VolumeBackup]) -> dict[str, Any]:
+    """ExportNbdVolumes' result."""
+    return ExportNbdVolumesReply(volume_infos=[backup_info(v) for v in volumes]).wire()
+
+
+def unexport_reply(u: Unexported) -> dict[str, Any]:
+    """UnexportNbdVolumes' result: `{}` when nothing was exported."""
+    if not u.volumes and u.pid is None and not u.images:
+        return UnexportNbdVolumesReply().wire()
+    return UnexportNbdVolumesReply(
+        volume_uuids=list(u.volumes),
+        storage_daemon_pid=u.pid,
+        released_images=list(u.images),
+        start_refused=u.start_refused,
+        message=u.message,
+    ).wire()
 
 
 def changed_areas(page: ChangedAreas) -> dict[str, Any]:

@@ -9,12 +9,22 @@ from cbt_agent.contract.requests import (
     CreateCbtTaskRequest,
     DisableCbtTaskRequest,
     EnableCbtTaskRequest,
+    ExportNbdVolumesRequest,
     parse_delete_mode,
     require_uuid,
     validate,
 )
+from cbt_agent.errors import InvalidArgument
 
-__all__ = ["create_task", "delete_task", "disable_task", "enable_task", "require_uuid"]
+__all__ = [
+    "create_task",
+    "delete_task",
+    "disable_task",
+    "enable_task",
+    "export_volumes",
+    "require_uuid",
+    "unexport_volumes",
+]
 
 
 def create_task(body: object) -> commands.CreateTask:
@@ -46,3 +56,29 @@ def delete_task(task_uuid: str, force: bool, delete_mode: str | None) -> command
     from the query string."""
     mode = parse_delete_mode(delete_mode)
     return commands.DeleteTask(require_uuid(task_uuid, "uuid"), force, mode == "Enforcing")
+
+
+def _volumes_request(body: object) -> tuple[ExportNbdVolumesRequest, str]:
+    request = validate(ExportNbdVolumesRequest, body)
+    vm_uuid = request.params.vm_instance_uuid
+    if vm_uuid is None:
+        raise InvalidArgument("missing mandatory field [vmInstanceUuid]", field="vmInstanceUuid")
+    return request, vm_uuid
+
+
+def export_volumes(body: object) -> commands.ExportVolumes:
+    """ExportNbdVolumes: `{"params": {vmInstanceUuid, volumeUuids?, force?, bitmapName?},
+    systemTags?: ["bitmapName::<name>"]}`."""
+    request, vm_uuid = _volumes_request(body)
+    return commands.ExportVolumes(
+        vm_uuid,
+        tuple(dict.fromkeys(request.params.volume_uuids)),
+        request.since,
+        bool(request.params.force),
+    )
+
+
+def unexport_volumes(body: object) -> commands.UnexportVolumes:
+    """UnexportNbdVolumes: `{"params": {vmInstanceUuid, volumeUuids?}}`."""
+    request, vm_uuid = _volumes_request(body)
+    return commands.UnexportVolumes(vm_uuid, tuple(dict.fromkeys(request.params.volume_uuids)))

@@ -27,12 +27,13 @@ from cbt_agent.contract.error_codes import (
     error_code,
     error_from_exception,
 )
-from cbt_agent.contract.schema_map import CBT_SCHEMA_CLASSES, schema_map
+from cbt_agent.contract.schema_map import CBT_SCHEMA_CLASSES, REPLY_SCHEMA_CLASSES, schema_map
 from cbt_agent.model import new_uuid
 
 __all__ = [
     "CBT_SCHEMA_CLASSES",
     "ID_SESSION_EXPIRED",
+    "REPLY_SCHEMA_CLASSES",
     "SYS_INTERNAL",
     "SYS_INVALID",
     "SYS_OPERATION",

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from cbt_agent.client.errors import ApiError, BackupError
 from cbt_agent.contract.replies import CbtTaskInventory, VolumeCbtBackupInfo
+from cbt_agent.errors import SYS_OPERATION
 
 API_PREFIX = "/zstack/v1"
 POLL_INTERVAL = 0.05
@@ -235,3 +236,32 @@ class CbtApi:
             {"params": {"force": force}},
         )
         return TaskRef.from_reply(reply.get("inventory"))
+
+    async def export_volumes(self, vm_uuid: str, bitmap_name: str | None) -> list[VolumeBackupInfo]:
+        """ExportNbdVolumes of a VM that is not running: every disk, with a checkpoint cut
+        offline and the changes since `bitmap_name` (the latest handed out when None)."""
+        params: dict[str, Any] = {"vmInstanceUuid": vm_uuid}
+        if bitmap_name is not None:
+            params["bitmapName"] = bitmap_name
+        reply = await self.call(
+            "ExportNbdVolumes", "POST", "/cbt-task/exportvolume", {"params": params}
+        )
+        infos = reply.get("volumeInfos")
+        if not isinstance(infos, list) or not infos:
+            raise BackupError(f"ExportNbdVolumes returned no volumeInfos: {reply}")
+        return [VolumeBackupInfo.from_reply(i) for i in infos]
+
+    async def unexport_volumes(self, vm_uuid: str) -> dict[str, Any]:
+        """UnexportNbdVolumes: the VM's offline export ends, its images' locks released."""
+        return await self.call(
+            "UnexportNbdVolumes",
+            "POST",
+            "/cbt-task/unexportvolume",
+            {"params": {"vmInstanceUuid": vm_uuid}},
+        )
+
+
+def vm_not_running(e: ApiError, vm_uuid: str) -> bool:
+    """Whether the agent refused an Enable because the VM is not running (then its disks are
+    exported offline instead)."""
+    return e.error_code == SYS_OPERATION and f"VM [uuid: {vm_uuid}] is not running" in e.message

@@ -7,6 +7,11 @@ standalone qcow2; incremental: the dirty clusters into a qcow2 backed by the dis
 file); checksum, rename into place, replace the manifest atomically; Disable. On any failure
 the new files are removed, the task is disabled (force) and the manifest is left as it was, so
 the next run asks again for everything since the last good checkpoint.
+
+A VM that is shut off (the agent refuses its Enable: "is not running") is backed up the same
+way through ExportNbdVolumes, with the same base, and UnexportNbdVolumes at the end (Disable
+on failure ends that export too): the agent cuts the checkpoint offline, so the chain of
+backups goes on across the VM's stops and starts.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any, TypeVar
 import nbd
 
 from cbt_agent.client import extents
-from cbt_agent.client.api import CbtApi, TaskRef, VolumeBackupInfo
+from cbt_agent.client.api import CbtApi, TaskRef, VolumeBackupInfo, vm_not_running
 from cbt_agent.client.chain import (
     FULL,
     INCREMENTAL,
@@ -53,7 +58,7 @@ from cbt_agent.client.copy import (
     source_runs,
     zero_ranges,
 )
-from cbt_agent.client.errors import BackupError
+from cbt_agent.client.errors import ApiError, BackupError
 from cbt_agent.client.manifest import load_manifest, save_manifest
 from cbt_agent.client.progress import MIB, Progress
 from cbt_agent.client.target import QemuNbd, create_image, fsync_dir, sha256_file
@@ -94,6 +99,7 @@ class _Run:
     pause_after: int | None
     nbd_tls_dir: str | None = None
     quiesce: bool | None = None
+    offline: bool = False  # the VM is shut off: its disks came through ExportNbdVolumes
     stop: threading.Event = field(default_factory=threading.Event)
     made: list[Path] = field(default_factory=list)  # removed again on failure
     requests_done: int = 0
@@ -204,7 +210,10 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
                     note(f"warning: could not disable task {task.uuid}: {e}")
                 raise
             try:
-                await api.disable(task.uuid, force=False)
+                if run.offline:
+                    await api.unexport_volumes(opts.vm_uuid)
+                else:
+                    await api.disable(task.uuid, force=False)
             except BackupError as e:  # the backup is complete and recorded; the next run recovers
                 note(f"warning: {e.message}")
     _summary(dest, new.checkpoints[-1], results)
@@ -225,7 +234,14 @@ async def _backup(
     api: CbtApi, task: TaskRef, manifest: Manifest, run: _Run
 ) -> tuple[Manifest, list[DiskResult]]:
     since = next_bitmap_name(manifest)
-    infos = await api.enable(task.uuid, since, run.quiesce)
+    try:
+        infos = await api.enable(task.uuid, since, run.quiesce)
+    except ApiError as e:
+        if not vm_not_running(e, manifest.vm_uuid):
+            raise
+        note(f"VM {manifest.vm_uuid} is not running: exporting its disks offline")
+        run.offline = True
+        infos = await api.export_volumes(manifest.vm_uuid, since)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     names = {i.bitmap_name for i in infos}
     if len(names) != 1:

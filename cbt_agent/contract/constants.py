@@ -27,6 +27,7 @@ MAX_NAME: Final = 255
 MAX_DESCRIPTION: Final = 2048
 QUERY_LIMIT: Final = 1000  # ZStack's default `limit`
 QUIESCE_TAG: Final = "quiesce::"  # the system tag of EnableCbtTask: quiesce::true|false
+BITMAP_TAG: Final = "bitmapName::"  # ExportNbdVolumes' base as a system tag: bitmapName::<name>
 
 # What QueryCbtTask can filter and sort on, with each field's kind (the query engine's table).
 QUERY_FIELDS: Final[Mapping[str, str]] = MappingProxyType(
@@ -47,6 +48,7 @@ QUERY_FIELDS: Final[Mapping[str, str]] = MappingProxyType(
 __all__ = [
     "BACKUP_MODES",
     "BITMAP_PATTERN",
+    "BITMAP_TAG",
     "DATE_PATTERN",
     "DEFAULT_GRANULARITY",
     "DELETE_MODES",

@@ -25,6 +25,8 @@ MODELS: tuple[type[BaseModel], ...] = (
     replies.VolumeCbtBackupInfo,
     replies.InventoryReply,
     replies.EnableCbtTaskReply,
+    replies.ExportNbdVolumesReply,
+    replies.UnexportNbdVolumesReply,
     replies.ApiJobResult,
     replies.QueryCbtTaskReply,
     replies.ChangedArea,

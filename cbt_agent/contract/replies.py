@@ -31,10 +31,12 @@ __all__ = [
     "EnableCbtTaskReply",
     "ErrorCode",
     "ErrorReply",
+    "ExportNbdVolumesReply",
     "Health",
     "InventoryReply",
     "JobLocation",
     "QueryCbtTaskReply",
+    "UnexportNbdVolumesReply",
     "VolumeCbtBackupInfo",
     "VolumeTO",
 ]
@@ -208,12 +210,47 @@ class EnableCbtTaskReply(WireModel):
     schema_map: SchemaMap | None = Field(default=None, alias="schema")
 
 
+class ExportNbdVolumesReply(WireModel):
+    """ExportNbdVolumes' result: one info per exported disk, as an Enable's (`target` is the
+    disk's top image, `scratchNodeName` its node in the VM's qemu-storage-daemon)."""
+
+    volume_infos: list[VolumeCbtBackupInfo]
+    schema_map: SchemaMap | None = Field(default=None, alias="schema")
+
+
+class UnexportNbdVolumesReply(WireModel):
+    """UnexportNbdVolumes' result: ZStack's `{}`, with what ended when an export was open
+    (extension fields, absent otherwise)."""
+
+    volume_uuids: list[Uuid] | None = Field(default=None, description="the volumes unexported")
+    storage_daemon_pid: int | None = Field(
+        default=None, description="the qemu-storage-daemon stopped (absent: it had exited)"
+    )
+    released_images: list[str] | None = Field(
+        default=None, description="the image files whose locks it held: the VM can start"
+    )
+    start_refused: str | None = Field(
+        default=None,
+        description="QEMU's error when a start of the VM failed while the images were held "
+        '(e.g. Failed to get "write" lock): start it again now',
+    )
+    message: str | None = Field(default=None, description="the same, as the task's history says")
+
+
 class ApiJobResult(WireModel):
-    """A finished job's result: {inventory} (Create, Disable), {volumeCbtBackupInfos} (Enable)
-    or {} (Delete); `schema` when the submitting request sent X-JSON-Schema."""
+    """A finished job's result: {inventory} (Create, Disable), {volumeCbtBackupInfos} (Enable),
+    {volumeInfos} (ExportNbdVolumes) or {} (Delete; UnexportNbdVolumes, with what it ended);
+    `schema` when the submitting request sent X-JSON-Schema."""
 
     inventory: CbtTaskInventory | None = None
     volume_cbt_backup_infos: list[VolumeCbtBackupInfo] | None = None
+    volume_infos: list[VolumeCbtBackupInfo] | None = None  # ExportNbdVolumes
+    # UnexportNbdVolumes, when an export was open (see UnexportNbdVolumesReply)
+    volume_uuids: list[Uuid] | None = None
+    storage_daemon_pid: int | None = None
+    released_images: list[str] | None = None
+    start_refused: str | None = None
+    message: str | None = None
     schema_map: SchemaMap | None = Field(default=None, alias="schema")
 
 

@@ -29,6 +29,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from cbt_agent.contract.constants import (
     BITMAP_PATTERN,
+    BITMAP_TAG,
     DELETE_MODES,
     MAX_DESCRIPTION,
     MAX_NAME,
@@ -229,15 +230,50 @@ class DisableCbtTaskRequest(ZStackBody):
 
 
 class ExportNbdVolumesParams(RequestModel):
-    volume_uuids: list[Uuid] = Field(default_factory=list)
-    vm_instance_uuid: Uuid | None = Field(default=None, description="the (stopped) VM")
-    force: bool | None = None
+    volume_uuids: list[Uuid] = Field(
+        default_factory=list,
+        description="the disks to export (UnexportNbdVolumes: the export ends for every disk); "
+        "empty: every disk of the VM",
+    )
+    vm_instance_uuid: Uuid | None = Field(
+        default=None, description="the VM, which must not be running (mandatory)"
+    )
+    force: ZBool | None = Field(
+        default=None,
+        description="ExportNbdVolumes: end an offline export already open and export again, "
+        "instead of refusing",
+    )
+    bitmap_name: BitmapName | None = Field(
+        default=None,
+        description="ExportNbdVolumes (an extension): changes since this checkpoint; omitted: "
+        "since the latest handed out (also as the system tag bitmapName::<name>)",
+    )
 
 
 class ExportNbdVolumesRequest(ZStackBody):
-    """ZStack's ExportNbdVolumes and UnexportNbdVolumes (documented, not offered)."""
+    """ZStack's ExportNbdVolumes and UnexportNbdVolumes: the disks of a VM that is not running,
+    exported read-only over NBD by a qemu-storage-daemon (and the export ended)."""
 
     params: ExportNbdVolumesParams = Field(default_factory=ExportNbdVolumesParams)
+
+    @field_validator("system_tags")
+    @classmethod
+    def _bitmap_tags(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if tag.startswith(BITMAP_TAG):
+                _bitmap_name(tag[len(BITMAP_TAG) :])
+        return tags
+
+    @property
+    def since(self) -> str | None:
+        """The checkpoint to count from: params.bitmapName, else a bitmapName:: system tag."""
+        if self.params.bitmap_name is not None:
+            return self.params.bitmap_name
+        chosen: str | None = None
+        for tag in self.system_tags:
+            if tag.startswith(BITMAP_TAG):
+                chosen = tag[len(BITMAP_TAG) :]
+        return chosen
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,10 +9,15 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Final, Union, get_args, get_origin
 
-from cbt_agent.contract.replies import EnableCbtTaskReply, InventoryReply, QueryCbtTaskReply
+from cbt_agent.contract.replies import (
+    EnableCbtTaskReply,
+    ExportNbdVolumesReply,
+    InventoryReply,
+    QueryCbtTaskReply,
+)
 from cbt_agent.contract.wire import WireModel
 
-__all__ = ["CBT_SCHEMA_CLASSES", "schema_classes", "schema_map"]
+__all__ = ["CBT_SCHEMA_CLASSES", "REPLY_SCHEMA_CLASSES", "schema_classes", "schema_map"]
 
 
 def _models_in(annotation: Any) -> list[tuple[type[WireModel], str]]:
@@ -50,6 +55,10 @@ def schema_classes(*replies: type[WireModel]) -> dict[str, str]:
 
 CBT_SCHEMA_CLASSES: Final[Mapping[str, str]] = MappingProxyType(
     schema_classes(InventoryReply, QueryCbtTaskReply, EnableCbtTaskReply)
+)
+# every reply's classes: the CBT task API's, and ExportNbdVolumes' volumeInfos
+REPLY_SCHEMA_CLASSES: Final[Mapping[str, str]] = MappingProxyType(
+    {**CBT_SCHEMA_CLASSES, **schema_classes(ExportNbdVolumesReply)}
 )
 
 

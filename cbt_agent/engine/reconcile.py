@@ -6,6 +6,10 @@
 - A `Running` task whose exports are all still in QEMU stays usable; otherwise it is torn down.
 - A task with export rows but not Running/Starting (a Disable died) finishes its teardown.
 - Scratch files no task refers to are removed.
+- Offline exports (a VM's qemu-storage-daemon, recorded before it starts): a Running task's
+  daemon that still serves every export stays; an interrupted ExportNbdVolumes is rolled back
+  (the checkpoint kept if the cut reached an image); any other daemon is stopped by its pid,
+  so are daemons whose task is gone.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import logging
 from pathlib import Path
 
 from cbt_agent import logctx
-from cbt_agent.engine import quiesce, tracking
+from cbt_agent.engine import offline, quiesce, tracking
 from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
 from cbt_agent.qemu import bitmaps, blockdev, nbd_server
-from cbt_agent.store import SyncStore
+from cbt_agent.store import StorageDaemon, SyncStore
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,10 @@ async def reconcile(service: CbtService) -> None:
                 await store.run(
                     SyncStore.set_status, task.uuid, TaskStatus.FAILED, f"reconcile: {reason}"
                 )
+    try:
+        await _stop_orphan_daemons(service)
+    except Exception:
+        log.exception("stopping the storage daemons of deleted tasks failed")
     await _remove_orphan_scratch(service)
 
 
@@ -54,6 +62,14 @@ async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
         if task.operation == "disable":
             await service.finish_disable(task, "interrupted disable finished at agent start")
             log.warning("task %s: interrupted disable finished", task.uuid)
+            return
+        if task.operation == "unexport":
+            await service.finish_disable(task, "interrupted unexport finished at agent start")
+            log.warning("task %s: interrupted unexport finished", task.uuid)
+            return
+        daemon = await store.run(SyncStore.storage_daemon, task.vm_uuid)
+        if daemon is not None:
+            await _reconcile_offline(service, task, daemon)
             return
         exports = await store.run(SyncStore.exports, task.uuid)
         vm = await service.hypervisor.find_vm(task.vm_uuid)
@@ -98,6 +114,51 @@ async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
         await service.teardown_task(task, force=True)
         await store.run(SyncStore.set_status, task.uuid, status, reason)
         log.warning("task %s: %s -> %s (%s)", task.uuid, task.status, status, reason)
+
+
+async def _reconcile_offline(service: CbtService, task: CbtTask, daemon: StorageDaemon) -> None:
+    """A task with an offline export recorded: a Running one whose daemon still serves every
+    export stays so; an interrupted ExportNbdVolumes is rolled back (its checkpoint kept when
+    its bitmap reached an image: the cut ran); otherwise the daemon is stopped."""
+    store = service.store
+    exports = await store.run(SyncStore.daemon_exports, task.vm_uuid)
+    why = await offline.why_not_alive(daemon, exports)
+    if task.status is TaskStatus.RUNNING and why is None:
+        log.info("task %s: offline export alive (%s), stays Running", task.uuid, daemon.pid)
+        return
+    if task.status is TaskStatus.STARTING:
+        names = {e.checkpoint for e in exports}
+        await offline.end_export(service.config, store, task.vm_uuid, task.uuid, force=True)
+        for name in names:
+            if not await offline.checkpoint_on_disks(daemon, name):
+                await store.run(SyncStore.drop_checkpoint, task.uuid, name)
+        status = TaskStatus.FAILED
+        reason = "offline export interrupted by an agent restart: rolled back"
+    else:
+        await offline.end_export(service.config, store, task.vm_uuid, task.uuid, force=True)
+        if task.status is TaskStatus.RUNNING:
+            status = TaskStatus.STOPPED
+            reason = f"offline export lost while the agent was down ({why})"
+        else:
+            status, reason = task.status, "leftover offline export ended at agent start"
+    await store.run(SyncStore.set_status, task.uuid, status, reason)
+    log.warning("task %s: %s -> %s (%s)", task.uuid, task.status, status, reason)
+
+
+async def _stop_orphan_daemons(service: CbtService) -> None:
+    """Daemons whose task is gone (deleted while its daemon could not be stopped): the
+    database says they must not run."""
+    store = service.store
+    for daemon in await store.run(SyncStore.storage_daemons):
+        if await store.run(SyncStore.get_task, daemon.task_uuid) is None:
+            ended = await offline.end_export(
+                service.config, store, daemon.vm_uuid, daemon.task_uuid, force=True
+            )
+            log.warning(
+                "VM %s: stopped %s of a deleted task",
+                daemon.vm_uuid,
+                offline.holder(ended.pid if ended else None),
+            )
 
 
 async def _remove_orphan_scratch(service: CbtService) -> None:

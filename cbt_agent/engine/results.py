@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from cbt_agent.hypervisor.libvirt import DiskInfo
 from cbt_agent.model import CbtTask
+from cbt_agent.qemu.storage_daemon import BINARY
 from cbt_agent.store import NbdServer, ResourceRef, VolumeExport
 
 
@@ -46,3 +47,30 @@ class ChangedAreas:
     end: int
     areas: list[tuple[int, int]]  # (offset, length)
     done: bool
+
+
+@dataclass(frozen=True)
+class Unexported:
+    """An offline export that UnexportNbdVolumes ended (`pid` None and nothing else: there was
+    none). `start_refused`: QEMU's words when a start of the VM failed meanwhile (the daemon
+    held its images' locks); it can be started again now."""
+
+    pid: int | None = None
+    images: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    start_refused: str | None = None
+
+    @property
+    def message(self) -> str:
+        """What the task's history and the reply say: which process held the images' locks,
+        and a start of the VM that failed on them."""
+        if self.pid is None:
+            text = f"unexported: {BINARY} had exited, nothing holds the images' locks"
+        else:
+            text = f"unexported: {BINARY} pid {self.pid} stopped, the images' locks released"
+        if self.start_refused:
+            text += (
+                f"; a start of the VM failed while they were held ({self.start_refused}): "
+                "it can start now"
+            )
+        return text[:2000]

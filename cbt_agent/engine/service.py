@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 
 from cbt_agent import commands, logctx
 from cbt_agent.config import Config
-from cbt_agent.engine import checkpoints, tracking
+from cbt_agent.engine import checkpoints, offline, tracking
 from cbt_agent.engine.checkpoints import EnableContext
 from cbt_agent.engine.exports import nbd_address, teardown_exports
 from cbt_agent.engine.plan import found_on, is_temp, ours, refuse_untrackable
-from cbt_agent.engine.results import ChangedAreas, TaskView, VolumeBackup
+from cbt_agent.engine.results import ChangedAreas, TaskView, Unexported, VolumeBackup
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import (
     CbtError,
@@ -61,7 +61,8 @@ class GuestOf:
 
 
 class CbtService:
-    """Runs CreateCbtTask, EnableCbtTask, DisableCbtTask and DeleteCbtTask."""
+    """Runs CreateCbtTask, EnableCbtTask, DisableCbtTask, DeleteCbtTask, and ExportNbdVolumes /
+    UnexportNbdVolumes (the offline exports of a VM that is shut off)."""
 
     def __init__(
         self,
@@ -247,8 +248,120 @@ class CbtService:
                 )
         return infos
 
+    async def export_volumes(self, cmd: commands.ExportVolumes) -> list[VolumeBackup]:
+        """ExportNbdVolumes: a checkpoint cut on the disks of the shut-off VM and each exported
+        read-only by the VM's qemu-storage-daemon, with the changes since `bitmap_name` (the
+        latest handed out when None). The task goes Running, as after an Enable; the daemon
+        holds the images' locks until the export ends (Unexport, Disable, Delete)."""
+        logctx.VM.set(cmd.vm_uuid)
+        async with self._locks[cmd.vm_uuid]:
+            vm = await self.hypervisor.find_vm(cmd.vm_uuid)
+            if vm is None:
+                raise NotFound(
+                    f"vmInstanceUuid: VM [uuid: {cmd.vm_uuid}] is not found on this host",
+                    field="vmInstanceUuid",
+                )
+            if vm.running:
+                raise OperationError(
+                    f"VM [uuid: {cmd.vm_uuid}] is running: ExportNbdVolumes exports the disks "
+                    "of a VM that is not running (use EnableCbtTask)"
+                )
+            task = await self.store.run(SyncStore.task_for_vm, cmd.vm_uuid)
+            if task is None:
+                raise OperationError(
+                    f"VM [uuid: {cmd.vm_uuid}] has no CBT task: create one (CreateCbtTask) to "
+                    "export its volumes with their changes"
+                )
+            logctx.TASK.set(task.uuid)
+            if task.released is not None:
+                raise OperationError(f"CbtTask [uuid: {task.uuid}] is released: {task.released}")
+            disks = offline.select_disks(vm, list(cmd.volume_uuids))
+            daemon = await self.store.run(SyncStore.storage_daemon, cmd.vm_uuid)
+            if task.status in (TaskStatus.RUNNING, TaskStatus.STARTING) or daemon is not None:
+                if not cmd.force and daemon is not None:
+                    raise OperationError(
+                        f"CbtTask [uuid: {task.uuid}] has already exported the volumes of VM "
+                        f"[uuid: {cmd.vm_uuid}]: unexport them first (or pass force)"
+                    )
+                if not cmd.force:
+                    raise OperationError(
+                        f"CbtTask [uuid: {task.uuid}] has already enabled, please disable it "
+                        "(or pass force)"
+                    )
+                await self.finish_disable(task, "ended by a forced ExportNbdVolumes")
+            await self._status(
+                task.uuid, TaskStatus.STARTING, "offline export requested", operation="export"
+            )
+            try:
+                lost = await self.store.run(SyncStore.tracking_lost, task.uuid)
+                infos, daemon = await offline.export_volumes(
+                    self.config, self.store, vm, disks, task.uuid, cmd.bitmap_name, lost, self.step
+                )
+            except Exception as e:
+                await self._fail(task.uuid, f"offline export failed: {_reason(e)}")
+                raise
+            modes = ", ".join(f"{i.disk.volume_uuid[:8]}={i.export.mode}" for i in infos)
+            name = infos[0].export.checkpoint
+            reason = (
+                f"checkpoint {name} exported offline ({modes}) by {offline.holder(daemon.pid)}, "
+                "which holds the images' locks: the VM cannot start until UnexportNbdVolumes"
+            )
+
+            def running(s: SyncStore) -> CbtTask:
+                with s._tx():
+                    s.mark_handed_out(task.uuid, name)
+                    return s.set_status(task.uuid, TaskStatus.RUNNING, reason)
+
+            await self.store.run(running)
+        return infos
+
+    async def unexport_volumes(self, cmd: commands.UnexportVolumes) -> Unexported:
+        """UnexportNbdVolumes: the VM's offline export ends (its daemon opened every exported
+        disk's chain, so the whole export ends: the images' locks are released). Says when a
+        start of the VM was refused meanwhile. Nothing exported: nothing to do."""
+        logctx.VM.set(cmd.vm_uuid)
+        async with self._locks[cmd.vm_uuid]:
+            vm = await self.hypervisor.find_vm(cmd.vm_uuid)
+            if vm is not None and cmd.volume_uuids:
+                known = {d.volume_uuid for d in vm.disks}
+                unknown = [v for v in cmd.volume_uuids if v not in known]
+                if unknown:
+                    raise NotFound(
+                        f"volume [uuid: {unknown[0]}] is not a disk of VM [uuid: {cmd.vm_uuid}]",
+                        field="volumeUuids",
+                    )
+            daemon = await self.store.run(SyncStore.storage_daemon, cmd.vm_uuid)
+            if daemon is None:
+                return Unexported()
+            task = await self.store.run(SyncStore.get_task, daemon.task_uuid)
+            refused = None
+            if vm is not None and not vm.running:
+                refused = await self.hypervisor.start_failure(cmd.vm_uuid)
+            if task is not None:
+                logctx.TASK.set(task.uuid)
+                await self.store.run(SyncStore.set_operation, task.uuid, "unexport")
+            try:
+                ended = await offline.end_export(
+                    self.config, self.store, cmd.vm_uuid, daemon.task_uuid, force=True
+                )
+            except Exception as e:
+                if task is not None:
+                    await self._fail(task.uuid, f"unexport failed: {_reason(e)}")
+                raise
+            result = Unexported(
+                pid=ended.pid if ended is not None else None,
+                images=daemon.images,
+                volumes=ended.volumes if ended is not None else (),
+                start_refused=refused,
+            )
+            if task is not None and task.status is not TaskStatus.CREATED:
+                await self._status(task.uuid, TaskStatus.STOPPED, result.message)
+        return result
+
     async def teardown_task(self, task: CbtTask, *, force: bool) -> None:
-        """End the task's exports, wherever the VM is. With the VM gone, only files remain."""
+        """End the task's exports, wherever the VM is. With the VM gone, only files remain.
+        An offline export's qemu-storage-daemon is stopped (its image locks released)."""
+        await offline.end_export(self.config, self.store, task.vm_uuid, task.uuid, force=force)
         exports = await self.store.run(SyncStore.exports, task.uuid)
         vm = await self.hypervisor.find_vm(task.vm_uuid)
         if vm is not None and vm.running:
@@ -343,6 +456,10 @@ class CbtService:
                 return
             await self.qmp.forget(ev.vm_uuid)  # the old QEMU and its socket are gone
             if ev.kind is VmEventKind.STARTED:
+                if await self.store.run(SyncStore.storage_daemon, ev.vm_uuid) is not None:
+                    # the VM could start, so its daemon no longer held the images: the offline
+                    # export is over (and its view no longer the disks' state)
+                    await self.finish_disable(task, "offline export ended: the VM started")
                 vm = await self.hypervisor.find_vm(ev.vm_uuid)
                 if vm is not None and vm.running:
                     qmp = await self.qmp.channel(ev.vm_uuid)
@@ -387,6 +504,11 @@ class CbtService:
                 f"CbtTask [uuid: {task_uuid}] is {task.status}: changed areas need a Running task"
             )
         exports = {e.volume_uuid: e for e in await self.store.run(SyncStore.exports, task_uuid)}
+        if not exports:  # an offline export's disks, served by the VM's storage daemon
+            offline_exports = await self.store.run(SyncStore.daemon_exports, task.vm_uuid)
+            exports = {
+                e.volume_uuid: offline.as_volume_export(task_uuid, e) for e in offline_exports
+            }
         export = exports.get(volume_uuid)
         if export is None:
             raise NotFound(

@@ -31,6 +31,8 @@ from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError, QmpInte
 T = TypeVar("T")
 
 DEFAULT_QEMU_RUN_DIR = "/run/libvirt/qemu"
+DEFAULT_QEMU_LOG_DIR = "/var/log/libvirt/qemu"
+LOG_TAIL = 16384  # bytes of a domain log read to find why its last start failed
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,22 @@ def parse_domain_xml(xml: str) -> VmInfo:
                 )
             )
     return VmInfo(vm_uuid=name, running=running, disks=tuple(disks), domain_uuid=domain_uuid)
+
+
+def start_error(log_text: str) -> str | None:
+    """QEMU's last error in a domain log (`<time> qemu-system-x86_64: <where>: <error>`, maybe
+    followed by a hint line), without the time and the command-line option it came from."""
+    lines = log_text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i]
+        if "qemu-system" not in line or ": " not in line:
+            continue
+        error = line.rsplit(": ", 1)[1].strip()
+        hint = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if hint and not hint[:4].isdigit() and "qemu-system" not in hint:
+            error = f"{error} ({hint})"
+        return error
+    return None
 
 
 def _silence_libvirt_errors() -> None:
@@ -207,9 +225,11 @@ class Hypervisor:
         uri: str,
         *,
         qemu_run_dir: str = DEFAULT_QEMU_RUN_DIR,
+        qemu_log_dir: str = DEFAULT_QEMU_LOG_DIR,
     ) -> None:
         self.uri = uri
         self.qemu_run_dir = Path(qemu_run_dir)
+        self.qemu_log_dir = Path(qemu_log_dir)
         self._conn: Any = None
         self._reopen_lock = asyncio.Lock()
         self._watch: Callable[[VmEvent], Awaitable[None]] | None = None
@@ -384,6 +404,29 @@ class Hypervisor:
         except ValueError:
             return None
         return pid if pid > 0 else None
+
+    async def start_failure(self, vm_uuid: str) -> str | None:
+        """Why the VM's last start failed, when it is shut off for that reason (libvirt's
+        `shut off (failed)`; a failed start sends no lifecycle event): QEMU's own words from the
+        end of the domain log, e.g. `Failed to get "write" lock (Is another process using the
+        image [...]?)`. None when the VM runs, or stopped for another reason."""
+        dom = await self._lookup(vm_uuid)
+        if dom is None:
+            return None
+        state, reason = await self._call(dom.state)
+        if state != libvirt.VIR_DOMAIN_SHUTOFF or reason != libvirt.VIR_DOMAIN_SHUTOFF_FAILED:
+            return None
+        path = self.qemu_log_dir / f"{vm_uuid}.log"
+
+        def tail() -> str:
+            try:
+                with path.open("rb") as f:
+                    f.seek(max(0, f.seek(0, 2) - LOG_TAIL))
+                    return f.read().decode(errors="replace")
+            except OSError:
+                return ""
+
+        return start_error(await asyncio.to_thread(tail)) or "the last start of the VM failed"
 
     # ---- guest agent ------------------------------------------------------------------------
 

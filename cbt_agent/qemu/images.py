@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from cbt_agent.errors import HypervisorError
 from cbt_agent.model import DEFAULT_GRANULARITY, BitmapState, Layer
@@ -52,35 +55,74 @@ async def create(path: str, size: int | None, backing: str | None = None) -> Non
     await run("qemu-img", "create", "-q", "-f", "qcow2", *over, path, *sized)
 
 
-async def chain_layers(path: str) -> list[Layer]:
-    """Every file of the backing chain of `path`, top first, each with its bitmaps as the file
-    records them: `in-use` on a closed file means inconsistent (QEMU did not close it), `auto`
-    recording. Only a look (-U): for the disks of a shut-off VM. Nodes are unnamed here, and
-    the files record no dirty counts (0)."""
-    out = json.loads(await run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
-    layers: list[Layer] = []
-    for depth, info in enumerate(out if isinstance(out, list) else [out]):
-        states: dict[str, BitmapState] = {}
-        for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", []) or []:
-            flags = set(b.get("flags", []))
-            name = str(b["name"])
-            states[name] = BitmapState(
-                name=name,
-                recording="auto" in flags,
-                persistent=True,
-                inconsistent="in-use" in flags,
-                busy=False,
-                granularity=int(b.get("granularity", DEFAULT_GRANULARITY)),
-                count=0,
-            )
-        layers.append(
-            Layer(
-                node="",
-                filename=str(info["filename"]),
-                size=int(info.get("virtual-size", 0)),
-                bitmaps=states,
-                read_only=depth > 0,
-                driver=str(info.get("format", "")),
-            )
+@dataclass(frozen=True)
+class ImageLayer:
+    """One file of a shut-off disk's backing chain as `qemu-img info` reads it."""
+
+    filename: str
+    format: str
+    size: int  # virtual size
+    bitmaps: Mapping[str, BitmapState]
+    compat: str = "1.1"  # qcow2's version ("0.10": v2, no persistent bitmaps)
+
+
+def _bitmap_states(info: dict[str, Any]) -> dict[str, BitmapState]:
+    """A qcow2 file's persistent bitmaps: flag `auto` = recording, `in-use` = inconsistent (the
+    image was not closed cleanly while it was open read-write)."""
+    out: dict[str, BitmapState] = {}
+    for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", []) or []:
+        flags = set(b.get("flags", []))
+        name = str(b["name"])
+        out[name] = BitmapState(
+            name=name,
+            recording="auto" in flags,
+            persistent=True,
+            inconsistent="in-use" in flags,
+            busy=False,
+            granularity=int(b.get("granularity", DEFAULT_GRANULARITY)),
+            count=0,  # qemu-img does not say; nothing offline needs it
         )
-    return layers
+    return out
+
+
+async def chain_info(path: str) -> list[ImageLayer]:
+    """Every file of the backing chain of `path`, top first, with its format, virtual size and
+    bitmaps (read with -U: a look, whatever holds the files)."""
+    out = json.loads(await run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
+    return [
+        ImageLayer(
+            filename=str(info["filename"]),
+            format=str(info.get("format", "")),
+            size=int(info.get("virtual-size", 0)),
+            bitmaps=_bitmap_states(info) if info.get("format") == "qcow2" else {},
+            compat=str(info.get("format-specific", {}).get("data", {}).get("compat", "1.1")),
+        )
+        for info in (out if isinstance(out, list) else [out])
+    ]
+
+
+async def add_bitmap(path: str, name: str) -> None:
+    """A new persistent, recording (`auto`) bitmap in a qcow2 file nothing else holds."""
+    await run("qemu-img", "bitmap", "--add", path, name)
+
+
+async def disable_bitmap(path: str, name: str) -> None:
+    """Freeze a bitmap in a qcow2 file nothing else holds: it records no later write."""
+    await run("qemu-img", "bitmap", "--disable", path, name)
+
+
+async def chain_layers(path: str) -> list[Layer]:
+    """`chain_info` as the engine's layers (unnamed nodes; backing files read-only), for
+    judging a shut-off disk's chain with the same rules as a running one's."""
+    return [
+        Layer(
+            node="",
+            filename=i.filename,
+            size=i.size,
+            bitmaps=i.bitmaps,
+            read_only=depth > 0,
+            driver=i.format,
+            compat=i.compat,
+        )
+        for depth, i in enumerate(await chain_info(path))
+    ]

@@ -1,5 +1,5 @@
 """SQLite state through sqlite-utils: tasks, resource refs, checkpoints, export plans, status
-transitions and api jobs.
+transitions, api jobs, and the storage daemons of offline exports.
 
 All access runs on one dedicated thread (`Store`'s executor): sqlite3 connections are not to be
 shared across threads, and serialising writes there keeps every operation one transaction.
@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cbt_agent.store.daemons import DaemonExport, DaemonRows, StorageDaemon
 from cbt_agent.store.jobs import JobRows
 from cbt_agent.store.records import ApiJob, NbdServer, ResourceRef, VolumeExport, utcnow
 from cbt_agent.store.schema import SCHEMA_VERSION
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMA_VERSION",
     "ApiJob",
+    "DaemonExport",
     "NbdServer",
     "ResourceRef",
+    "StorageDaemon",
     "Store",
     "SyncStore",
     "VolumeExport",
@@ -36,7 +39,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class SyncStore(TaskRows, JobRows):
+class SyncStore(TaskRows, JobRows, DaemonRows):
     """The database, used from one thread at a time: every table's rows."""
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: list[list[str]] = [
     [
@@ -71,6 +71,23 @@ _MIGRATIONS: list[list[str]] = [
             SELECT 1 FROM transitions t WHERE t.task_uuid = checkpoints.task_uuid
             AND t.to_status = 'Running'
             AND t.reason LIKE 'checkpoint ' || checkpoints.name || ' %')""",
+    ],
+    [
+        # offline exports (ExportNbdVolumes of a VM that is shut off): one qemu-storage-daemon
+        # per VM, recorded before it is started (its pid file and QMP socket are known then,
+        # its pid once it runs), so reconcile finds it after a crash at any point. No foreign
+        # key to tasks: a row outliving its task names a process that must still be stopped.
+        """CREATE TABLE storage_daemons (
+            vm_uuid TEXT PRIMARY KEY, task_uuid TEXT NOT NULL, pid INTEGER,
+            pid_file TEXT NOT NULL, qmp_socket TEXT NOT NULL, images TEXT NOT NULL,
+            phase TEXT NOT NULL, started TEXT NOT NULL)""",
+        # one row per exported disk: its export in the daemon and the change set exported
+        """CREATE TABLE daemon_exports (
+            vm_uuid TEXT NOT NULL REFERENCES storage_daemons(vm_uuid) ON DELETE CASCADE,
+            volume_uuid TEXT NOT NULL, checkpoint TEXT NOT NULL, node TEXT NOT NULL,
+            image TEXT NOT NULL, export_id TEXT NOT NULL, temp_bitmap TEXT, mode TEXT NOT NULL,
+            since TEXT, reason TEXT, size INTEGER NOT NULL, granularity INTEGER NOT NULL,
+            PRIMARY KEY (vm_uuid, volume_uuid))""",
     ],
 ]
 

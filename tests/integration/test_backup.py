@@ -463,8 +463,65 @@ async def test_a_failed_backup_says_why_and_changes_nothing(
     )
     assert r.code == 1 and f"holds backups of VM {vm.vm_uuid}" in r.err
 
+    # A shut-off VM is backed up through an offline export (see the next test); one whose
+    # image cannot be opened fails, saying why, and changes nothing.
     vm.shutdown()
-    r = await cli(*args)
-    assert r.code == 1 and "EnableCbtTask failed" in r.err and "not running" in r.err, r.err
+    image = vm.volumes[0].path
+    image.rename(image.with_suffix(".away"))
+    try:
+        r = await cli(*args)
+    finally:
+        image.with_suffix(".away").rename(image)
+    assert r.code == 1 and "ExportNbdVolumes failed" in r.err and str(image) in r.err, r.err
     assert "Traceback" not in r.err
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+
+
+async def test_backup_of_a_shut_off_vm_is_an_offline_export_and_restores_exactly(
+    vm_factory: Callable[..., stack.TestVm], agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The client backs a shut-off VM up through ExportNbdVolumes by itself: incremental since
+    the last backup, exact; the VM starts afterwards and the next (running) backup holds only
+    what was written since; every checkpoint restores byte for byte."""
+    from offlinehelp import daemons_of
+
+    rng = random.Random(7)
+    vm = vm_factory(disks_mib=[16, 8])
+    models = models_of(vm)
+    dest = tmp_path / "backup"
+    expected: dict[str, dict[str, str]] = {}
+    modes = []
+    for n in range(4):
+        offline = n in (1, 2)  # two offline backups in a row: the second one holds nothing
+        if n == 3:
+            vm.start()  # the last backup unexported: the images are free
+        if n != 2:
+            await random_writes(rng, vm, models, 6)
+        if n == 1:
+            vm.shutdown()
+        r = await cli(*backup_args(agent, vm, dest))
+        assert r.code == 0, f"backup {n} failed:\n{r.out}\n{r.err}"
+        assert ("exporting its disks offline" in r.err) == offline, r.err
+        cp = dict(manifest(dest)["checkpoints"][-1])
+        modes.append(cp["mode"])
+        for m in models:
+            d = checkpoint_disks(cp)[m.volume_uuid]
+            if n > 0:
+                assert d["copiedBytes"] == m.changed_bytes(), (n, d)
+            m.touched.clear()
+        expected[cp["name"]] = {m.volume_uuid: m.digest() for m in models}
+        assert daemons_of(tmp_path / "state") == {}  # unexported: no daemon holds the images
+        await assert_task_stopped_offline(agent, vm)
+    assert modes == ["full", "incremental", "incremental", "incremental"]
+    for name, digests in expected.items():
+        got = await restored_hashes(dest, name, tmp_path / f"restore-{name}")
+        assert got == digests, f"checkpoint {name} restored wrong"
+    r = await cli("verify", str(dest))
+    assert r.code == 0, r.out + r.err
+
+
+async def assert_task_stopped_offline(agent: AgentProcess, vm: stack.TestVm) -> None:
+    url = f"{agent.base}/zstack/v1/cbt-task"
+    async with agent.session.get(url, params={"q": f"resourceRefs.resourceUuid={vm.vm_uuid}"}) as r:
+        tasks = (await r.json())["inventories"]
+    assert [t["status"] for t in tasks] == ["Stopped"]

@@ -608,7 +608,7 @@ def test_schema_1_database_gains_the_socket_columns(tmp_path: Path) -> None:
     old.close()
     store = SyncStore(path)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         assert store.nbd_server("t1") == NbdServer("127.0.0.1", 10501, None, False)
         assert store.nbd_endpoint("t1") == ("127.0.0.1", 10501)
         store.set_server("t1", NbdServer(socket="/run/x.sock", tls=True))

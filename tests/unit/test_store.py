@@ -190,7 +190,7 @@ def test_schema_2_migration_marks_the_checkpoints_that_were_handed_out(tmp_path:
     old.close()
     s = SyncStore(path)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert s.schema_version() == SCHEMA_VERSION == 4
         assert [(c.seq, c.handed_out, c.tops) for c in s.checkpoints(TASK)] == [
             (1, True, ()),
             (2, False, ()),
