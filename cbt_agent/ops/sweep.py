@@ -75,14 +75,21 @@ class RecordedDaemons:
 
 
 def recorded_storage_daemons(store: SyncStore | None) -> RecordedDaemons:
-    """OFFLINE EXPORTS: the one place where the daemons the database records are checked.
-
-    The offline exports (qemu-storage-daemon for the disks of shut-off VMs) record their
-    daemons in a table of their own; once it exists, read it here: every recorded daemon's
-    pid, and its NBD socket and scratch files, so none of them is listed as stray. Until then
-    no daemon is recorded, and every qemu-storage-daemon using the agent's directories is
-    listed (and stopped by `--apply`)."""
-    return RecordedDaemons()
+    """The qemu-storage-daemons the database records (offline exports of shut-off VMs): their
+    pids, and the files and sockets they use (pid file, QMP monitor, NBD socket), so none of
+    them is listed as stray. Any other qemu-storage-daemon using the agent's directories is."""
+    if store is None:
+        return RecordedDaemons()
+    pids: set[int] = set()
+    paths: set[str] = set()
+    for d in store.storage_daemons():
+        if d.pid is not None:
+            pids.add(d.pid)
+        paths.update((d.pid_file, d.qmp_socket))
+        socket = store.nbd_server(d.task_uuid).socket
+        if socket:
+            paths.add(socket)
+    return RecordedDaemons(frozenset(pids), frozenset(paths))
 
 
 @dataclass

@@ -32,12 +32,18 @@ class TaskRows(CheckpointRows):
         return [self._task(r) for r in self._rows("SELECT * FROM tasks ORDER BY create_date")]
 
     def counts(self) -> tuple[dict[str, int], int]:
-        """Tasks by status, and how many tasks have exports open: two aggregate reads."""
+        """Tasks by status, and how many tasks have exports open (a running VM's or a shut-off
+        one's): aggregate reads."""
         by_status = {
             r["status"]: r["n"]
             for r in self._rows("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
         }
-        row = self._row("SELECT COUNT(DISTINCT task_uuid) AS n FROM exports", ())
+        # a task's exports: through its running VM's QEMU, or a shut-off VM's storage daemon
+        row = self._row(
+            "SELECT (SELECT COUNT(DISTINCT task_uuid) FROM exports)"
+            " + (SELECT COUNT(*) FROM storage_daemons WHERE phase = 'exported') AS n",
+            (),
+        )
         return by_status, int(row["n"]) if row else 0
 
     def create_task(
