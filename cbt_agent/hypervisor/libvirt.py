@@ -16,6 +16,7 @@ import contextlib
 import enum
 import json
 import logging
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,14 @@ from typing import Any, TypeVar, cast
 import libvirt
 import libvirt_qemu
 
-from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError, QmpInterrupted
+from cbt_agent.contract.constants import UUID_PATTERN
+from cbt_agent.errors import (
+    HypervisorError,
+    NotFound,
+    OperationError,
+    QmpCommandError,
+    QmpInterrupted,
+)
 
 T = TypeVar("T")
 
@@ -70,8 +78,15 @@ class VmInfo:
         return None
 
 
+_VOLUME_UUID = re.compile(UUID_PATTERN)
+
+
 def parse_domain_xml(xml: str) -> VmInfo:
-    """VmInfo from a domain XML (live XML when running). Pure: used by find_vm and unit tests."""
+    """VmInfo from a domain XML (live XML when running). Pure: used by find_vm and unit tests.
+
+    Raises OperationError naming the disk when a disk's <serial> is not a volume uuid (32 hex
+    digits): the serial becomes the volume uuid of every reply and part of file names (scratch
+    files here, backup files at the client), so anything else is refused, never used."""
     root = ET.fromstring(xml)
     name = (root.findtext("name") or "").strip()
     domain_uuid = (root.findtext("uuid") or "").strip()
@@ -96,6 +111,14 @@ def parse_domain_xml(xml: str) -> VmInfo:
                 idx = source.get("index")
                 if idx is not None and idx.isdigit():
                     index = int(idx)
+            if _VOLUME_UUID.fullmatch(serial) is None:
+                dev = target.get("dev", "?") if target is not None else "?"
+                raise OperationError(
+                    f"VM [uuid: {name}]: disk {dev} ({path or 'no source'}) has <serial> "
+                    f"{serial[:80]!r}, which is not a volume uuid (32 hex digits): the agent "
+                    "names volumes by their serial; set the disk's serial to its volume uuid "
+                    "or detach it"
+                )
             disks.append(
                 DiskInfo(
                     volume_uuid=serial,
