@@ -281,6 +281,7 @@ def with_checkpoint(m: Manifest, cp: CheckpointBackup, task_uuid: str | None) ->
 def check(m: Manifest) -> None:
     """Raise ManifestError unless every name has the client's form, names are unique and every
     chain is whole."""
+    check_names(m)
     names: set[str] = set()
     seen: set[str] = set()
     for cp in m.checkpoints:
@@ -301,12 +302,12 @@ def check(m: Manifest) -> None:
     for cp in m.checkpoints:
         for d in cp.disks:
             chain_of(m, cp.name, d.volume_uuid)
-    check_names(m)
+    check_file_names(m)
 
 
 def check_names(m: Manifest) -> None:
-    """ManifestError naming the first uuid, checkpoint or file name the client would not have
-    written (the names become paths: only the client's own forms are safe)."""
+    """ManifestError naming the first uuid or checkpoint name the client would not have
+    written (the names become paths: only the agent's own forms are safe)."""
     if not is_uuid(m.vm_uuid):
         raise ManifestError(f"manifest.vmInstanceUuid: {m.vm_uuid!r} is not a uuid ({UUID_FORM})")
     if m.task_uuid is not None and not is_uuid(m.task_uuid):
@@ -321,14 +322,21 @@ def check_names(m: Manifest) -> None:
                 raise ManifestError(
                     f"{at}.volumeUuid: {d.volume_uuid!r} is not a uuid ({UUID_FORM})"
                 )
+            if d.since is not None and not is_checkpoint_name(d.since):
+                raise ManifestError(f"{at}.sinceCheckpoint: {d.since!r} is not {CHECKPOINT_FORM}")
+
+
+def check_file_names(m: Manifest) -> None:
+    """ManifestError naming the first file whose name is not the one the client gives that
+    disk's file at that checkpoint (`disk_file_name`)."""
+    for i, cp in enumerate(m.checkpoints):
+        for j, d in enumerate(cp.disks):
             expected = disk_file_name(d.volume_uuid, cp.name, d.mode)
             if d.file != expected:
                 raise ManifestError(
-                    f"{at}.file: {d.file!r} is not {expected!r}, the name of that disk's file "
-                    "at that checkpoint"
+                    f"checkpoints[{i}].disks[{j}].file: {d.file!r} is not {expected!r}, the "
+                    "name of that disk's file at that checkpoint"
                 )
-            if d.since is not None and not is_checkpoint_name(d.since):
-                raise ManifestError(f"{at}.sinceCheckpoint: {d.since!r} is not {CHECKPOINT_FORM}")
 
 
 # ---- parsing helpers ------------------------------------------------------------------------
