@@ -222,7 +222,11 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     exe = Path(sys.executable).with_name("cbt-agent")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cbt_agent"]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *cmd,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN},  # never on the command line
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
@@ -549,7 +553,7 @@ class Fuzz:
     async def step_backup(self) -> str:
         before = self.manifest_checkpoints()
         previous = before[-1]["name"] if before else None
-        args = ["--url", self.agent.base, "--token", TOKEN, "--vm", self.vm.vm_uuid]
+        args = ["--url", self.agent.base, "--vm", self.vm.vm_uuid]
         code, out, err = await run_cli("backup", *args, "--dest", str(self.backup_dir))
         self.check(code == 0, f"cbt-agent backup failed ({code}):\n{out}\n{err}")
         after = self.manifest_checkpoints()
