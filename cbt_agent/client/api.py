@@ -118,7 +118,7 @@ def one_line(e: ValidationError) -> str:
         where = ".".join(str(x) for x in err["loc"]) or "reply"
         got = repr(err.get("input"))
         parts.append(f"{where}: {err['msg']} (got {got[:80]}{'…' if len(got) > 80 else ''})")
-    return "; ".join(parts)
+    return " ".join("; ".join(parts).split())
 
 
 def _base_url(url: str) -> str:

@@ -48,9 +48,14 @@ def read_token_file(path: Path) -> str:
         token = data.decode().strip()
     except UnicodeDecodeError:
         raise TokenError(f"--token-file {path}: not text") from None
-    if len(data) > MAX_TOKEN or not token or any(c.isspace() for c in token):
+    if len(data) > MAX_TOKEN or not _is_token(token):
         raise TokenError(f"--token-file {path}: must hold one token on one line")
     return token
+
+
+def _is_token(token: str) -> bool:
+    # it goes into an HTTP header: printable, no spaces
+    return bool(token) and token.isprintable() and not any(c.isspace() for c in token)
 
 
 def session_token(token_file: str | None, environ: Mapping[str, str]) -> str:
@@ -61,6 +66,8 @@ def session_token(token_file: str | None, environ: Mapping[str, str]) -> str:
     token = environ.get(TOKEN_ENV, "").strip()
     if not token:
         raise TokenError(f"backup needs the agent's session token: {HOW}")
+    if len(token) > MAX_TOKEN or not _is_token(token):
+        raise TokenError(f"${TOKEN_ENV} must hold one token: no spaces or control characters")
     return token
 
 

@@ -448,6 +448,8 @@ async def test_a_token_on_the_command_line_is_refused_saying_what_to_use(tmp_pat
         r = await cli(*backup_args(agent, tmp_path / "b"), token=None)
         line = r.one_error_line()
         assert r.code == 2 and "$CBT_AGENT_TOKEN" in line and "--token-file" in line, line
+        r = await cli(*backup_args(agent, tmp_path / "b"), token="two\r\nX-Evil: 1")
+        assert r.code == 2 and "one token" in r.one_error_line()
         assert agent.rec.seen == []
     assert not (tmp_path / "b").exists()
 
