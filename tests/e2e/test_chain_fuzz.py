@@ -58,6 +58,7 @@ MIB = 1 << 20
 PORT_RANGE = "12100:12199"
 KEEP = 5  # [checkpoints] keep: small, so old bases fall out of retention
 STEPS = int(os.environ.get("CBT_FUZZ_STEPS", "24"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def seeds(spec: str) -> list[int]:
@@ -226,7 +227,9 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN},  # never on the command line
+        # the token never on the command line; this checkout's cbt_agent, not the one the
+        # venv's `cbt-agent` was installed from (an editable install of another worktree)
+        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN, "PYTHONPATH": str(REPO)},
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
