@@ -293,12 +293,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """One checkpoint of every disk of the VM into --dest (full first, then incrementals)."""
     import os
 
+    from cbt_agent.client.auth import TokenError, refuse_command_line_token, session_token
     from cbt_agent.client.backup import BackupOptions, pause_after_from_env, run_backup
     from cbt_agent.client.progress import Progress
 
-    token = args.token or os.environ.get("CBT_AGENT_TOKEN")
-    if not token:
-        print("cbt-agent: backup needs --token (or $CBT_AGENT_TOKEN)", file=sys.stderr)
+    try:
+        if args.token is not None:
+            raise refuse_command_line_token()
+        token = session_token(args.token_file, os.environ)
+    except TokenError as e:
+        print(f"cbt-agent: {e.message}", file=sys.stderr)
         return 2
     opts = BackupOptions(
         url=args.url,
@@ -418,7 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(fn=cmd_sweep, look=True)
     bk = sub.add_parser("backup", help="back up every disk of a VM (full, then incremental)")
     bk.add_argument("--url", required=True, help="the agent, e.g. http://127.0.0.1:7090")
-    bk.add_argument("--token", help="OAuth session token (default $CBT_AGENT_TOKEN)")
+    bk.add_argument(
+        "--token-file",
+        help="file holding the OAuth session token, readable by you alone (chmod 600); "
+        "default: $CBT_AGENT_TOKEN",
+    )
+    bk.add_argument(
+        "--token", help="refused: a token on the command line shows in ps (see --token-file)"
+    )
     bk.add_argument("--vm", required=True, help="vmInstanceUuid")
     bk.add_argument("--dest", required=True, help="backup directory (created if missing)")
     bk.add_argument("--task-name", help="name of the CBT task when one is created")

@@ -111,7 +111,8 @@ CLI_TIMEOUT = 300.0
 
 
 async def cli(*args: str) -> str:
-    """`cbt-agent ARGS` as a user runs it; its stdout. Fails the test on a non-zero exit."""
+    """`cbt-agent ARGS` as a user runs it, the agent's token in $CBT_AGENT_TOKEN (never on the
+    command line); its stdout. Fails the test on a non-zero exit."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -119,6 +120,7 @@ async def cli(*args: str) -> str:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN},
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)

@@ -2,6 +2,11 @@
 
 Create, Enable and Disable answer 202 with a `location` that is polled until 200 (the result)
 or 503 (`{"error": ErrorCode}`); queries answer 200 at once.
+
+Nothing a reply says is taken on trust: every reply is parsed through the contract's models,
+the names that become file names (volume uuids, checkpoints) must have the agent's own form,
+and the token goes only to the agent's origin (the scheme, host and port of `--url`): a job
+`location` anywhere else is refused before it is asked, and redirects are not followed.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Any
 
 import aiohttp
 from pydantic import ValidationError
+from yarl import URL
 
 from cbt_agent.client.errors import ApiError, BackupError
+from cbt_agent.client.names import CHECKPOINT_FORM, UUID_FORM, is_checkpoint_name, is_uuid
 from cbt_agent.contract.replies import CbtTaskInventory, VolumeCbtBackupInfo
 from cbt_agent.errors import SYS_OPERATION
 
@@ -36,7 +43,9 @@ class TaskRef:
         try:
             inv = CbtTaskInventory.model_validate(d)
         except ValidationError as e:
-            raise BackupError(f"malformed CbtTaskInventory from the agent ({e}): {d}") from e
+            raise BackupError(f"malformed CbtTaskInventory from the agent: {one_line(e)}") from None
+        if not is_uuid(inv.uuid):
+            raise BackupError(f"the agent's task uuid {inv.uuid!r} is not {UUID_FORM}: refused")
         return cls(inv.uuid, inv.status.value)
 
 
@@ -66,7 +75,24 @@ class VolumeBackupInfo:
         try:
             info = VolumeCbtBackupInfo.model_validate(d)
         except ValidationError as e:
-            raise BackupError(f"malformed VolumeCbtBackupInfo from the agent ({e}): {d}") from e
+            raise BackupError(
+                f"malformed VolumeCbtBackupInfo from the agent: {one_line(e)}"
+            ) from None
+        # these become file names and manifest entries: only the agent's own forms pass
+        vol = info.volume.volume_uuid
+        if not is_uuid(vol):
+            raise BackupError(
+                f"VolumeCbtBackupInfo.volume.volumeUuid {vol!r} is not {UUID_FORM}: refused"
+            )
+        for key, name in (
+            ("bitmapName", info.bitmap_name),
+            ("sinceBitmapName", info.since_bitmap_name),
+        ):
+            if name is not None and not is_checkpoint_name(name):
+                raise BackupError(
+                    f"VolumeCbtBackupInfo.{key} {name!r} of disk {vol} is not {CHECKPOINT_FORM}: "
+                    "refused"
+                )
         return cls(
             volume_uuid=info.volume.volume_uuid,
             mode=info.mode,
@@ -86,6 +112,16 @@ class VolumeBackupInfo:
         )
 
 
+def one_line(e: ValidationError) -> str:
+    """A pydantic error on one line: each field's path, the problem and (short) what came."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "reply"
+        got = repr(err.get("input"))
+        parts.append(f"{where}: {err['msg']} (got {got[:80]}{'…' if len(got) > 80 else ''})")
+    return " ".join("; ".join(parts).split())
+
+
 def _base_url(url: str) -> str:
     url = url.rstrip("/")
     for suffix in (API_PREFIX, "/v1"):
@@ -94,14 +130,26 @@ def _base_url(url: str) -> str:
     return url
 
 
+def origin(url: URL) -> tuple[str, str, int | None]:
+    """What a URL's token may be sent to: scheme, host and port (the scheme's default filled
+    in), compared case-insensitively as URLs are."""
+    return (url.scheme.lower(), (url.host or "").lower(), url.port)
+
+
+def _flat(text: object, limit: int = 500) -> str:
+    """A reply's text on one line, cut to `limit` characters (errors are one line)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"
+
+
 def _error_message(what: str, status: int, body: Any) -> ApiError:
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
-        text = err.get("details") or err.get("description") or str(err)
-        return ApiError(
-            f"{what} failed: {text} [{err.get('code')}]", status=status, error_code=err.get("code")
-        )
-    return ApiError(f"{what} failed: HTTP {status} {body}", status=status)
+        text = _flat(err.get("details") or err.get("description") or err)
+        code = err.get("code")
+        code = _flat(code, 40) if code is not None else None
+        return ApiError(f"{what} failed: {text} [{code}]", status=status, error_code=code)
+    return ApiError(f"{what} failed: HTTP {status} {_flat(body)}", status=status)
 
 
 class CbtApi:
@@ -116,6 +164,9 @@ class CbtApi:
         cafile: str | None = None,
     ) -> None:
         self.base = _base_url(url)
+        self.origin = origin(URL(self.base))
+        if self.origin[0] not in ("http", "https") or not self.origin[1]:
+            raise BackupError(f"--url {url!r}: an http:// or https:// URL of the agent is needed")
         self.token = token
         self.job_timeout = job_timeout
         self.cafile = cafile  # CA that signed an https agent's certificate (default: system's)
@@ -129,8 +180,8 @@ class CbtApi:
             except (OSError, ssl.SSLError) as e:
                 raise BackupError(f"cannot load the CA file {self.cafile}: {e}") from None
             connector = aiohttp.TCPConnector(ssl=context)
+        # no session-wide Authorization: `_request` adds it to each request it has checked
         self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"OAuth {self.token}"},
             timeout=aiohttp.ClientTimeout(total=60),
             connector=connector,
         )
@@ -152,9 +203,37 @@ class CbtApi:
             raise RuntimeError("CbtApi used outside `async with`")
         return self._session
 
-    async def _request(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    def on_agent(self, what: str, location: str) -> URL:
+        """`location` (absolute, or relative to the agent) as a URL on the agent's origin;
+        BackupError when it points anywhere else: the token is never sent there."""
         try:
-            async with self.session.request(method, url, json=body) as r:
+            url = URL(self.base).join(URL(location))
+        except ValueError:
+            raise BackupError(
+                f"{what}: the agent's job location {location!r} is not a URL"
+            ) from None
+        if origin(url) != self.origin or url.user is not None or url.password is not None:
+            raise BackupError(
+                f"{what}: the agent's job location {location!r} is not on {self.base} (the "
+                "scheme, host and port of --url): refused, the token was not sent there"
+            )
+        return url
+
+    async def _request(
+        self, method: str, url: URL, body: Any = None, params: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """One call with the token, to a URL `on_agent` accepted (or built from --url)."""
+        if origin(url) != self.origin:  # every caller checks first; this keeps it so
+            raise BackupError(f"refused to send the token to {url}: not {self.base}")
+        try:
+            async with self.session.request(
+                method,
+                url,
+                json=body,
+                params=params,
+                headers={"Authorization": f"OAuth {self.token}"},
+                allow_redirects=False,  # a redirect could lead the token anywhere
+            ) as r:
                 try:
                     data = await r.json(content_type=None)
                 except ValueError:
@@ -165,12 +244,15 @@ class CbtApi:
                 f"cannot reach the agent at {self.base}: {e or type(e).__name__}"
             ) from None
 
+    def _api_url(self, path: str) -> URL:
+        return URL(f"{self.base}{API_PREFIX}{path}")
+
     async def call(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """An asynchronous API: 202 + location, polled until 200 (returned) or an error."""
-        status, reply = await self._request(method, f"{self.base}{API_PREFIX}{path}", body)
+        status, reply = await self._request(method, self._api_url(path), body)
         if status != 202 or not isinstance(reply, dict) or "location" not in reply:
             raise _error_message(what, status, reply)
-        location = str(reply["location"])
+        location = self.on_agent(what, str(reply["location"]))
         deadline = time.monotonic() + self.job_timeout
         while True:
             status, result = await self._request("GET", location)
@@ -184,19 +266,13 @@ class CbtApi:
 
     async def find_task(self, vm_uuid: str) -> TaskRef | None:
         """The CBT task of the VM (one per VM), or None."""
-        url = f"{self.base}{API_PREFIX}/cbt-task"
         params = {"q": f"resourceRefs.resourceUuid={vm_uuid}"}
-        try:
-            async with self.session.get(url, params=params) as r:
-                status = r.status
-                reply = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise BackupError(
-                f"cannot reach the agent at {self.base}: {e or type(e).__name__}"
-            ) from None
-        if status != 200:
+        status, reply = await self._request("GET", self._api_url("/cbt-task"), params=params)
+        if status != 200 or not isinstance(reply, dict):
             raise _error_message("QueryCbtTask", status, reply)
         tasks = reply.get("inventories") or []
+        if not isinstance(tasks, list):
+            raise BackupError(f"QueryCbtTask returned inventories that are not a list: {tasks!r}")
         if not tasks:
             return None
         return TaskRef.from_reply(tasks[0])

@@ -12,6 +12,10 @@ A VM that is shut off (the agent refuses its Enable: "is not running") is backed
 way through ExportNbdVolumes, with the same base, and UnexportNbdVolumes at the end (Disable
 on failure ends that export too): the agent cuts the checkpoint offline, so the chain of
 backups goes on across the VM's stops and starts.
+
+The agent's replies are not trusted with the file system: each name in them is checked
+(`api.py`) before it is used, every file is created exclusively inside the directory and
+published without replacing anything, and a refused reply leaves the directory as it was.
 """
 
 from __future__ import annotations
@@ -60,8 +64,17 @@ from cbt_agent.client.copy import (
 )
 from cbt_agent.client.errors import ApiError, BackupError
 from cbt_agent.client.manifest import load_manifest, save_manifest
+from cbt_agent.client.names import UUID_FORM, is_uuid
 from cbt_agent.client.progress import MIB, Progress
-from cbt_agent.client.target import QemuNbd, create_image, fsync_dir, sha256_file
+from cbt_agent.client.target import (
+    QemuNbd,
+    create_exclusive,
+    create_image,
+    fsync_dir,
+    path_in,
+    publish,
+    sha256_file,
+)
 from cbt_agent.qemu import nbd as nbdio
 
 PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"  # tests: stop mid-copy, to be killed
@@ -173,9 +186,25 @@ def remove_leftovers(dest: Path) -> list[str]:
 async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> Manifest:
     """Back up every disk of the VM into `opts.dest`; returns the new manifest.
 
-    Raises BackupError (ApiError for the agent's refusals) with the directory unchanged."""
+    Raises BackupError (ApiError for the agent's refusals) with the directory unchanged (a
+    directory this run created is removed again)."""
+    if not is_uuid(opts.vm_uuid):
+        raise BackupError(f"--vm {opts.vm_uuid!r} is not a vmInstanceUuid ({UUID_FORM})")
     dest = opts.dest
+    created = not dest.exists()
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        return await _run_backup_locked(opts, dest, progress)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                dest.rmdir()  # only when empty: nothing of a completed backup is removed
+        raise
+
+
+async def _run_backup_locked(
+    opts: BackupOptions, dest: Path, progress: Progress | None
+) -> Manifest:
     with _locked(dest):
         manifest = load_manifest(dest) or Manifest(vm_uuid=opts.vm_uuid)
         if manifest.vm_uuid != opts.vm_uuid:
@@ -247,6 +276,9 @@ async def _backup(
     if len(names) != 1:
         raise BackupError(f"EnableCbtTask returned several checkpoints: {sorted(names)}")
     checkpoint = names.pop()
+    vols = [i.volume_uuid for i in infos]
+    if len(set(vols)) != len(vols):
+        raise BackupError(f"EnableCbtTask returned a disk twice: {sorted(vols)}")
     if any(c.name == checkpoint for c in manifest.checkpoints):
         raise BackupError(
             f"the agent's new checkpoint {checkpoint} is already in {run.dest}/manifest.json "
@@ -264,13 +296,11 @@ async def _backup(
         sock.unlink(missing_ok=True)
         if sock_dir is not None:
             shutil.rmtree(sock_dir, ignore_errors=True)
-    finals = []
     for r in results:  # every file complete: give them their names, then record them
-        part = run.dest / (r.disk.file + PART_SUFFIX)
-        final = run.dest / r.disk.file
-        os.replace(part, final)
+        part = path_in(run.dest, r.disk.file + PART_SUFFIX)
+        final = path_in(run.dest, r.disk.file)
+        publish(part, final)
         run.made.append(final)
-        finals.append(final)
     fsync_dir(run.dest)
     disks = tuple(r.disk for r in results)
     cp = CheckpointBackup(checkpoint, checkpoint_mode(disks), created, disks)
@@ -299,7 +329,7 @@ async def _backup_disk(
         info.export_name,
         run.nbd_tls_dir if info.nbd_tls else None,
     )
-    part = run.dest / (target.file + PART_SUFFIX)
+    part = path_in(run.dest, target.file + PART_SUFFIX)
     # an incremental also asks for base:allocation: dirty clusters that read as zero (trimmed,
     # discarded) are stored as zero clusters without reading them
     contexts = (context,) if target.mode == FULL else (context, ALLOCATION)
@@ -327,6 +357,7 @@ async def _backup_disk(
         reqs = list(extents.requests(data_runs, gran))
         zeros = list(extents.requests(zero_runs, gran))
         backing = target.backing.file if target.backing is not None else None
+        create_exclusive(part)  # raises with nothing made when a file is already there
         run.made.append(part)
         await create_image(part, size, gran, backing)
         server = QemuNbd(part, sock)

@@ -5,6 +5,10 @@ incremental file holds only the clusters that changed and is backed (by base nam
 of the same disk at the checkpoint the changes are counted from. The manifest lists, per
 checkpoint, every disk's file with its checksum; a disk's chain is found by following the
 backing names back to a full file.
+
+A manifest is read as untrusted input: every uuid and checkpoint name must have the form the
+agent gives them, and every file name must be exactly the one the client builds from them
+(`disk_file_name`), so nothing in it can name a path outside the directory.
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cbt_agent.client.errors import ManifestError, UnknownCheckpoint
+from cbt_agent.client.names import (
+    CHECKPOINT_FORM,
+    UUID_FORM,
+    is_checkpoint_name,
+    is_plain_name,
+    is_uuid,
+)
 
 MANIFEST_NAME = "manifest.json"
 PART_SUFFIX = ".part"  # every file being written carries it until it is complete
@@ -73,7 +84,7 @@ class DiskBackup:
             raise ManifestError(f"{where}.mode: {disk.mode!r} is not full or incremental")
         if (disk.mode == FULL) != (disk.backing_file is None):
             raise ManifestError(f"{where}: a full file has no backing file, an incremental has")
-        if "/" in disk.file or disk.file in ("", ".", "..", MANIFEST_NAME):
+        if not is_plain_name(disk.file) or disk.file == MANIFEST_NAME:
             raise ManifestError(f"{where}.file: {disk.file!r} is not a plain file name")
         return disk
 
@@ -268,7 +279,9 @@ def with_checkpoint(m: Manifest, cp: CheckpointBackup, task_uuid: str | None) ->
 
 
 def check(m: Manifest) -> None:
-    """Raise ManifestError unless names are unique and every chain is whole."""
+    """Raise ManifestError unless every name has the client's form, names are unique and every
+    chain is whole."""
+    check_names(m)
     names: set[str] = set()
     seen: set[str] = set()
     for cp in m.checkpoints:
@@ -289,6 +302,41 @@ def check(m: Manifest) -> None:
     for cp in m.checkpoints:
         for d in cp.disks:
             chain_of(m, cp.name, d.volume_uuid)
+    check_file_names(m)
+
+
+def check_names(m: Manifest) -> None:
+    """ManifestError naming the first uuid or checkpoint name the client would not have
+    written (the names become paths: only the agent's own forms are safe)."""
+    if not is_uuid(m.vm_uuid):
+        raise ManifestError(f"manifest.vmInstanceUuid: {m.vm_uuid!r} is not a uuid ({UUID_FORM})")
+    if m.task_uuid is not None and not is_uuid(m.task_uuid):
+        raise ManifestError(f"manifest.taskUuid: {m.task_uuid!r} is not a uuid ({UUID_FORM})")
+    for i, cp in enumerate(m.checkpoints):
+        where = f"checkpoints[{i}]"
+        if not is_checkpoint_name(cp.name):
+            raise ManifestError(f"{where}.name: {cp.name!r} is not {CHECKPOINT_FORM}")
+        for j, d in enumerate(cp.disks):
+            at = f"{where}.disks[{j}]"
+            if not is_uuid(d.volume_uuid):
+                raise ManifestError(
+                    f"{at}.volumeUuid: {d.volume_uuid!r} is not a uuid ({UUID_FORM})"
+                )
+            if d.since is not None and not is_checkpoint_name(d.since):
+                raise ManifestError(f"{at}.sinceCheckpoint: {d.since!r} is not {CHECKPOINT_FORM}")
+
+
+def check_file_names(m: Manifest) -> None:
+    """ManifestError naming the first file whose name is not the one the client gives that
+    disk's file at that checkpoint (`disk_file_name`)."""
+    for i, cp in enumerate(m.checkpoints):
+        for j, d in enumerate(cp.disks):
+            expected = disk_file_name(d.volume_uuid, cp.name, d.mode)
+            if d.file != expected:
+                raise ManifestError(
+                    f"checkpoints[{i}].disks[{j}].file: {d.file!r} is not {expected!r}, the "
+                    "name of that disk's file at that checkpoint"
+                )
 
 
 # ---- parsing helpers ------------------------------------------------------------------------

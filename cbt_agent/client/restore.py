@@ -1,8 +1,10 @@
 """`cbt-agent restore`: one standalone qcow2 per disk as of a checkpoint.
 
-Each disk's chain (full file, then its incrementals) is checked against the manifest's
-checksums, then `qemu-img convert` follows the backing chain into `<out>/<volumeUuid>.qcow2`
-(written as `.part`, renamed when complete).
+Each disk's chain (full file, then its incrementals) is checked against the manifest: the
+checksums, each file's qcow2 header and the backing chain qemu really follows (`images.py`), so
+nothing outside the directory is read into an image. Then `qemu-img convert` follows the chain
+into `<out>/<volumeUuid>.qcow2`: made exclusively as `.part`, given its name when complete,
+never replacing a file.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from pathlib import Path
 
 from cbt_agent.client.chain import PART_SUFFIX, chain_of, find_checkpoint
 from cbt_agent.client.errors import BackupError
+from cbt_agent.client.images import check_chain
 from cbt_agent.client.manifest import require_manifest
 from cbt_agent.client.progress import Progress
-from cbt_agent.client.target import sha256_file
+from cbt_agent.client.target import create_exclusive, path_in, publish, sha256_file
 
 
 async def check_chain_files(dest: Path, chain_files: list[tuple[str, str]]) -> None:
     """BackupError naming the first file that is missing or does not match its sha256."""
     for name, expected in chain_files:
-        path = dest / name
+        path = path_in(dest, name)
         if not path.is_file():
             raise BackupError(f"{path} is missing")
         digest = await asyncio.to_thread(sha256_file, path)
@@ -71,7 +74,9 @@ async def run_restore(
     manifest = require_manifest(dest)
     cp = find_checkpoint(manifest, checkpoint)
     chains = {d.volume_uuid: chain_of(manifest, cp.name, d.volume_uuid) for d in cp.disks}
-    outputs = {vol: out / f"{vol}.qcow2" for vol in chains}
+    # volume uuids are checked (32 hex) when the manifest loads, path_in refuses a link: the
+    # outputs stay in --out
+    outputs = {vol: path_in(out, f"{vol}.qcow2") for vol in chains}
     for path in outputs.values():
         if path.exists():
             raise BackupError(f"{path} exists: remove it or choose another --out")
@@ -80,18 +85,20 @@ async def run_restore(
         todo = [(d.file, d.sha256) for d in chain if d.file not in checked]
         await check_chain_files(dest, todo)
         checked.update(f for f, _ in todo)
+        await asyncio.to_thread(check_chain, dest, chain)
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     progress = progress or Progress()
     written: list[Path] = []
     for vol, chain in chains.items():
         final = outputs[vol]
-        part = final.with_name(final.name + PART_SUFFIX)
+        part = path_in(out, final.name + PART_SUFFIX)
+        create_exclusive(part)  # raises with nothing made when a file is already there
         try:
             progress.start(f"disk {vol[:8]}", chain[-1].size)
             await convert_with_progress(dest / chain[-1].file, part, progress)
             progress.finish()
             os.chmod(part, 0o600)
-            os.replace(part, final)
+            publish(part, final)
         except BaseException:
             part.unlink(missing_ok=True)
             raise

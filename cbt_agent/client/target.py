@@ -1,10 +1,12 @@
 """The write side of a backup: the qcow2 file being written (`X.part`), served by a qemu-nbd
-this process starts and stops by pid; plus the file tools (checksum, atomic replace)."""
+this process starts and stops by pid; plus the file tools (paths kept inside a directory,
+exclusive creation, publishing without replacing, checksum, atomic replace)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import signal
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 from cbt_agent.client.errors import BackupError
+from cbt_agent.client.names import is_plain_name
 
 QCOW2_MIN_CLUSTER = 512
 QCOW2_MAX_CLUSTER = 2 << 20
@@ -39,9 +42,59 @@ def cluster_size(granularity: int) -> int:
     return min(max(granularity, QCOW2_MIN_CLUSTER), QCOW2_MAX_CLUSTER)
 
 
+def path_in(directory: Path, name: str) -> Path:
+    """`directory/name`, for a plain file name whose path is not a symbolic link: what the
+    client reads or writes stays in the backup (or output) directory. BackupError otherwise."""
+    if not is_plain_name(name):
+        raise BackupError(f"{name!r} is not a plain file name in {directory}: refused")
+    path = directory / name
+    if path.is_symlink():
+        raise BackupError(f"{path} is a symbolic link: refused")
+    if path.resolve().parent != directory.resolve():
+        raise BackupError(f"{path} leads out of {directory}: refused")
+    return path
+
+
+def open_exclusive(path: Path) -> int:
+    """Create `path` empty and owner-only, open for writing; BackupError, with nothing touched,
+    when anything (a file, a symbolic link) is already there: nothing of someone else's is ever
+    truncated or written through."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise BackupError(f"{path} already exists: refusing to replace it") from None
+    except OSError as e:
+        raise BackupError(f"cannot create {path}: {e.strerror}") from None
+
+
+def create_exclusive(path: Path) -> None:
+    """`open_exclusive`, closed again: the empty file a tool (qemu-img) then fills."""
+    os.close(open_exclusive(path))
+
+
+def publish(part: Path, final: Path) -> None:
+    """Give a complete file its final name, never replacing anything already there (a hard
+    link, then the `.part` name removed; a plain rename after a check where the file system
+    has no hard links)."""
+    try:
+        os.link(part, final, follow_symlinks=False)
+    except FileExistsError:
+        raise BackupError(f"{final} already exists: refusing to replace it") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise BackupError(f"cannot name {final}: {e.strerror}") from None
+        if os.path.lexists(final):
+            raise BackupError(f"{final} already exists: refusing to replace it") from None
+        os.rename(part, final)
+        return
+    os.unlink(part)
+
+
 async def create_image(path: Path, size: int, granularity: int, backing: str | None) -> None:
-    """A new qcow2 at `path`; `backing` is a base name in the same directory (the chain stays
-    movable), so an incremental reads everything it does not hold from the previous file."""
+    """Make the empty file at `path` (made with `create_exclusive`) a qcow2; `backing` is a base
+    name in the same directory (the chain stays movable), so an incremental reads everything it
+    does not hold from the previous file."""
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
     cmd += ["-o", f"cluster_size={cluster_size(granularity)}"]
     if backing is not None:
@@ -137,15 +190,20 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes, part_suffix: str) -> None:
-    """Replace `path` with `data`: write `path<part_suffix>`, fsync, rename, fsync the dir."""
+    """Replace `path` with `data`: write `path<part_suffix>` (made exclusively), fsync, rename,
+    fsync the dir."""
     tmp = path.with_name(path.name + part_suffix)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_exclusive(tmp)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

@@ -1,14 +1,17 @@
-"""`cbt-agent verify`: every file of every chain against its manifest sha256, and nothing in
-the directory that the manifest does not know."""
+"""`cbt-agent verify`: every file of every chain against its manifest sha256, its qcow2 header
+and the backing chain qemu really follows (`images.py`), and nothing in the directory that the
+manifest does not know."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbt_agent.client.chain import MANIFEST_NAME, PART_SUFFIX, files
+from cbt_agent.client.chain import MANIFEST_NAME, PART_SUFFIX, chain_of, files
+from cbt_agent.client.errors import BackupError
+from cbt_agent.client.images import backing_chain_problem, file_problem
 from cbt_agent.client.manifest import require_manifest
-from cbt_agent.client.target import sha256_file
+from cbt_agent.client.target import path_in, sha256_file
 
 
 @dataclass
@@ -29,21 +32,40 @@ class VerifyReport:
 
 
 def verify(dest: Path) -> VerifyReport:
-    """Hash every file the manifest lists and look for files it does not list. (Loading the
-    manifest already checks that every chain is whole.)"""
+    """Hash and inspect every file the manifest lists, check each chain as qemu follows it, and
+    look for files it does not list. (Loading the manifest already checks every name and that
+    every chain is whole in the manifest.)"""
     manifest = require_manifest(dest)
     report = VerifyReport()
     known = files(manifest)
+    good: set[str] = set()
     for name, disk in known.items():
-        path = dest / name
+        try:
+            path = path_in(dest, name)
+        except BackupError as e:
+            report.bad(f"UNSAFE   {name}: {e.message}")
+            continue
         if not path.is_file():
             report.bad(f"MISSING  {name}")
             continue
         digest = sha256_file(path)
-        if digest == disk.sha256:
-            report.good(f"OK       {name}")
-        else:
+        if digest != disk.sha256:
             report.bad(f"CORRUPT  {name}: sha256 {digest}, manifest says {disk.sha256}")
+            continue
+        problem = file_problem(dest, disk)
+        if problem is not None:
+            report.bad(f"UNSAFE   {name}: {problem}")
+            continue
+        good.add(name)
+        report.good(f"OK       {name}")
+    for cp in manifest.checkpoints:
+        for top in cp.disks:
+            chain = chain_of(manifest, cp.name, top.volume_uuid)
+            if not all(d.file in good for d in chain):
+                continue  # its bad file is reported above; qemu is not asked to open it
+            problem = backing_chain_problem(dest, chain)
+            if problem is not None:
+                report.bad(f"UNSAFE   {top.file}: {problem}")
     for path in sorted(dest.iterdir()):
         if path.name == MANIFEST_NAME or path.name in known:
             continue

@@ -12,6 +12,10 @@ from cbt_agent.model import DEFAULT_GRANULARITY, TaskStatus
 UUID_PATTERN: Final = "^[0-9a-fA-F]{32}$"
 # A checkpoint (bitmap) name as a caller may pass it back to Enable.
 BITMAP_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$"
+# A checkpoint name as the agent cuts it (`model.checkpoint_name`): "cbt-", the first 12 hex
+# digits of the task uuid, "-", the sequence number (at least 6 digits). Clients may build file
+# names from it; anything else in a reply's bitmapName is not the agent's.
+CHECKPOINT_PATTERN: Final = "^cbt-[0-9a-f]{12}-[0-9]{6,}$"
 # ZStack's (Gson's default) date form, e.g. "Nov 7, 2026 9:05:03 PM" (server-local time).
 DATE_PATTERN: Final = r"^[A-Z][a-z]{2} \d{1,2}, \d{4} \d{1,2}:\d{2}:\d{2} (AM|PM)$"
 
@@ -49,6 +53,7 @@ __all__ = [
     "BACKUP_MODES",
     "BITMAP_PATTERN",
     "BITMAP_TAG",
+    "CHECKPOINT_PATTERN",
     "DATE_PATTERN",
     "DEFAULT_GRANULARITY",
     "DELETE_MODES",

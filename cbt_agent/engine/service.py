@@ -128,6 +128,7 @@ class CbtService:
                 f"vmInstanceUuid: VM [uuid: {cmd.vm_uuid}] is not found on this host",
                 field="vmInstanceUuid",
             )
+        vm.require_volume_serials()
         async with self._locks[cmd.vm_uuid]:
             found: list[Checkpoint] = []
             reason = "created"
@@ -196,6 +197,7 @@ class CbtService:
                     f"CbtTask [uuid: {task.uuid}] has already enabled, please disable it"
                 )
             vm = await self._running_vm(vm_uuid)
+            vm.require_volume_serials()
             # a disk that cannot hold persistent bitmaps (raw, qcow2 v2): refused before anything
             # changes, the task as it was
             qmp = await self.qmp.channel(vm_uuid)
@@ -261,6 +263,7 @@ class CbtService:
                     f"vmInstanceUuid: VM [uuid: {cmd.vm_uuid}] is not found on this host",
                     field="vmInstanceUuid",
                 )
+            vm.require_volume_serials()
             if vm.running:
                 raise OperationError(
                     f"VM [uuid: {cmd.vm_uuid}] is running: ExportNbdVolumes exports the disks "

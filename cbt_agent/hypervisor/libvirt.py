@@ -16,6 +16,7 @@ import contextlib
 import enum
 import json
 import logging
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,14 @@ from typing import Any, TypeVar, cast
 import libvirt
 import libvirt_qemu
 
-from cbt_agent.errors import HypervisorError, NotFound, QmpCommandError, QmpInterrupted
+from cbt_agent.contract.constants import UUID_PATTERN
+from cbt_agent.errors import (
+    HypervisorError,
+    NotFound,
+    OperationError,
+    QmpCommandError,
+    QmpInterrupted,
+)
 
 T = TypeVar("T")
 
@@ -64,6 +72,13 @@ class VmInfo:
     running: bool
     disks: tuple[DiskInfo, ...]
     domain_uuid: str = ""  # libvirt <uuid> (dashed form of vm_uuid under ZStack)
+    refused: tuple[str, ...] = ()  # disks left out: why (a <serial> that is no volume uuid)
+
+    def require_volume_serials(self) -> None:
+        """OperationError naming each disk whose serial is no volume uuid: no task may track
+        (Create), cut (Enable) or export (Export) such a VM's disks."""
+        if self.refused:
+            raise OperationError("; ".join(self.refused))
 
     def disk(self, volume_uuid: str) -> DiskInfo | None:
         for d in self.disks:
@@ -72,13 +87,23 @@ class VmInfo:
         return None
 
 
+_VOLUME_UUID = re.compile(UUID_PATTERN)
+
+
 def parse_domain_xml(xml: str) -> VmInfo:
-    """VmInfo from a domain XML (live XML when running). Pure: used by find_vm and unit tests."""
+    """VmInfo from a domain XML (live XML when running). Pure: used by find_vm and unit tests.
+
+    A disk whose <serial> is not a volume uuid (32 hex digits) is left out and named in
+    `refused`: the serial becomes the volume uuid of every reply and part of file names (scratch
+    files here, backup files at the client), so anything else is never used. Create, Enable
+    and Export refuse such a VM (`VmInfo.require_volume_serials`); Disable and Delete do not
+    need its disks and go on."""
     root = ET.fromstring(xml)
     name = (root.findtext("name") or "").strip()
     domain_uuid = (root.findtext("uuid") or "").strip()
     running = root.get("id") not in (None, "-1")
     disks: list[DiskInfo] = []
+    refused: list[str] = []
     devices = root.find("devices")
     if devices is not None:
         for disk in devices.findall("disk"):
@@ -98,6 +123,15 @@ def parse_domain_xml(xml: str) -> VmInfo:
                 idx = source.get("index")
                 if idx is not None and idx.isdigit():
                     index = int(idx)
+            if _VOLUME_UUID.fullmatch(serial) is None:
+                dev = target.get("dev", "?") if target is not None else "?"
+                refused.append(
+                    f"VM [uuid: {name}]: disk {dev} ({path or 'no source'}) has <serial> "
+                    f"{serial[:80]!r}, which is not a volume uuid (32 hex digits): the agent "
+                    "names volumes by their serial; set the disk's serial to its volume uuid "
+                    "or detach it"
+                )
+                continue
             disks.append(
                 DiskInfo(
                     volume_uuid=serial,
@@ -110,7 +144,13 @@ def parse_domain_xml(xml: str) -> VmInfo:
                     source_index=index,
                 )
             )
-    return VmInfo(vm_uuid=name, running=running, disks=tuple(disks), domain_uuid=domain_uuid)
+    return VmInfo(
+        vm_uuid=name,
+        running=running,
+        disks=tuple(disks),
+        domain_uuid=domain_uuid,
+        refused=tuple(refused),
+    )
 
 
 def start_error(log_text: str) -> str | None:

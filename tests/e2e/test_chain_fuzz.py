@@ -58,6 +58,7 @@ MIB = 1 << 20
 PORT_RANGE = "12100:12199"
 KEEP = 5  # [checkpoints] keep: small, so old bases fall out of retention
 STEPS = int(os.environ.get("CBT_FUZZ_STEPS", "24"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def seeds(spec: str) -> list[int]:
@@ -222,7 +223,13 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     exe = Path(sys.executable).with_name("cbt-agent")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cbt_agent"]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *cmd,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        # the token never on the command line; this checkout's cbt_agent, not the one the
+        # venv's `cbt-agent` was installed from (an editable install of another worktree)
+        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN, "PYTHONPATH": str(REPO)},
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
@@ -549,7 +556,7 @@ class Fuzz:
     async def step_backup(self) -> str:
         before = self.manifest_checkpoints()
         previous = before[-1]["name"] if before else None
-        args = ["--url", self.agent.base, "--token", TOKEN, "--vm", self.vm.vm_uuid]
+        args = ["--url", self.agent.base, "--vm", self.vm.vm_uuid]
         code, out, err = await run_cli("backup", *args, "--dest", str(self.backup_dir))
         self.check(code == 0, f"cbt-agent backup failed ({code}):\n{out}\n{err}")
         after = self.manifest_checkpoints()

@@ -52,6 +52,7 @@ CLI_TIMEOUT = 120.0
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    """`cbt-agent ARGS`, the agent's token in $CBT_AGENT_TOKEN (never on the command line)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -59,7 +60,7 @@ async def cli(*args: str, env: dict[str, str] | None = None) -> Result:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN, **(env or {})},
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
@@ -76,8 +77,6 @@ def backup_args(agent: AgentProcess, vm: stack.TestVm, dest: Path) -> list[str]:
         "backup",
         "--url",
         agent.base,
-        "--token",
-        TOKEN,
         "--vm",
         vm.vm_uuid,
         "--dest",
@@ -247,7 +246,7 @@ async def paused_backup(
         *backup_args(agent, vm, dest),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, PAUSE_ENV: str(after)},
+        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN, PAUSE_ENV: str(after)},
     )
     assert proc.stderr is not None
     lines = []
@@ -449,7 +448,7 @@ async def test_a_failed_backup_says_why_and_changes_nothing(
     await vm.write(vm.volumes[0].volume_uuid, 0, 4096, 0x72)
 
     args = backup_args(agent, vm, dest)
-    r = await cli(*[("wrong-token" if a == TOKEN else a) for a in args])
+    r = await cli(*args, env={"CBT_AGENT_TOKEN": "wrong-token"})
     assert r.code == 1 and "[ID.1001]" in r.err and "Traceback" not in r.err, r.err
     # A second directory of the same VM is independent: the agent offers an incremental since
     # its latest checkpoint, which that directory lacks, so the client copies the disk in full.
@@ -458,9 +457,7 @@ async def test_a_failed_backup_says_why_and_changes_nothing(
     (other,) = manifest(tmp_path / "other")["checkpoints"][0]["disks"]
     assert (other["mode"], other["backingFile"]) == ("full", None)
     assert other["reason"].startswith("no file of this disk at checkpoint cbt-")
-    r = await cli(
-        "backup", "--url", agent.base, "--token", TOKEN, "--vm", "f" * 32, "--dest", str(dest)
-    )
+    r = await cli("backup", "--url", agent.base, "--vm", "f" * 32, "--dest", str(dest))
     assert r.code == 1 and f"holds backups of VM {vm.vm_uuid}" in r.err
 
     # A shut-off VM is backed up through an offline export (see the next test); one whose
@@ -525,3 +522,40 @@ async def assert_task_stopped_offline(agent: AgentProcess, vm: stack.TestVm) -> 
     async with agent.session.get(url, params={"q": f"resourceRefs.resourceUuid={vm.vm_uuid}"}) as r:
         tasks = (await r.json())["inventories"]
     assert [t["status"] for t in tasks] == ["Stopped"]
+
+
+async def test_a_disk_whose_serial_is_not_a_volume_uuid_is_refused_at_create_and_enable(
+    vm_factory: Callable[..., stack.TestVm], agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The agent names volumes (and its scratch files) by the disk's <serial>: a serial that is
+    not a volume uuid fails Create and Enable with an error naming the disk, nothing made."""
+    odd = tmp_path / "odd.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "qcow2", str(odd), "8M")
+    disk_xml = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{odd}'/><target dev='vdb' bus='virtio'/>"
+        "<serial>not-a-volume-uuid</serial></disk>"
+    )
+    said = f"disk vdb ({odd}) has <serial> 'not-a-volume-uuid', which is not a volume uuid"
+
+    # Enable: the task exists (one good backup), then the odd disk is hot-plugged
+    vm = vm_factory(disks_mib=[8])
+    dest = tmp_path / "backup"
+    await backup(agent, vm, dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    live_and_config = 3  # VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG
+    await asyncio.to_thread(vm.domain().attachDeviceFlags, disk_xml, live_and_config)
+    r = await cli(*backup_args(agent, vm, dest))
+    assert r.code == 1 and "EnableCbtTask failed" in r.err and said in r.err, r.err
+    assert "Traceback" not in r.err
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    scratch = agent.config.parent / "state"
+    assert not [p for p in scratch.rglob("*") if "not-a-volume-uuid" in p.name]
+
+    # Create: a VM defined with the odd disk gets no task
+    other = vm_factory(disks_mib=[8], start=False)
+    config_only = 2  # VIR_DOMAIN_AFFECT_CONFIG
+    await asyncio.to_thread(other.domain().attachDeviceFlags, disk_xml, config_only)
+    r = await cli(*backup_args(agent, other, tmp_path / "other"))
+    assert r.code == 1 and "CreateCbtTask failed" in r.err and said in r.err, r.err
+    assert not (tmp_path / "other").exists()

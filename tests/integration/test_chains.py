@@ -18,7 +18,7 @@ from typing import Any
 import chainops
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, cli, restored_disks
+from agentproc import AgentProcess, cli, restored_disks
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
 
 from cbt_agent.api import validate
@@ -120,9 +120,7 @@ async def test_snapshot_between_backups_loses_nothing_api_and_client(
 
 
 async def backup(agent: AgentProcess, vm: stack.TestVm, dest: Path) -> dict[str, Any]:
-    await cli(
-        "backup", "--url", agent.base, "--token", TOKEN, "--vm", vm.vm_uuid, "--dest", str(dest)
-    )
+    await cli("backup", "--url", agent.base, "--vm", vm.vm_uuid, "--dest", str(dest))
     manifest = json.loads((dest / "manifest.json").read_text())
     cp = dict(manifest["checkpoints"][-1])
     cp["taskUuid"] = manifest["taskUuid"]

@@ -19,7 +19,7 @@ from typing import Any
 import guest
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, cli, restored_images
+from agentproc import AgentProcess, cli, restored_images
 from cbtharness import Agent
 
 from cbt_agent.api import replies, validate
@@ -91,8 +91,6 @@ async def test_quiesced_backups_restore_to_filesystems_that_boot(
             "backup",
             "--url",
             agent_proc.base,
-            "--token",
-            TOKEN,
             "--vm",
             vm.vm_uuid,
             "--dest",
@@ -259,8 +257,6 @@ async def test_fstrim_makes_no_data_in_the_incremental(
             "backup",
             "--url",
             agent_proc.base,
-            "--token",
-            TOKEN,
             "--vm",
             vm.vm_uuid,
             "--dest",

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, cli, restored_disks
+from agentproc import AgentProcess, cli, restored_disks
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs
 from qemu.qmp import QMPClient
 
@@ -56,9 +56,7 @@ async def test_new_host_adopts_the_task_and_the_next_backup_is_incremental_and_e
         model[vol][off : off + n] = bytes([byte]) * n
 
     async def backup(agent: AgentProcess) -> dict[str, Any]:
-        await cli(
-            "backup", "--url", agent.base, "--token", TOKEN, "--vm", vm.vm_uuid, "--dest", str(dest)
-        )
+        await cli("backup", "--url", agent.base, "--vm", vm.vm_uuid, "--dest", str(dest))
         manifest = json.loads((dest / "manifest.json").read_text())
         cp = dict(manifest["checkpoints"][-1])
         snapshots[cp["name"]] = {v: bytes(d) for v, d in model.items()}

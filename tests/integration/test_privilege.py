@@ -511,6 +511,7 @@ async def _cli(*args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "CBT_AGENT_TOKEN": TOKEN},  # never on the command line
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
@@ -551,7 +552,7 @@ async def test_backup_client_over_https_unix_socket_and_nbd_tls(
 
     dest = short_dir / "backup"
     args = [
-        "backup", "--url", https_agent.base, "--token", TOKEN, "--vm", vm.vm_uuid,
+        "backup", "--url", https_agent.base, "--vm", vm.vm_uuid,
         "--dest", str(dest), "--cacert", str(pki.ca_cert),
     ]  # fmt: skip
     await write(v0, 0, MIB, 0x11)

@@ -26,6 +26,9 @@ from cbt_agent.client.progress import Progress
 
 G = 65536
 A, B = "a" * 32, "b" * 32
+VM, TASK = "e" * 32, "0123456789ab" + "f" * 20
+# checkpoint names as the agent cuts them (model.checkpoint_name): the only ones a manifest holds
+CP1, CP2, CP3, CP4, CP9 = (f"cbt-{TASK[:12]}-{n:06d}" for n in (1, 2, 3, 4, 9))
 
 
 def disk(vol: str, cp: str, backing: DiskBackup | None = None, reason: str = "first") -> DiskBackup:
@@ -49,75 +52,75 @@ def checkpoint(name: str, *disks: DiskBackup) -> CheckpointBackup:
 
 
 def three_checkpoints() -> Manifest:
-    """cp1: A full; cp2: A incremental, B added (full); cp3: both incremental."""
-    a1 = disk(A, "cp1")
-    a2, b2 = disk(A, "cp2", a1), disk(B, "cp2", reason="disk was added after checkpoint cp1")
-    a3, b3 = disk(A, "cp3", a2), disk(B, "cp3", b2)
-    m = Manifest(vm_uuid="v" * 32)
-    for cp in (checkpoint("cp1", a1), checkpoint("cp2", a2, b2), checkpoint("cp3", a3, b3)):
-        m = with_checkpoint(m, cp, "t" * 32)
+    """CP1: A full; CP2: A incremental, B added (full); CP3: both incremental."""
+    a1 = disk(A, CP1)
+    a2, b2 = disk(A, CP2, a1), disk(B, CP2, reason=f"disk was added after checkpoint {CP1}")
+    a3, b3 = disk(A, CP3, a2), disk(B, CP3, b2)
+    m = Manifest(vm_uuid=VM)
+    for cp in (checkpoint(CP1, a1), checkpoint(CP2, a2, b2), checkpoint(CP3, a3, b3)):
+        m = with_checkpoint(m, cp, TASK)
     return m
 
 
 def test_next_bitmap_name_is_the_latest_completed_checkpoint() -> None:
-    assert next_bitmap_name(Manifest(vm_uuid="v")) is None
-    assert next_bitmap_name(three_checkpoints()) == "cp3"
+    assert next_bitmap_name(Manifest(vm_uuid=VM)) is None
+    assert next_bitmap_name(three_checkpoints()) == CP3
 
 
 def test_chains_are_per_disk_and_a_new_disk_starts_its_own() -> None:
     m = three_checkpoints()
-    assert [d.file for d in chain_of(m, "cp3", A)] == [
-        chain.disk_file_name(A, "cp1", chain.FULL),
-        chain.disk_file_name(A, "cp2", chain.INCREMENTAL),
-        chain.disk_file_name(A, "cp3", chain.INCREMENTAL),
+    assert [d.file for d in chain_of(m, CP3, A)] == [
+        chain.disk_file_name(A, CP1, chain.FULL),
+        chain.disk_file_name(A, CP2, chain.INCREMENTAL),
+        chain.disk_file_name(A, CP3, chain.INCREMENTAL),
     ]
-    assert [d.mode for d in chain_of(m, "cp3", B)] == ["full", "incremental"]
+    assert [d.mode for d in chain_of(m, CP3, B)] == ["full", "incremental"]
     assert [d.mode for d in chain_of(m, None, B)] == ["full", "incremental"]
-    assert len(chain_of(m, "cp1", A)) == 1
+    assert len(chain_of(m, CP1, A)) == 1
     assert m.checkpoints[1].mode == chain.MIXED
-    with pytest.raises(ManifestError, match=f"disk {B} is not in checkpoint cp1"):
-        chain_of(m, "cp1", B)
+    with pytest.raises(ManifestError, match=f"disk {B} is not in checkpoint {CP1}"):
+        chain_of(m, CP1, B)
 
 
 def test_unknown_checkpoint_names_the_known_ones() -> None:
     with pytest.raises(
-        UnknownCheckpoint, match=r"'nope' is not in this backup \(known: cp1, cp2, cp3\)"
+        UnknownCheckpoint, match=rf"'nope' is not in this backup \(known: {CP1}, {CP2}, {CP3}\)"
     ):
         find_checkpoint(three_checkpoints(), "nope")
     with pytest.raises(UnknownCheckpoint, match="no checkpoint yet"):
-        find_checkpoint(Manifest(vm_uuid="v"), None)
+        find_checkpoint(Manifest(vm_uuid=VM), None)
 
 
 def test_plan_target_stacks_an_incremental_on_the_disks_file_at_since() -> None:
     m = three_checkpoints()
-    t = plan_target(m, "cp4", A, "incremental", "cp2", None)
+    t = plan_target(m, CP4, A, "incremental", CP2, None)
     assert (t.mode, t.backing, t.file) == (
         "incremental",
         m.checkpoints[1].disk(A),
-        f"{A}.cp4.inc.qcow2",
+        f"{A}.{CP4}.inc.qcow2",
     )
-    full = plan_target(m, "cp4", B, "full", None, "bitmap lost")
+    full = plan_target(m, CP4, B, "full", None, "bitmap lost")
     assert (full.mode, full.backing, full.reason, full.file) == (
         "full",
         None,
         "bitmap lost",
-        f"{B}.cp4.full.qcow2",
+        f"{B}.{CP4}.full.qcow2",
     )
 
 
 def test_incremental_without_a_local_base_is_copied_in_full_never_on_a_wrong_base() -> None:
     m = three_checkpoints()
-    t = plan_target(m, "cp4", B, "incremental", "cp1", None)  # B has no file at cp1
+    t = plan_target(m, CP4, B, "incremental", CP1, None)  # B has no file at CP1
     assert (t.mode, t.backing) == ("full", None)
-    assert t.reason == "no file of this disk at checkpoint cp1 in the backup directory"
-    assert plan_target(Manifest(vm_uuid="v"), "cp9", A, "incremental", None, None).mode == "full"
+    assert t.reason == f"no file of this disk at checkpoint {CP1} in the backup directory"
+    assert plan_target(Manifest(vm_uuid=VM), CP9, A, "incremental", None, None).mode == "full"
 
 
 def test_manifest_round_trips_through_json() -> None:
     m = three_checkpoints()
     doc = json.loads(json.dumps(m.to_dict()))
-    assert doc["checkpoints"][1]["disks"][1]["reason"] == "disk was added after checkpoint cp1"
-    assert doc["checkpoints"][2]["disks"][0]["backingFile"] == f"{A}.cp2.inc.qcow2"
+    assert doc["checkpoints"][1]["disks"][1]["reason"] == f"disk was added after checkpoint {CP1}"
+    assert doc["checkpoints"][2]["disks"][0]["backingFile"] == f"{A}.{CP2}.inc.qcow2"
     assert Manifest.from_dict(doc) == m
 
 
@@ -130,7 +133,7 @@ def test_manifest_round_trips_through_json() -> None:
         (lambda d: d["checkpoints"][1]["disks"][0].update(backingFile=None), "backing"),
         (lambda d: d["checkpoints"][1]["disks"][0].update(backingFile="x.qcow2"), "x.qcow2"),
         (lambda d: d["checkpoints"][0]["disks"][0].update(file="../evil"), "plain file name"),
-        (lambda d: d["checkpoints"][2].update(name="cp1"), "cp1 appears twice"),
+        (lambda d: d["checkpoints"][2].update(name=CP1), f"{CP1} appears twice"),
     ],
 )
 def test_a_bad_manifest_is_refused_naming_the_field(edit: object, message: str) -> None:
@@ -142,10 +145,10 @@ def test_a_bad_manifest_is_refused_naming_the_field(edit: object, message: str) 
 
 def test_with_checkpoint_refuses_a_repeated_name_or_file() -> None:
     m = three_checkpoints()
-    with pytest.raises(ManifestError, match="cp3 appears twice"):
-        with_checkpoint(m, checkpoint("cp3", disk(A, "cp9")), None)
+    with pytest.raises(ManifestError, match=f"{CP3} appears twice"):
+        with_checkpoint(m, checkpoint(CP3, disk(A, CP9)), None)
     with pytest.raises(ManifestError, match="appears twice"):
-        with_checkpoint(m, checkpoint("cp4", disk(A, "cp1")), None)
+        with_checkpoint(m, checkpoint(CP4, disk(A, CP1)), None)
 
 
 # ---- extents ----------------------------------------------------------------------------------
