@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from cbt_agent.client.errors import ApiError, BackupError
 from cbt_agent.contract.replies import CbtTaskInventory, VolumeCbtBackupInfo
+from cbt_agent.qemu.psk import Psk
 
 API_PREFIX = "/zstack/v1"
 POLL_INTERVAL = 0.05
@@ -58,6 +59,8 @@ class VolumeBackupInfo:
     changed_bytes: int | None
     bitmap_b64: str | None
     nbd_tls: bool = False  # the export requires TLS (nbdTls)
+    # the pre-shared key it requires (nbdTlsPskIdentity, nbdTlsPsk); None: x509 or plain
+    nbd_psk: Psk | None = None
 
     @classmethod
     def from_reply(cls, d: object) -> VolumeBackupInfo:
@@ -82,7 +85,20 @@ class VolumeBackupInfo:
             changed_bytes=info.changed_bytes,
             bitmap_b64=info.bitmap_base64,
             nbd_tls=bool(info.nbd_tls),
+            nbd_psk=_psk(info),
         )
+
+
+def _psk(info: VolumeCbtBackupInfo) -> Psk | None:
+    """The reply's pre-shared key: both fields or neither (the patterns are checked already)."""
+    if info.nbd_tls_psk_identity is None and info.nbd_tls_psk is None:
+        return None
+    if info.nbd_tls_psk_identity is None or info.nbd_tls_psk is None or not info.nbd_tls:
+        raise BackupError(
+            f"disk {info.volume.volume_uuid}: the agent sent half a pre-shared key "
+            "(nbdTlsPskIdentity, nbdTlsPsk and nbdTls go together)"
+        )
+    return Psk(info.nbd_tls_psk_identity, info.nbd_tls_psk)
 
 
 def _base_url(url: str) -> str:
