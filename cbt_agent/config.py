@@ -41,6 +41,9 @@ UNIX_PATH_MAX = 107
 _VM_UUID_LEN = 32
 
 
+NBD_TLS_MODES = ("none", "x509", "psk")
+
+
 @dataclass(frozen=True)
 class NbdConfig:
     listen: str = "127.0.0.1"
@@ -49,6 +52,10 @@ class NbdConfig:
     transport: str = "tcp"  # "tcp": listen + port_range; "unix": a socket per VM in socket_dir
     socket_dir: Path = Path("/var/lib/cbt-agent/nbd")
     tls_cert_dir: Path | None = None  # ca-cert.pem, server-cert.pem, server-key.pem
+    # what a client must have to read an export: "none" (plain NBD), "x509" (TLS with the
+    # server certificate of tls_cert_dir; any client), "psk" (TLS with a pre-shared key made
+    # fresh for each Enable and handed out in its reply)
+    tls: str = "none"
 
     def socket_path(self, vm_uuid: str) -> Path:
         return self.socket_dir / f"{vm_uuid}.sock"
@@ -91,6 +98,11 @@ class Config:
     def scratch_dir(self) -> Path:
         return self.state_dir / "scratch"
 
+    @property
+    def psk_dir(self) -> Path:
+        """Where each task's NBD pre-shared key lives while it has exports ([nbd] tls = psk)."""
+        return self.state_dir / "nbd-psk"
+
 
 _KNOWN: dict[str, set[str]] = {
     "api": {
@@ -109,7 +121,7 @@ _KNOWN: dict[str, set[str]] = {
     "state": {"dir"},
     "libvirt": {"uri"},
     "qmp": {"socket_template"},
-    "nbd": {"listen", "port_range", "transport", "socket_dir", "tls_cert_dir"},
+    "nbd": {"listen", "port_range", "transport", "socket_dir", "tls_cert_dir", "tls"},
     "checkpoints": {"keep", "quiesce", "freeze_timeout"},
     "jobs": {"keep_seconds"},
     "log": {"level", "access"},
@@ -258,6 +270,37 @@ def _nbd_tls_dir(nbd: dict[str, Any], base: Path) -> Path | None:
     return path
 
 
+def _nbd_tls(nbd: dict[str, Any], cert_dir: Path | None) -> str:
+    """[nbd] tls; without it "x509" when tls_cert_dir is set (as before the key existed), else
+    "none"."""
+    mode = _str(nbd, "nbd", "tls", "x509" if cert_dir is not None else "none")
+    if mode not in NBD_TLS_MODES:
+        raise ConfigError("nbd.tls", f'{mode!r} is not "none", "x509" or "psk"')
+    if mode == "x509" and cert_dir is None:
+        raise ConfigError("nbd.tls", '"x509" needs nbd.tls_cert_dir (the server certificate)')
+    if mode != "x509" and cert_dir is not None:
+        raise ConfigError(
+            "nbd.tls_cert_dir", f'is used only with nbd.tls = "x509", not {mode!r}: remove one'
+        )
+    return mode
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+def _refuse_open_plain_nbd(nbd: NbdConfig) -> None:
+    """Plain NBD authenticates nobody: whoever reaches the port during an export reads the whole
+    disk. Only a loopback address (or a unix socket) keeps strangers out without TLS."""
+    if nbd.transport == "tcp" and nbd.tls == "none" and not is_loopback(nbd.listen):
+        raise ConfigError(
+            "nbd.listen",
+            f"{nbd.listen} is not a loopback address, and exports without TLS let anyone who "
+            'reaches it read whole disks: set nbd.tls = "psk" (a fresh key handed out with '
+            'each Enable), or listen on 127.0.0.1, or use nbd.transport = "unix"',
+        )
+
+
 def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
     """Build and validate a Config from a parsed TOML document. Raises ConfigError."""
     unknown = set(doc) - set(_KNOWN)
@@ -316,14 +359,17 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
     if transport not in ("tcp", "unix"):
         raise ConfigError("nbd.transport", f'{transport!r} is not "tcp" or "unix"')
     socket_dir = _path(nbd, "nbd", "socket_dir", base) if "socket_dir" in nbd else state_dir / "nbd"
+    tls_cert_dir = _nbd_tls_dir(nbd, base)
     nbd_cfg = NbdConfig(
         listen=listen,
         port_first=first,
         port_last=last,
         transport=transport,
         socket_dir=socket_dir,
-        tls_cert_dir=_nbd_tls_dir(nbd, base),
+        tls_cert_dir=tls_cert_dir,
+        tls=_nbd_tls(nbd, tls_cert_dir),
     )
+    _refuse_open_plain_nbd(nbd_cfg)
     if transport == "unix":
         longest = nbd_cfg.socket_path("0" * _VM_UUID_LEN)
         if len(os.fsencode(longest)) > UNIX_PATH_MAX:

@@ -105,6 +105,8 @@ def backup_info(v: VolumeBackup) -> VolumeCbtBackupInfo:
         # only when used, so a plain TCP export's info is exactly ZStack's fields plus the above
         nbd_socket=server.socket,
         nbd_tls=True if server.tls else None,
+        nbd_tls_psk_identity=v.psk.identity if v.psk else None,
+        nbd_tls_psk=v.psk.key if v.psk else None,
         nbd_server=server.host,
         # ZStack's SDK types it String: a JSON number would read "10501.0"
         nbd_port=str(server.port) if server.port is not None else None,

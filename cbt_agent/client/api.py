@@ -26,6 +26,7 @@ from cbt_agent.client.errors import ApiError, BackupError
 from cbt_agent.client.names import CHECKPOINT_FORM, UUID_FORM, is_checkpoint_name, is_uuid
 from cbt_agent.contract.replies import CbtTaskInventory, VolumeCbtBackupInfo
 from cbt_agent.errors import SYS_OPERATION
+from cbt_agent.qemu.psk import Psk
 
 API_PREFIX = "/zstack/v1"
 POLL_INTERVAL = 0.05
@@ -68,6 +69,8 @@ class VolumeBackupInfo:
     changed_bytes: int | None
     bitmap_b64: str | None
     nbd_tls: bool = False  # the export requires TLS (nbdTls)
+    # the pre-shared key it requires (nbdTlsPskIdentity, nbdTlsPsk); None: x509 or plain
+    nbd_psk: Psk | None = None
 
     @classmethod
     def from_reply(cls, d: object) -> VolumeBackupInfo:
@@ -109,6 +112,7 @@ class VolumeBackupInfo:
             changed_bytes=info.changed_bytes,
             bitmap_b64=info.bitmap_base64,
             nbd_tls=bool(info.nbd_tls),
+            nbd_psk=_psk(info),
         )
 
 
@@ -120,6 +124,18 @@ def one_line(e: ValidationError) -> str:
         got = repr(err.get("input"))
         parts.append(f"{where}: {err['msg']} (got {got[:80]}{'…' if len(got) > 80 else ''})")
     return " ".join("; ".join(parts).split())
+
+
+def _psk(info: VolumeCbtBackupInfo) -> Psk | None:
+    """The reply's pre-shared key: both fields or neither (the patterns are checked already)."""
+    if info.nbd_tls_psk_identity is None and info.nbd_tls_psk is None:
+        return None
+    if info.nbd_tls_psk_identity is None or info.nbd_tls_psk is None or not info.nbd_tls:
+        raise BackupError(
+            f"disk {info.volume.volume_uuid}: the agent sent half a pre-shared key "
+            "(nbdTlsPskIdentity, nbdTlsPsk and nbdTls go together)"
+        )
+    return Psk(info.nbd_tls_psk_identity, info.nbd_tls_psk)
 
 
 def _base_url(url: str) -> str:

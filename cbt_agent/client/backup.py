@@ -317,7 +317,7 @@ async def _backup_disk(
     context = ALLOCATION if target.mode == FULL else info.dirty_context
     if context is None:
         raise BackupError(f"disk {info.volume_uuid}: incremental without a dirtyBitmapContext")
-    if info.nbd_tls and run.nbd_tls_dir is None:
+    if info.nbd_tls and info.nbd_psk is None and run.nbd_tls_dir is None:
         raise BackupError(
             f"disk {info.volume_uuid}: the export requires TLS (nbdTls): pass --nbd-tls-dir, a "
             "directory with the ca-cert.pem that signed the agent's NBD certificate"
@@ -327,7 +327,8 @@ async def _backup_disk(
         info.nbd_port,
         info.nbd_socket,
         info.export_name,
-        run.nbd_tls_dir if info.nbd_tls else None,
+        run.nbd_tls_dir if info.nbd_tls and info.nbd_psk is None else None,
+        psk=info.nbd_psk,  # the Enable's own key (TLS-PSK): nothing to configure
     )
     part = path_in(run.dest, target.file + PART_SUFFIX)
     # an incremental also asks for base:allocation: dirty clusters that read as zero (trimmed,

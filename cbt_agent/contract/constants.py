@@ -18,6 +18,10 @@ BITMAP_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$"
 CHECKPOINT_PATTERN: Final = "^cbt-[0-9a-f]{12}-[0-9]{6,}$"
 # ZStack's (Gson's default) date form, e.g. "Nov 7, 2026 9:05:03 PM" (server-local time).
 DATE_PATTERN: Final = r"^[A-Z][a-z]{2} \d{1,2}, \d{4} \d{1,2}:\d{2}:\d{2} (AM|PM)$"
+# An NBD TLS pre-shared key handed out by Enable: the identity (TLS username) and the 256-bit
+# key in lower-case hex, as a keys.psk line `identity:key` holds them.
+PSK_IDENTITY_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+PSK_KEY_PATTERN: Final = "^[0-9a-f]{64}$"
 
 BackupMode = Literal["full", "incremental"]
 DeleteMode = Literal["Permissive", "Enforcing"]
@@ -59,6 +63,8 @@ __all__ = [
     "DELETE_MODES",
     "MAX_DESCRIPTION",
     "MAX_NAME",
+    "PSK_IDENTITY_PATTERN",
+    "PSK_KEY_PATTERN",
     "QUERY_FIELDS",
     "QUERY_LIMIT",
     "QUIESCE_TAG",

@@ -16,6 +16,8 @@ from cbt_agent.contract.constants import (
     DEFAULT_GRANULARITY,
     MAX_DESCRIPTION,
     MAX_NAME,
+    PSK_IDENTITY_PATTERN,
+    PSK_KEY_PATTERN,
     BackupMode,
     ResourceType,
 )
@@ -135,6 +137,8 @@ class VolumeCbtBackupInfo(WireModel):
             "quiesced",
             "nbd_socket",
             "nbd_tls",
+            "nbd_tls_psk_identity",
+            "nbd_tls_psk",
         }
     )
 
@@ -169,8 +173,22 @@ class VolumeCbtBackupInfo(WireModel):
     )
     nbd_tls: Literal[True] | None = Field(
         default=None,
-        description="the NBD server requires TLS (x509, verify against the CA that signed its "
-        "certificate); absent when it does not",
+        description="the NBD server requires TLS: with nbdTlsPsk, prove the pre-shared key; "
+        "without, x509 (verify the server against the CA that signed its certificate); absent "
+        "when it does not",
+    )
+    nbd_tls_psk_identity: str | None = Field(
+        default=None,
+        pattern=PSK_IDENTITY_PATTERN,
+        description='with [nbd] tls = "psk": the TLS-PSK identity (username) a client presents '
+        "(libnbd set_tls_username); made fresh by each Enable; absent otherwise",
+    )
+    nbd_tls_psk: str | None = Field(
+        default=None,
+        pattern=PSK_KEY_PATTERN,
+        description='with [nbd] tls = "psk": the TLS pre-shared key, hex, for this Enable\'s '
+        "exports only (a keys file line `identity:key` for libnbd set_tls_psk_file); void once "
+        "the task is disabled or enabled again; absent otherwise",
     )
     nbd_server: str | None = Field(default=None, description="NBD host; absent with nbdSocket")
     nbd_port: NbdPort | None = Field(
@@ -186,8 +204,8 @@ class VolumeCbtBackupInfo(WireModel):
     scratch_node_name: str
     metadata: str = Field(
         description="JSON object text repeating exportName, dirtyBitmapContext, "
-        "sinceBitmapName, reason, granularity, size, changedBytes, quiesced, and nbdSocket and "
-        "nbdTls when present"
+        "sinceBitmapName, reason, granularity, size, changedBytes, quiesced, and nbdSocket, "
+        "nbdTls, nbdTlsPskIdentity and nbdTlsPsk when present"
     )
 
     @classmethod

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbt_agent.config import Config
-from cbt_agent.engine.exports import nbd_address, private_dir, start_nbd_server, teardown_exports
+from cbt_agent.engine.exports import (
+    export_psk,
+    nbd_address,
+    private_dir,
+    start_nbd_server,
+    teardown_exports,
+)
 from cbt_agent.engine.plan import (
     DEFAULT_GRANULARITY,
     DiskView,
@@ -36,6 +42,7 @@ from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.model import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.qemu import bitmaps, blockdev, images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel
 from cbt_agent.store import NbdServer, Store, SyncStore, VolumeExport
 
@@ -76,8 +83,9 @@ def _volume_info(
     bits: bytes,
     changed: int,
     quiesced: bool,
+    key: Psk | None,
 ) -> VolumeBackup:
-    return VolumeBackup(disk, export, server, bits, changed, quiesced)
+    return VolumeBackup(disk, export, server, bits, changed, quiesced, key)
 
 
 async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
@@ -224,6 +232,7 @@ async def enable(
         await ctx.at("enable:bitmaps")
 
         server = await start_nbd_server(cfg, store, qmp, task_uuid, ctx.vm.vm_uuid)
+        key = await export_psk(cfg, server, task_uuid)
         await ctx.at("enable:nbd-server")
 
         for e in exports:
@@ -234,7 +243,7 @@ async def enable(
         async def dirty_map(e: VolumeExport) -> tuple[bytes, int]:
             if not e.temp_bitmap:
                 return full_bitmap(e.size, e.granularity), e.size
-            address = nbd_address(cfg, server, e.volume_uuid)
+            address = nbd_address(cfg, server, e.volume_uuid, key)
             extents = await asyncio.to_thread(
                 nbdio.dirty_extents, address, f"qemu:dirty-bitmap:{e.temp_bitmap}"
             )
@@ -247,7 +256,7 @@ async def enable(
         # ~90 ms of protocol round trips here, whatever the disk's size
         maps = await asyncio.gather(*(dirty_map(e) for e in exports))
         infos = [
-            _volume_info(v.disk, e, server, bits, changed, freeze.quiesced)
+            _volume_info(v.disk, e, server, bits, changed, freeze.quiesced, key)
             for e, v, (bits, changed) in zip(exports, views, maps, strict=True)
         ]
 

@@ -1,5 +1,6 @@
-"""A checkpoint's exports: the VM's NBD server, how the agent reaches an export, and ending
-them all again (Disable, and the rollback of a failed Enable)."""
+"""A checkpoint's exports: the VM's NBD server (and the credential a client needs for it), how
+the agent reaches an export, and ending them all again (Disable, and the rollback of a failed
+Enable)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 from cbt_agent.config import UNIX_PATH_MAX, Config
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import OperationError
-from cbt_agent.qemu import bitmaps, blockdev, nbd_server
+from cbt_agent.qemu import bitmaps, blockdev, nbd_server, psk
 from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel
 from cbt_agent.store import NbdServer, Store, SyncStore
 
-TLS_CREDS_ID = "cbt-nbd-tls"  # the VM's tls-creds-x509 object when [nbd] tls_cert_dir is set
+TLS_CREDS_ID = "cbt-nbd-tls"  # the VM's tls-creds-x509 object with [nbd] tls = "x509"
+PSK_CREDS_ID = "cbt-nbd-psk"  # the VM's tls-creds-psk object with [nbd] tls = "psk"
 
 
 def private_dir(path: Path) -> None:
@@ -26,9 +29,36 @@ def private_dir(path: Path) -> None:
         os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
 
 
-def nbd_address(cfg: Config, server: NbdServer, export_name: str) -> nbdio.NbdAddress:
-    """How the agent itself reaches an export of `server` (TLS with the configured CA)."""
+def psk_dir(cfg: Config, task_uuid: str) -> Path:
+    """The directory QEMU's tls-creds-psk reads the task's current key from (named by the
+    task, which the database holds: recorded before the directory is made)."""
+    return cfg.psk_dir / task_uuid
+
+
+async def export_psk(cfg: Config, server: NbdServer, task_uuid: str) -> Psk | None:
+    """The pre-shared key a client needs for `server`'s exports; None when it takes none.
+    Raises OperationError when the server requires one and it is gone."""
+    if not server.psk:
+        return None
+    key = await asyncio.to_thread(psk.read_server_dir, psk_dir(cfg, task_uuid))
+    if key is None:
+        raise OperationError(
+            f"the task's NBD exports require a pre-shared key and {psk_dir(cfg, task_uuid)} "
+            "holds none: Disable and Enable again"
+        )
+    return key
+
+
+def nbd_address(
+    cfg: Config, server: NbdServer, export_name: str, key: Psk | None = None
+) -> nbdio.NbdAddress:
+    """How the agent itself reaches an export of `server`: TLS with the configured CA, or with
+    `key` (from `export_psk`) when the server requires a pre-shared key."""
     tls_dir: str | None = None
+    if server.psk:
+        if key is None:
+            raise OperationError("the export requires a pre-shared key and none was given")
+        return nbdio.NbdAddress(server.host, server.port, server.socket, export_name, psk=key)
     if server.tls:
         if cfg.nbd.tls_cert_dir is None:
             raise OperationError(
@@ -38,22 +68,38 @@ def nbd_address(cfg: Config, server: NbdServer, export_name: str) -> nbdio.NbdAd
     return nbdio.NbdAddress(server.host, server.port, server.socket, export_name, tls_dir)
 
 
+async def _new_psk(cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str) -> str:
+    """A fresh key for this Enable: recorded as the task's (the database names the directory
+    before it exists, so teardown and reconcile find it), written 0600 in a 0700 directory,
+    and a tls-creds-psk object on it. The previous Enable's key is replaced, never reused."""
+    await store.run(SyncStore.set_server, task_uuid, NbdServer(tls=True, psk=True))
+    directory = psk_dir(cfg, task_uuid)
+    await asyncio.to_thread(private_dir, cfg.psk_dir)
+    await asyncio.to_thread(psk.write_server_dir, directory, Psk.new())
+    await nbd_server.add_psk_creds(qmp, PSK_CREDS_ID, str(directory))
+    return PSK_CREDS_ID
+
+
 async def start_nbd_server(
     cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str, vm_uuid: str
 ) -> NbdServer:
     """Start the VM's NBD server as configured: TCP on a free port of the range, or a unix
-    socket in [nbd] socket_dir; with TLS when [nbd] tls_cert_dir is set. The socket path is
-    recorded before QEMU makes it, the port as soon as QEMU has taken one."""
-    tls = cfg.nbd.tls_cert_dir is not None
+    socket in [nbd] socket_dir; with TLS per [nbd] tls (x509: the certificate of tls_cert_dir;
+    psk: a fresh pre-shared key, read back with `export_psk`). The socket path and the key's
+    directory are recorded before they are made, the port as soon as QEMU has taken one."""
+    tls = cfg.nbd.tls != "none"
+    with_psk = cfg.nbd.tls == "psk"
     creds: str | None = None
-    if cfg.nbd.tls_cert_dir is not None:
+    if cfg.nbd.tls == "x509" and cfg.nbd.tls_cert_dir is not None:
         await nbd_server.add_tls_creds(qmp, TLS_CREDS_ID, str(cfg.nbd.tls_cert_dir))
         creds = TLS_CREDS_ID
+    elif with_psk:
+        creds = await _new_psk(cfg, store, qmp, task_uuid)
     if cfg.nbd.transport == "unix":
         path = cfg.nbd.socket_path(vm_uuid)
         if len(os.fsencode(path)) > UNIX_PATH_MAX:  # a VM uuid longer than ZStack's 32 hex
             raise OperationError(f"NBD socket path {path} is too long for a unix socket")
-        server = NbdServer(socket=str(path), tls=tls)
+        server = NbdServer(socket=str(path), tls=tls, psk=with_psk)
         await asyncio.to_thread(private_dir, path.parent)
         await store.run(SyncStore.set_server, task_uuid, server)
         await nbd_server.start_unix(qmp, str(path), creds)
@@ -61,9 +107,14 @@ async def start_nbd_server(
     used = await store.run(SyncStore.used_nbd_ports)
     ports = [p for p in range(cfg.nbd.port_first, cfg.nbd.port_last + 1) if p not in used]
     port = await nbd_server.start_inet(qmp, cfg.nbd.listen, ports, creds)
-    server = NbdServer(cfg.nbd.listen, port, None, tls)
+    server = NbdServer(cfg.nbd.listen, port, None, tls, with_psk)
     await store.run(SyncStore.set_server, task_uuid, server)
     return server
+
+
+async def remove_psk_dir(cfg: Config, task_uuid: str) -> None:
+    """Remove the task's key from disk (idempotent)."""
+    await asyncio.to_thread(psk.remove_server_dir, psk_dir(cfg, task_uuid))
 
 
 async def teardown_exports(
@@ -85,8 +136,12 @@ async def teardown_exports(
     await nbd_server.stop(qmp)
     if server.socket is not None:
         await asyncio.to_thread(nbd_server.remove_socket_file, server.socket)
-    if server.tls or cfg.nbd.tls_cert_dir is not None:
+    if (server.tls and not server.psk) or cfg.nbd.tls == "x509":
         await nbd_server.delete_object(qmp, TLS_CREDS_ID)
+    if server.psk or cfg.nbd.tls == "psk":
+        # the key dies with the object and the file (QEMU reads the file at each handshake)
+        await nbd_server.delete_object(qmp, PSK_CREDS_ID)
+        await remove_psk_dir(cfg, task_uuid)
     await blockdev.cancel_jobs(qmp, [e.job_id for e in exports])
     if step:
         await step("disable:jobs")

@@ -5,7 +5,7 @@
   transaction ran), otherwise it is forgotten. The task ends `Failed` with the reason.
 - A `Running` task whose exports are all still in QEMU stays usable; otherwise it is torn down.
 - A task with export rows but not Running/Starting (a Disable died) finishes its teardown.
-- Scratch files no task refers to are removed.
+- Scratch files and NBD pre-shared keys no task refers to are removed.
 - Offline exports (a VM's qemu-storage-daemon, recorded before it starts): a Running task's
   daemon that still serves every export stays; an interrupted ExportNbdVolumes is rolled back
   (the checkpoint kept if the cut reached an image); any other daemon is stopped by its pid,
@@ -24,7 +24,7 @@ from cbt_agent.engine import offline, quiesce, tracking
 from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
-from cbt_agent.qemu import bitmaps, blockdev, nbd_server
+from cbt_agent.qemu import bitmaps, blockdev, nbd_server, psk
 from cbt_agent.store import StorageDaemon, SyncStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ async def reconcile(service: CbtService) -> None:
     except Exception:
         log.exception("stopping the storage daemons of deleted tasks failed")
     await _remove_orphan_scratch(service)
+    await _remove_orphan_keys(service)
 
 
 async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
@@ -183,3 +184,32 @@ async def _remove_orphan_scratch(service: CbtService) -> None:
     removed = await asyncio.to_thread(sweep)
     if removed:
         log.warning("removed orphan scratch files: %s", ", ".join(removed))
+
+
+async def _remove_orphan_keys(service: CbtService) -> None:
+    """NBD pre-shared keys no task with exports refers to (a task deleted while the agent was
+    down, a database restored from an older copy): a live key is a credential, never kept."""
+    psk_root: Path = service.config.psk_dir
+
+    def known(s: SyncStore) -> set[str]:
+        return {t.uuid for t in s.list_tasks() if s.nbd_server(t.uuid).psk and s.exports(t.uuid)}
+
+    keep = await service.store.run(known)
+
+    def sweep() -> list[str]:
+        removed: list[str] = []
+        if not psk_root.is_dir():
+            return removed
+        for directory in psk_root.iterdir():
+            if directory.name in keep or not directory.is_dir():
+                continue
+            try:
+                psk.remove_server_dir(directory)
+            except OSError as e:  # something else in it: the key is gone, the rest is kept
+                log.warning("cannot remove %s: %s", directory, e.strerror)
+            removed.append(directory.name)
+        return removed
+
+    removed = await asyncio.to_thread(sweep)
+    if removed:
+        log.warning("removed orphan NBD pre-shared keys of tasks %s", ", ".join(removed))

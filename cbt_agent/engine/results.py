@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from cbt_agent.hypervisor.libvirt import DiskInfo
 from cbt_agent.model import CbtTask
+from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.storage_daemon import BINARY
 from cbt_agent.store import NbdServer, ResourceRef, VolumeExport
 
@@ -29,6 +30,7 @@ class VolumeBackup:
     bitmap: bytes  # bit i set = cluster i changed, LSB first within each byte
     changed_bytes: int
     quiesced: bool  # the guest's filesystems were frozen for the checkpoint
+    psk: Psk | None = None  # what a client proves itself with ([nbd] tls = "psk")
 
     @property
     def dirty_bitmap_context(self) -> str | None:

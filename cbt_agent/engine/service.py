@@ -17,7 +17,7 @@ from cbt_agent import commands, logctx
 from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints, offline, tracking
 from cbt_agent.engine.checkpoints import EnableContext
-from cbt_agent.engine.exports import nbd_address, teardown_exports
+from cbt_agent.engine.exports import export_psk, nbd_address, remove_psk_dir, teardown_exports
 from cbt_agent.engine.plan import found_on, is_temp, ours, refuse_untrackable
 from cbt_agent.engine.results import ChangedAreas, TaskView, Unexported, VolumeBackup
 from cbt_agent.engine.steps import StepHook
@@ -390,6 +390,8 @@ class CbtService:
         server = await self.store.run(SyncStore.nbd_server, task.uuid)
         if server.socket is not None:
             await asyncio.to_thread(nbd_server.remove_socket_file, server.socket)
+        if server.psk or self.config.nbd.tls == "psk":
+            await remove_psk_dir(self.config, task.uuid)
         await self.store.run(SyncStore.clear_exports, task.uuid)
 
     async def disable(self, cmd: commands.DisableTask) -> TaskView:
@@ -524,7 +526,8 @@ class CbtService:
                 field="startOffset",
             )
         server = await self.store.run(SyncStore.nbd_server, task_uuid)
-        address = nbd_address(self.config, server, volume_uuid)
+        key = await export_psk(self.config, server, task_uuid)
+        address = nbd_address(self.config, server, volume_uuid, key)
         context = (
             f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else "base:allocation"
         )

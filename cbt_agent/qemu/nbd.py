@@ -13,6 +13,7 @@ import nbd
 
 from cbt_agent.errors import HypervisorError
 from cbt_agent.model import DirtyExtent
+from cbt_agent.qemu.psk import Psk, client_file
 
 # libnbd (and QEMU) refuse a block-status length of 2^32 or more: ask for just under 4 GiB.
 BLOCK_STATUS_CHUNK = (4 << 30) - (64 << 10)
@@ -31,9 +32,15 @@ class NbdAddress:
     # TLS required, the server verified against <tls_dir>/ca-cert.pem (and, over TCP, its name
     # against `host`); None: plain NBD
     tls_dir: str | None = None
+    # TLS required, client and server proving they hold this pre-shared key (no certificates)
+    psk: Psk | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_dir is not None or self.psk is not None
 
     def uri(self) -> str:
-        scheme = "nbds" if self.tls_dir is not None else "nbd"
+        scheme = "nbds" if self.tls else "nbd"
         if self.socket:
             return f"{scheme}+unix:///{self.export}?socket={self.socket}"
         return f"{scheme}://{self.host}:{self.port}/{self.export}"
@@ -58,11 +65,18 @@ def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
         h.set_tls(nbd.TLS_REQUIRE)
         h.set_tls_certificates(address.tls_dir)
         h.set_tls_verify_peer(True)
+    keys = client_file(address.psk) if address.psk is not None else contextlib.nullcontext()
     try:
-        if address.socket:
-            h.connect_unix(address.socket)
-        else:
-            h.connect_tcp(address.host, str(address.port))
+        # libnbd reads the keys file during the handshake, inside connect: it goes right after
+        with keys as keys_file:
+            if address.psk is not None and keys_file is not None:
+                h.set_tls(nbd.TLS_REQUIRE)
+                h.set_tls_username(address.psk.identity)
+                h.set_tls_psk_file(keys_file)
+            if address.socket:
+                h.connect_unix(address.socket)
+            else:
+                h.connect_tcp(address.host, str(address.port))
     except nbd.Error as e:
         raise HypervisorError(f"NBD connect to {address.uri()} failed: {e}") from None
     for ctx in contexts:

@@ -140,18 +140,35 @@ async def start_unix(qmp: QmpChannel, path: str, tls_creds: str | None = None) -
 async def add_tls_creds(qmp: QmpChannel, creds_id: str, cert_dir: str) -> None:
     """(Re)create the VM's `tls-creds-x509` server object from `cert_dir`, so certificates
     replaced on disk are read again. An object of that id still held by a running NBD server
-    keeps working for it; the new one serves the next nbd-server-start."""
+    keeps working for it; the new one serves the next nbd-server-start. Clients are not asked
+    for a certificate (`verify-peer: false`): x509 encrypts and proves the server only."""
+    await _replace_object(
+        qmp,
+        {
+            "qom-type": "tls-creds-x509",
+            "id": creds_id,
+            "dir": cert_dir,
+            "endpoint": "server",
+            "verify-peer": False,
+        },
+    )
+
+
+async def add_psk_creds(qmp: QmpChannel, creds_id: str, psk_dir: str) -> None:
+    """(Re)create the VM's `tls-creds-psk` server object on `psk_dir` (its keys.psk and
+    dh-params.pem, see `qemu.psk`). QEMU reads keys.psk at every handshake: only identities
+    in that file, with their keys, get through."""
+    await _replace_object(
+        qmp, {"qom-type": "tls-creds-psk", "id": creds_id, "dir": psk_dir, "endpoint": "server"}
+    )
+
+
+async def _replace_object(qmp: QmpChannel, args: dict[str, Any]) -> None:
+    creds_id = str(args["id"])
     try:
         await delete_object(qmp, creds_id)
     except QmpCommandError as e:
         log.warning("cannot remove the old %s (kept, not re-read): %s", creds_id, e)
-    args = {
-        "qom-type": "tls-creds-x509",
-        "id": creds_id,
-        "dir": cert_dir,
-        "endpoint": "server",
-        "verify-peer": False,
-    }
     try:
         await qmp.execute("object-add", args)
     except QmpCommandError as e:

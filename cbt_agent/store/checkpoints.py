@@ -11,6 +11,14 @@ from cbt_agent.model import Checkpoint
 from cbt_agent.store.records import NbdServer, VolumeExport, _dt, _ts, utcnow
 from cbt_agent.store.rows import Rows
 
+# tasks.nbd_tls: 0 plain, 1 TLS (x509), 2 TLS with the task's pre-shared key. An agent from
+# before pre-shared keys reads 2 as "TLS" too; no new column, so no schema change.
+NBD_TLS_PSK = 2
+
+
+def tls_column(server: NbdServer) -> int:
+    return NBD_TLS_PSK if server.psk else int(server.tls)
+
 
 class CheckpointRows(Rows):
     """Checkpoints and exports."""
@@ -152,7 +160,7 @@ class CheckpointRows(Rows):
         self.db.execute(
             "UPDATE tasks SET nbd_host = ?, nbd_port = ?, nbd_socket = ?, nbd_tls = ? "
             "WHERE uuid = ?",
-            (server.host, server.port, server.socket, int(server.tls), task_uuid),
+            (server.host, server.port, server.socket, tls_column(server), task_uuid),
         )
 
     def nbd_endpoint(self, task_uuid: str) -> tuple[str | None, int | None]:
@@ -169,6 +177,7 @@ class CheckpointRows(Rows):
             port=row["nbd_port"],
             socket=row.get("nbd_socket"),
             tls=bool(row.get("nbd_tls") or 0),
+            psk=row.get("nbd_tls") == NBD_TLS_PSK,
         )
 
     def exports(self, task_uuid: str) -> list[VolumeExport]:

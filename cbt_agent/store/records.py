@@ -53,13 +53,14 @@ class VolumeExport:
 
 @dataclass(frozen=True)
 class NbdServer:
-    """Where a task's NBD server listens: host and port, or a unix socket; and whether it
-    requires TLS."""
+    """Where a task's NBD server listens: host and port, or a unix socket; whether it requires
+    TLS, and whether a client proves itself with the task's pre-shared key (`psk`, TLS too)."""
 
     host: str | None = None
     port: int | None = None
     socket: str | None = None
     tls: bool = False
+    psk: bool = False
 
 
 @dataclass(frozen=True)

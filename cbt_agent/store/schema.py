@@ -50,7 +50,8 @@ _MIGRATIONS: list[list[str]] = [
     ],
     [
         # [nbd] transport = "unix" and tls_cert_dir: where the VM's NBD server listens instead
-        # of host:port, and whether it requires TLS
+        # of host:port, and whether it requires TLS (1; 2: TLS with the task's pre-shared key,
+        # [nbd] tls = "psk", stored in this column since)
         "ALTER TABLE tasks ADD COLUMN nbd_socket TEXT",
         "ALTER TABLE tasks ADD COLUMN nbd_tls INTEGER NOT NULL DEFAULT 0",
     ],
