@@ -83,3 +83,10 @@ def test_the_contract_is_pure() -> None:
             if m.split(".")[0] in ("aiohttp", "libvirt", "qemu", "sqlite_utils"):
                 offenders.append(f"{path.relative_to(PACKAGE)}: {m}")
     assert offenders == []
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test modules by their base name (no packages under tests/): two files of
+    one name in different folders break collection of the whole suite."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
