@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import stack
-from agentproc import TOKEN, AgentProcess, cli, free_port, restored_disks, write_config
+from agentproc import AgentProcess, cli, free_port, restored_disks, write_config
 from cbtharness import Agent, by_volume
 from openapi_schema_validator import OAS31Validator
 
@@ -231,7 +231,7 @@ async def test_reference_client_backs_up_with_the_handed_out_key(
 
     await psk_agent.start()
     dest = short_dir / "backup"
-    args = ["backup", "--url", psk_agent.base, "--token", TOKEN, "--vm", vm.vm_uuid]
+    args = ["backup", "--url", psk_agent.base, "--vm", vm.vm_uuid]
     args += ["--dest", str(dest)]
     await write(v0, 0, MIB, 0x11)
     await write(v1, 3 * MIB, 64 * KIB, 0x12)
