@@ -64,6 +64,8 @@ class EnableContext:
     quiesce: str = "never"  # "auto" | "always" | "never"
     freeze_timeout: float = 10.0
     found_inconsistent: int = 0  # the task's bitmaps QEMU reported inconsistent (removed)
+    # the disks as the caller just read them under the VM's lock (None: read them here)
+    views: list[DiskView] | None = None
 
     async def at(self, name: str) -> None:
         if self.step is not None:
@@ -153,7 +155,7 @@ async def enable(
     if not ctx.vm.disks:
         raise OperationError(f"VM [uuid: {ctx.vm.vm_uuid}] has no disk with a volume uuid (serial)")
     await refuse_block_jobs(qmp, ctx.vm.vm_uuid)
-    views = await read_disks(qmp, ctx.vm)
+    views = ctx.views if ctx.views is not None else await read_disks(qmp, ctx.vm)
     refuse_untrackable(views)
     ctx.notes.extend(
         f"adopted checkpoint {n} found on the disks"

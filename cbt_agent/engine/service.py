@@ -201,7 +201,8 @@ class CbtService:
             # a disk that cannot hold persistent bitmaps (raw, qcow2 v2): refused before anything
             # changes, the task as it was
             qmp = await self.qmp.channel(vm_uuid)
-            refuse_untrackable(await checkpoints.read_disks(qmp, vm))
+            views = await checkpoints.read_disks(qmp, vm)
+            refuse_untrackable(views)
             await self._status(
                 task.uuid, TaskStatus.STARTING, "enable requested", operation="enable"
             )
@@ -222,6 +223,7 @@ class CbtService:
                     guest=GuestOf(self.hypervisor, vm_uuid),
                     quiesce=cmd.quiesce or self.config.checkpoints.quiesce,
                     freeze_timeout=self.config.checkpoints.freeze_timeout,
+                    views=views,
                 )
                 lost = await self.store.run(SyncStore.tracking_lost, task.uuid)
                 infos = await checkpoints.enable(ctx, cmd.bitmap_name, lost)
