@@ -34,11 +34,7 @@ from qemu.qmp import QMPClient
 
 from bench import baseline
 from bench.stats import median_ms, row, run_guarded, verdict
-from cbt_agent.model import (
-    bitmap_base64,
-    bitmap_from_extents,
-    changed_bytes,
-)
+from cbt_agent.dirtymap import bitmap_base64, bitmap_from_extents, changed_bytes
 from cbt_agent.qemu import nbd as nbdio
 
 GIB = 1 << 30

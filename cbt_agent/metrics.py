@@ -27,7 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from cbt_agent.model import TaskStatus, full_reason_class
+from cbt_agent.model import TaskStatus
+from cbt_agent.reasons import full_reason_class
 
 # the text format every Prometheus (2.x and 3.x) scrapes; our names need none of 1.0's escapes
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4

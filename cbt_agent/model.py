@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import enum
-import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +10,20 @@ from datetime import datetime
 from typing import Final
 
 from cbt_agent.errors import OperationError
+from cbt_agent.reasons import (
+    FULL_BROKEN,
+    FULL_FIRST,
+    FULL_GAP,
+    FULL_INCONSISTENT,
+    FULL_LAYER_SIZE,
+    FULL_MISSING,
+    FULL_NEW_DISK,
+    FULL_NEW_TOP,
+    FULL_NONE_HANDED_OUT,
+    FULL_REMOVED,
+    FULL_RESIZED,
+    FULL_UNKNOWN,
+)
 
 
 class TaskStatus(enum.StrEnum):
@@ -157,65 +169,6 @@ class DiskPlan:
     merge: tuple[Source, ...]  # bitmaps whose union is the change set (incremental)
     reason: str | None  # why full
     freeze: str | None  # the recording bitmap on the top to disable in the transaction
-
-
-FULL_FIRST = "first checkpoint of this disk: no earlier change tracking"
-FULL_NONE_HANDED_OUT = (
-    "no checkpoint of this task was handed out on this host yet: pass bitmapName (the last "
-    "checkpoint you hold) for an incremental"
-)
-FULL_UNKNOWN = "checkpoint {name} is unknown to this task"
-FULL_REMOVED = "checkpoint {name} was removed by retention"
-TRACKING_LOST = "change tracking lost after unclean shutdown"
-FULL_NEW_DISK = "disk was added after checkpoint {name}"
-FULL_RESIZED = "disk was resized since checkpoint {name} ({old} -> {new} bytes)"
-FULL_MISSING = "bitmap {bitmap} is missing on this disk (change tracking lost)"
-FULL_INCONSISTENT = "change tracking lost after unclean shutdown (bitmap {bitmap} inconsistent)"
-FULL_NEW_TOP = (
-    "the disk's top image changed from {old} to {new} without change tracking "
-    "(bitmap {bitmap} is not on it: a snapshot or copy made outside libvirt, or offline)"
-)
-FULL_GAP = (
-    "bitmap {bitmap} is missing on backing image {image}: changes made while it was the top "
-    "are not tracked"
-)
-FULL_BROKEN = "change tracking of this disk was interrupted before checkpoint {name}: {why}"
-FULL_LAYER_SIZE = "backing image {image} is {old} bytes, the disk {new}: its bitmaps cannot merge"
-
-
-# The class of each reason for a full, for counting (metrics): what a template starts with.
-_REASON_CLASSES: tuple[tuple[str, str], ...] = (
-    (FULL_FIRST, "first"),
-    (FULL_NONE_HANDED_OUT, "first"),
-    (FULL_UNKNOWN, "base"),
-    (FULL_REMOVED, "base"),
-    (FULL_MISSING, "missing"),
-    (FULL_INCONSISTENT, "inconsistent"),
-    (TRACKING_LOST, "inconsistent"),
-    (FULL_NEW_DISK, "new_disk"),
-    (FULL_RESIZED, "resized"),
-    (FULL_LAYER_SIZE, "resized"),
-    (FULL_NEW_TOP, "chain_changed"),
-    (FULL_GAP, "chain_changed"),
-    (FULL_BROKEN, "chain_changed"),
-)
-
-
-def _template_pattern(template: str) -> re.Pattern[str]:
-    parts = re.split(r"\{[a-z_]+\}", template)
-    return re.compile(".*".join(re.escape(p) for p in parts), re.DOTALL)
-
-
-_REASON_PATTERNS = tuple((_template_pattern(t), cls) for t, cls in _REASON_CLASSES)
-
-
-def full_reason_class(reason: str) -> str:
-    """ "first", "base", "missing", "inconsistent", "new_disk", "resized", "chain_changed", or
-    "other": which of the reasons above `reason` is an instance of."""
-    for pattern, cls in _REASON_PATTERNS:
-        if pattern.match(reason):
-            return cls
-    return "other"
 
 
 def found_checkpoints(
@@ -429,78 +382,6 @@ def plan_disk(
     if isinstance(sources, str):
         return full(sources)
     return DiskPlan(volume_uuid, "incremental", since_name, sources, None, freeze)
-
-
-@dataclass(frozen=True, slots=True)
-class DirtyExtent:
-    """A run of bytes, changed or not, as NBD block status reports it."""
-
-    start: int
-    length: int
-    dirty: bool
-
-    def to_dict(self) -> dict[str, int]:
-        return {"start": self.start, "length": self.length}
-
-
-def cluster_runs(
-    extents: Iterable[DirtyExtent], size: int, granularity: int
-) -> list[tuple[int, int]]:
-    """Dirty extents as merged, sorted runs of clusters: [(first cluster, end cluster), ...)."""
-    clusters = (size + granularity - 1) // granularity
-    runs: list[tuple[int, int]] = []
-    for e in sorted((e for e in extents if e.dirty and e.length > 0), key=lambda e: e.start):
-        first = e.start // granularity
-        end = min((e.start + e.length - 1) // granularity + 1, clusters)
-        if first >= end:
-            continue
-        if runs and first <= runs[-1][1]:
-            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
-        else:
-            runs.append((first, end))
-    return runs
-
-
-def _set_bits(bits: bytearray, first: int, end: int) -> None:
-    while first < end and first & 7:
-        bits[first >> 3] |= 1 << (first & 7)
-        first += 1
-    whole_end = end & ~7
-    if first < whole_end:
-        bits[first >> 3 : whole_end >> 3] = b"\xff" * ((whole_end - first) >> 3)
-        first = whole_end
-    while first < end:
-        bits[first >> 3] |= 1 << (first & 7)
-        first += 1
-
-
-def bitmap_from_extents(extents: Iterable[DirtyExtent], size: int, granularity: int) -> bytes:
-    """Encode dirty extents as a cluster bitmap: bit i set = cluster i changed, LSB first."""
-    clusters = (size + granularity - 1) // granularity
-    bits = bytearray((clusters + 7) // 8)
-    for first, end in cluster_runs(extents, size, granularity):
-        _set_bits(bits, first, end)
-    return bytes(bits)
-
-
-def full_bitmap(size: int, granularity: int) -> bytes:
-    """Every cluster set: a full copy must read everything (zero extents may be skipped)."""
-    clusters = (size + granularity - 1) // granularity
-    bits = bytearray((clusters + 7) // 8)
-    _set_bits(bits, 0, clusters)
-    return bytes(bits)
-
-
-def bitmap_base64(bits: bytes) -> str:
-    return base64.b64encode(bits).decode("ascii")
-
-
-def changed_bytes(extents: Iterable[DirtyExtent], size: int, granularity: int) -> int:
-    """Bytes a client copies: dirty clusters times the granularity, the last one clipped."""
-    total = 0
-    for first, end in cluster_runs(extents, size, granularity):
-        total += min(end * granularity, size) - first * granularity
-    return total
 
 
 def retention_victims(checkpoints: Sequence[Checkpoint], keep: int) -> list[Checkpoint]:

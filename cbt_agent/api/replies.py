@@ -16,8 +16,8 @@ from cbt_agent.contract.replies import (
     VolumeCbtBackupInfo,
     VolumeTO,
 )
+from cbt_agent.dirtymap import bitmap_base64
 from cbt_agent.engine.results import ChangedAreas, TaskView, Unexported, VolumeBackup
-from cbt_agent.model import bitmap_base64
 
 __all__ = [
     "backup_info",

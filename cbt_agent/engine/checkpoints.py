@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbt_agent.config import Config
+from cbt_agent.dirtymap import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.engine.exports import (
     export_psk,
     nbd_address,
@@ -39,7 +40,6 @@ from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
 from cbt_agent.errors import HypervisorError, OperationError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.model import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.qemu import bitmaps, blockdev, images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cbt_agent.config import UNIX_PATH_MAX, Config
+from cbt_agent.dirtymap import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.engine import offline_plan
 from cbt_agent.engine.checkpoints import adopt_unknown_checkpoints
 from cbt_agent.engine.exports import nbd_address, private_dir, start_nbd_server
@@ -30,7 +31,6 @@ from cbt_agent.engine.results import VolumeBackup
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import HypervisorError, NotFound, OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.model import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.qemu import bitmaps, images, nbd_server, storage_daemon
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import SocketQmp

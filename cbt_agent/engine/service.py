@@ -30,17 +30,11 @@ from cbt_agent.errors import (
 )
 from cbt_agent.hypervisor.libvirt import Hypervisor, VmEvent, VmEventKind, VmInfo
 from cbt_agent.metrics import Metrics
-from cbt_agent.model import (
-    TRACKING_LOST,
-    CbtTask,
-    Checkpoint,
-    TaskStatus,
-    found_checkpoints,
-    new_uuid,
-)
+from cbt_agent.model import CbtTask, Checkpoint, TaskStatus, found_checkpoints, new_uuid
 from cbt_agent.qemu import images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
+from cbt_agent.reasons import TRACKING_LOST
 from cbt_agent.store import Store, SyncStore
 
 log = logging.getLogger(__name__)

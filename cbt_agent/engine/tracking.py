@@ -10,9 +10,10 @@ from cbt_agent.config import Config
 from cbt_agent.engine.plan import is_temp, ours
 from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.hypervisor.libvirt import VmInfo
-from cbt_agent.model import TRACKING_LOST, Layer, retention_victims, tracking_break
+from cbt_agent.model import Layer, retention_victims, tracking_break
 from cbt_agent.qemu import bitmaps, blockdev
 from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.reasons import TRACKING_LOST
 from cbt_agent.store import Store, SyncStore
 
 log = logging.getLogger(__name__)

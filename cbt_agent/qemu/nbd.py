@@ -11,8 +11,8 @@ from typing import Any
 
 import nbd
 
+from cbt_agent.dirtymap import DirtyExtent
 from cbt_agent.errors import HypervisorError
-from cbt_agent.model import DirtyExtent
 from cbt_agent.qemu.psk import Psk, client_file
 
 # libnbd (and QEMU) refuse a block-status length of 2^32 or more: ask for just under 4 GiB.

@@ -19,8 +19,9 @@ import stack
 from cbtharness import Agent, address, by_volume, dirty_runs, expected_runs, read_export
 
 from cbt_agent.api import replies, validate
+from cbt_agent.dirtymap import DirtyExtent, bitmap_from_extents
 from cbt_agent.errors import CbtError
-from cbt_agent.model import DirtyExtent, TaskStatus, bitmap_from_extents
+from cbt_agent.model import TaskStatus
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.store import SyncStore
 

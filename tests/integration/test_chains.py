@@ -22,17 +22,12 @@ from agentproc import AgentProcess, cli, restored_disks
 from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
 
 from cbt_agent.api import validate
+from cbt_agent.dirtymap import DirtyExtent, bitmap_from_extents
 from cbt_agent.errors import CbtError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import VmEvent, VmEventKind
-from cbt_agent.model import (
-    FULL_BROKEN,
-    FULL_NEW_TOP,
-    DirtyExtent,
-    TaskStatus,
-    bitmap_from_extents,
-    checkpoint_name,
-)
+from cbt_agent.model import TaskStatus, checkpoint_name
 from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.reasons import FULL_BROKEN, FULL_NEW_TOP
 from cbt_agent.store import SyncStore
 
 pytestmark = pytest.mark.stack

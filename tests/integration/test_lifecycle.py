@@ -16,7 +16,8 @@ from cbtharness import Agent, by_volume, dirty_runs
 
 from cbt_agent.config import parse_config
 from cbt_agent.engine.reconcile import reconcile
-from cbt_agent.model import TRACKING_LOST, TaskStatus
+from cbt_agent.model import TaskStatus
+from cbt_agent.reasons import TRACKING_LOST
 from cbt_agent.store import SyncStore
 
 pytestmark = pytest.mark.stack

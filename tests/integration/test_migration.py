@@ -25,9 +25,10 @@ from qemu.qmp import QMPClient
 
 from cbt_agent.api import replies, validate
 from cbt_agent.hypervisor.libvirt import VmEvent, VmEventKind
-from cbt_agent.model import FULL_NONE_HANDED_OUT, TaskStatus
+from cbt_agent.model import TaskStatus
 from cbt_agent.qemu import images
 from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.reasons import FULL_NONE_HANDED_OUT
 from cbt_agent.store import SyncStore
 
 pytestmark = pytest.mark.stack

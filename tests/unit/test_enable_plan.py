@@ -12,16 +12,9 @@ import pytest
 from cbt_agent.engine.plan import DiskView, Merge, StaleBitmap, plan_enable, refuse_untrackable
 from cbt_agent.errors import OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo
-from cbt_agent.model import (
-    FULL_FIRST,
-    TRACKING_LOST,
-    BitmapState,
-    Checkpoint,
-    Layer,
-    checkpoint_name,
-    temp_bitmap_name,
-)
+from cbt_agent.model import BitmapState, Checkpoint, Layer, checkpoint_name, temp_bitmap_name
 from cbt_agent.qemu.blockdev import BlockDevice
+from cbt_agent.reasons import FULL_FIRST, TRACKING_LOST
 
 TASK = "ab" * 16
 V0, V1 = "10" * 16, "20" * 16

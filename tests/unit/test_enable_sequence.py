@@ -17,14 +17,16 @@ from fakeqmp import FakeQmp
 
 from cbt_agent.api import replies
 from cbt_agent.config import Config, parse_config
+from cbt_agent.dirtymap import DirtyExtent
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext
 from cbt_agent.engine.exports import teardown_exports
 from cbt_agent.errors import QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.model import FULL_FIRST, DirtyExtent, checkpoint_name, temp_bitmap_name
+from cbt_agent.model import checkpoint_name, temp_bitmap_name
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, SocketQmp
+from cbt_agent.reasons import FULL_FIRST
 from cbt_agent.store import Store, SyncStore
 
 VM, TASK = "0f" * 16, "ab" * 16

@@ -8,6 +8,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cbt_agent"
 BELOW_THE_API = [
+    "reasons.py",
+    "dirtymap.py",
+    "metrics.py",
+    "logctx.py",
+    "sdnotify.py",
     "engine",
     "qemu",
     "hypervisor",

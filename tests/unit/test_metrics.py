@@ -17,7 +17,7 @@ from fakehv import FakeHypervisor, stopped_vm
 from fakeqmp import FakeQmp
 from prometheus_client.parser import text_string_to_metric_families
 
-from cbt_agent import model
+from cbt_agent import reasons
 from cbt_agent.api.app import make_app
 from cbt_agent.config import parse_config
 from cbt_agent.errors import OperationError, QmpCommandError, QmpInterrupted
@@ -44,22 +44,22 @@ def value(all_samples: dict[Any, float], name: str, **labels: str) -> float:
 
 def test_full_reason_classes() -> None:
     cases = {
-        model.FULL_FIRST: "first",
-        model.FULL_NONE_HANDED_OUT: "first",
-        model.FULL_UNKNOWN.format(name="cbt-x"): "base",
-        model.FULL_REMOVED.format(name="cbt-x"): "base",
-        model.FULL_MISSING.format(bitmap="b"): "missing",
-        model.FULL_INCONSISTENT.format(bitmap="b"): "inconsistent",
-        model.TRACKING_LOST: "inconsistent",
-        model.FULL_NEW_DISK.format(name="c"): "new_disk",
-        model.FULL_RESIZED.format(name="c", old=1, new=2): "resized",
-        model.FULL_LAYER_SIZE.format(image="i", old=1, new=2): "resized",
-        model.FULL_NEW_TOP.format(old="a", new="b", bitmap="x"): "chain_changed",
-        model.FULL_GAP.format(bitmap="b", image="i"): "chain_changed",
-        model.FULL_BROKEN.format(name="n", why="a stream"): "chain_changed",
+        reasons.FULL_FIRST: "first",
+        reasons.FULL_NONE_HANDED_OUT: "first",
+        reasons.FULL_UNKNOWN.format(name="cbt-x"): "base",
+        reasons.FULL_REMOVED.format(name="cbt-x"): "base",
+        reasons.FULL_MISSING.format(bitmap="b"): "missing",
+        reasons.FULL_INCONSISTENT.format(bitmap="b"): "inconsistent",
+        reasons.TRACKING_LOST: "inconsistent",
+        reasons.FULL_NEW_DISK.format(name="c"): "new_disk",
+        reasons.FULL_RESIZED.format(name="c", old=1, new=2): "resized",
+        reasons.FULL_LAYER_SIZE.format(image="i", old=1, new=2): "resized",
+        reasons.FULL_NEW_TOP.format(old="a", new="b", bitmap="x"): "chain_changed",
+        reasons.FULL_GAP.format(bitmap="b", image="i"): "chain_changed",
+        reasons.FULL_BROKEN.format(name="n", why="a stream"): "chain_changed",
         "something new": "other",
     }
-    assert {r: model.full_reason_class(r) for r in cases} == cases
+    assert {r: reasons.full_reason_class(r) for r in cases} == cases
 
 
 def test_tasks_by_status_kept_current_and_only_by_commits(tmp_path: Path) -> None:
@@ -108,8 +108,8 @@ def test_enable_results_and_jobs() -> None:
     m = Metrics()
     m.enabled(
         [
-            ("full", model.FULL_FIRST, 0),
-            ("full", model.FULL_NEW_DISK.format(name="c"), 0),
+            ("full", reasons.FULL_FIRST, 0),
+            ("full", reasons.FULL_NEW_DISK.format(name="c"), 0),
             ("incremental", None, 3 << 20),
             ("incremental", None, 1 << 20),
         ]

@@ -8,29 +8,28 @@ from datetime import UTC, datetime
 
 import pytest
 
+from cbt_agent.dirtymap import DirtyExtent, bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.errors import OperationError
 from cbt_agent.model import (
+    BitmapState,
+    Checkpoint,
+    Layer,
+    TaskStatus,
+    check_transition,
+    checkpoint_name,
+    checkpoint_seq,
+    found_checkpoints,
+    plan_disk,
+    retention_victims,
+    temp_bitmap_name,
+    tracking_break,
+)
+from cbt_agent.reasons import (
     FULL_BROKEN,
     FULL_INCONSISTENT,
     FULL_LAYER_SIZE,
     FULL_NEW_TOP,
     FULL_NONE_HANDED_OUT,
-    BitmapState,
-    Checkpoint,
-    DirtyExtent,
-    Layer,
-    TaskStatus,
-    bitmap_from_extents,
-    changed_bytes,
-    check_transition,
-    checkpoint_name,
-    checkpoint_seq,
-    found_checkpoints,
-    full_bitmap,
-    plan_disk,
-    retention_victims,
-    temp_bitmap_name,
-    tracking_break,
 )
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)

@@ -20,16 +20,10 @@ import pytest
 from cbt_agent.engine.offline_plan import disk_view, image_nodes, plan_offline
 from cbt_agent.engine.results import Unexported
 from cbt_agent.hypervisor.libvirt import DiskInfo, start_error
-from cbt_agent.model import (
-    FULL_FIRST,
-    TRACKING_LOST,
-    BitmapState,
-    Checkpoint,
-    checkpoint_name,
-    temp_bitmap_name,
-)
+from cbt_agent.model import BitmapState, Checkpoint, checkpoint_name, temp_bitmap_name
 from cbt_agent.qemu import storage_daemon
 from cbt_agent.qemu.images import ImageLayer
+from cbt_agent.reasons import FULL_FIRST, TRACKING_LOST
 from cbt_agent.store import DaemonExport, StorageDaemon, SyncStore
 from cbt_agent.store.schema import _MIGRATIONS, SCHEMA_VERSION
 
