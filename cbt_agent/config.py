@@ -71,6 +71,67 @@ class CheckpointConfig:
     # "auto" when the guest has a connected agent, "always" (Enable fails without one), "never"
     quiesce: str = "auto"
     freeze_timeout: int = 10  # seconds a guest may stay frozen before the agent thaws it
+    # scratch an open export may use per disk (old data the guest overwrote since the
+    # checkpoint): a share of the disk's virtual size, or bytes; past it the export breaks
+    scratch_budget: Share = field(default_factory=lambda: Share(fraction=0.25))
+    # room always left free on the scratch filesystem: a share of its size, or bytes
+    scratch_reserve: Share = field(default_factory=lambda: Share(fraction=0.05))
+    # seconds one copy into the scratch may take before the export breaks (the guest's write
+    # waits at most this long, then goes on)
+    cbw_timeout: int = 10
+    scratch_poll: float = 1.0  # seconds between two looks at an open export's scratch
+
+
+@dataclass(frozen=True)
+class Share:
+    """A budget: a fraction of some size, or a fixed number of bytes."""
+
+    fraction: float | None = None
+    size: int | None = None
+
+    def of(self, total: int) -> int:
+        if self.size is not None:
+            return self.size
+        return int(total * (self.fraction or 0.0))
+
+    def __str__(self) -> str:
+        if self.size is not None:
+            return str(self.size)
+        return f"{(self.fraction or 0.0) * 100:g}%"
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _share(t: dict[str, Any], section: str, key: str, default: Share) -> Share:
+    """ "25%" (of a size), "512M" / "20G" (bytes with a binary unit), or an integer of bytes."""
+    value = t.get(key)
+    if value is None:
+        return default
+    name = f"{section}.{key}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(name, "must be at least 1 byte")
+        return Share(size=value)
+    if not isinstance(value, str):
+        raise ConfigError(name, 'must be a percentage ("25%"), a size ("512M", "20G") or bytes')
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 < pct <= 100:
+                raise ConfigError(name, f"{value!r}: a percentage must be above 0 and at most 100")
+            return Share(fraction=pct / 100)
+        unit = text[-1:] if text[-1:] in _UNITS else ""
+        number = float(text[: len(text) - len(unit)])
+    except ValueError:
+        raise ConfigError(
+            name, f'{value!r} is not a percentage ("25%"), a size ("512M", "20G") or bytes'
+        ) from None
+    size = int(number * _UNITS[unit])
+    if size < 1:
+        raise ConfigError(name, f"{value!r} must be at least 1 byte")
+    return Share(size=size)
 
 
 @dataclass(frozen=True)
@@ -122,7 +183,15 @@ _KNOWN: dict[str, set[str]] = {
     "libvirt": {"uri"},
     "qmp": {"socket_template"},
     "nbd": {"listen", "port_range", "transport", "socket_dir", "tls_cert_dir", "tls"},
-    "checkpoints": {"keep", "quiesce", "freeze_timeout"},
+    "checkpoints": {
+        "keep",
+        "quiesce",
+        "freeze_timeout",
+        "scratch_budget",
+        "scratch_reserve",
+        "cbw_timeout",
+        "scratch_poll",
+    },
     "jobs": {"keep_seconds"},
     "log": {"level", "access"},
 }
@@ -403,11 +472,24 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
             keep=_int(cps, "checkpoints", "keep", 16, 1, 1000),
             quiesce=_quiesce(cps),
             freeze_timeout=_int(cps, "checkpoints", "freeze_timeout", 10, 1, 600),
+            scratch_budget=_share(cps, "checkpoints", "scratch_budget", Share(fraction=0.25)),
+            scratch_reserve=_share(cps, "checkpoints", "scratch_reserve", Share(fraction=0.05)),
+            cbw_timeout=_int(cps, "checkpoints", "cbw_timeout", 10, 1, 600),
+            scratch_poll=_poll(cps),
         ),
         jobs=JobsConfig(keep_seconds=_int(jobs, "jobs", "keep_seconds", 7 * 24 * 3600, 60, 10**9)),
         log_level=level,
         log_access=access,
     )
+
+
+def _poll(cps: dict[str, Any]) -> float:
+    value = cps.get("scratch_poll", 1.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError("checkpoints.scratch_poll", "must be a number of seconds")
+    if not 0.05 <= value <= 60:
+        raise ConfigError("checkpoints.scratch_poll", "must be between 0.05 and 60")
+    return float(value)
 
 
 def _quiesce(cps: dict[str, Any]) -> str:

@@ -103,6 +103,27 @@ class Metrics:
             ["error_class"],
             registry=r,
         )
+        self.export_breaks = Counter(
+            "cbt_agent_export_breaks",
+            "Exports broken to spare the guest and the host: cause budget (a disk's scratch "
+            "past checkpoints.scratch_budget) or filesystem (down to checkpoints.scratch_reserve).",
+            ["cause"],
+            registry=r,
+        )
+        self.scratch_bytes = Gauge(
+            "cbt_agent_scratch_bytes", "Bytes the open exports' scratch files take.", registry=r
+        )
+        self.scratch_budget_bytes = Gauge(
+            "cbt_agent_scratch_budget_bytes",
+            "Bytes of scratch the open exports may take (their disks' budgets).",
+            registry=r,
+        )
+        self.cut_pause_seconds = Histogram(
+            "cbt_agent_cut_pause_seconds",
+            "How long a running VM was paused for a checkpoint's cut.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+            registry=r,
+        )
         self.webhooks = Counter(
             "cbt_agent_webhook_deliveries", "Webhook deliveries, by outcome.", ["outcome"],
             registry=r,
@@ -146,7 +167,11 @@ class Metrics:
     def webhook(self, outcome: str) -> None:
         self.webhooks.labels(outcome).inc()
 
-    def render(self, *, jobs_running: int, exports_open: int) -> bytes:
+    def render(
+        self, *, jobs_running: int, exports_open: int, scratch: tuple[int, int] = (0, 0)
+    ) -> bytes:
         self.jobs_running.set(jobs_running)
         self.exports_open.set(exports_open)
+        self.scratch_bytes.set(scratch[0])
+        self.scratch_budget_bytes.set(scratch[1])
         return generate_latest(self.registry)

@@ -1,5 +1,6 @@
 """A small model of QEMU's block layer for the fake QMP endpoint: the disks' format nodes and
-their bitmaps, scratch nodes, fleecing jobs, the NBD server and its exports, answering the
+their bitmaps, scratch nodes, copy-before-write filters and snapshot-access nodes (a device's
+`drive` moved with qom-set), the VM's run state, the NBD server and its exports, answering the
 commands the agent sends with what QEMU 7.2 answers (the facts of DESIGN.md), not a full QEMU.
 
 A transaction runs on a copy of the state and is committed only when every action succeeded.
@@ -49,6 +50,8 @@ class Node:
     read_only: bool = False
     backing: str | None = None  # node name
     bitmaps: dict[str, Bitmap] = field(default_factory=dict)
+    child: str | None = None  # a filter's or snapshot-access node's `file` (a node name)
+    target: str | None = None  # a copy-before-write filter's target
 
 
 @dataclass
@@ -59,6 +62,8 @@ class State:
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)
     nbd: dict[str, Any] | None = None  # the running NBD server's address
     capabilities: set[str] = field(default_factory=set)
+    running: bool = True
+    pauses: int = 0  # stop commands seen
 
 
 class FakeBlockLayer:
@@ -96,6 +101,13 @@ class FakeBlockLayer:
             "block-job-cancel": self.block_job_cancel,
             "job-dismiss": lambda a: {},
             "object-del": lambda a: {},
+            "qom-set": self.qom_set,
+            "query-status": lambda a: {
+                "running": self.state.running,
+                "status": "running" if self.state.running else "paused",
+            },
+            "stop": self.stop,
+            "cont": self.cont,
         }.items():
             fake.on(command, handler)
 
@@ -105,10 +117,9 @@ class FakeBlockLayer:
         out = []
         for alias, name in self.state.devices.items():
             node = self.state.nodes[name]
-            fleecing = any(dev == name for dev, _ in self.state.jobs.values())
             inserted = {
-                "node-name": f"#cbw-{name}" if fleecing else name,
-                "drv": "copy-before-write" if fleecing else node.driver,
+                "node-name": name,
+                "drv": node.driver,
                 "file": node.filename,
                 "image": {"virtual-size": node.size, "filename": node.filename},
             }
@@ -122,8 +133,9 @@ class FakeBlockLayer:
             "format": node.driver,
             "virtual-size": node.size,
         }
-        if node.backing is not None:
-            image["backing-image"] = self._image(self.state.nodes[node.backing])
+        below = node.backing or node.child  # QEMU shows a filter's child as its backing image
+        if below is not None:
+            image["backing-image"] = self._image(self.state.nodes[below])
         return image
 
     def query_named_block_nodes(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -139,6 +151,8 @@ class FakeBlockLayer:
             if node.bitmaps:  # absent when a node has none
                 entry["dirty-bitmaps"] = [b.entry() for b in node.bitmaps.values()]
             out.append(entry)
+            if node.child is not None:
+                continue  # a filter or snapshot-access node has no protocol node of its own
             # its protocol node: same filename, driver file
             out.append(
                 {
@@ -168,6 +182,22 @@ class FakeBlockLayer:
         name = args["node-name"]
         if name in self.state.nodes:
             raise QmpError(f"Duplicate nodes with node-name='{name}'")
+        driver = args.get("driver", "qcow2")
+        if driver in ("copy-before-write", "snapshot-access"):
+            child = args["file"]
+            for ref in (child, args.get("target")):
+                if ref is not None and ref not in self.state.nodes:
+                    raise QmpError(f"Cannot find device='' nor node-name='{ref}'")
+            below = self.state.nodes[child]
+            self.state.nodes[name] = Node(
+                name,
+                below.filename,
+                below.size,
+                driver=driver,
+                child=child,
+                target=args.get("target"),
+            )
+            return {}
         backing = args.get("backing")
         size = self.state.nodes[backing].size if backing in self.state.nodes else 0
         self.state.nodes[name] = Node(name, args["file"]["filename"], size, backing=backing)
@@ -177,12 +207,36 @@ class FakeBlockLayer:
         name = args["node-name"]
         if name not in self.state.nodes:
             raise QmpError(f"Failed to find node with node-name='{name}'")
-        busy = [j for j, (_, t) in self.state.jobs.items() if t == name] + [
-            x for x, e in self.state.exports.items() if e["node-name"] == name
-        ]
+        busy = (
+            [j for j, (_, t) in self.state.jobs.items() if t == name]
+            + [x for x, e in self.state.exports.items() if e["node-name"] == name]
+            + [n.name for n in self.state.nodes.values() if name in (n.child, n.target)]
+            + [alias for alias, node in self.state.devices.items() if node == name]
+        )
         if busy:
             raise QmpError(f"Node '{name}' is busy: in use by {busy[0]}")
         del self.state.nodes[name]
+        return {}
+
+    def qom_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        path, value = str(args["path"]), str(args["value"])
+        alias = path.split("/")[3] if path.startswith("/machine/peripheral/") else ""
+        if alias not in self.state.devices:
+            raise QmpError(f"Device '{path}' not found", "DeviceNotFound")
+        if args["property"] != "drive":
+            raise QmpError(f"Property '{args['property']}' not found")
+        if value not in self.state.nodes:
+            raise QmpError(f"Cannot find device='' nor node-name='{value}'")
+        self.state.devices[alias] = value
+        return {}
+
+    def stop(self, _args: dict[str, Any]) -> dict[str, Any]:
+        self.state.running = False
+        self.state.pauses += 1
+        return {}
+
+    def cont(self, _args: dict[str, Any]) -> dict[str, Any]:
+        self.state.running = True
         return {}
 
     def block_job_cancel(self, args: dict[str, Any]) -> dict[str, Any]:

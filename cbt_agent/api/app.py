@@ -154,6 +154,7 @@ def make_app(
             yield
         finally:
             await jobs.drain()
+            await service.watch.close()
 
     async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
         http = webhooks.session(await webhooks.pinned_addresses(config.api.webhook_hosts))

@@ -332,11 +332,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus' text format: figures kept current as things happen (cbt_agent.metrics); a
-    scrape adds two small counts (jobs running, exports open)."""
+    scrape adds two small counts (jobs running, exports open) and the scratch last looked at."""
     service = request.app[SERVICE]
     _by_status, exports = await service.store.run(SyncStore.counts)
     running = len(await service.store.run(SyncStore.running_jobs))
-    body = request.app[METRICS].render(jobs_running=running, exports_open=exports)
+    body = request.app[METRICS].render(
+        jobs_running=running, exports_open=exports, scratch=service.watch.totals()
+    )
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

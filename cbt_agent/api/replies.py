@@ -102,6 +102,7 @@ def backup_info(v: VolumeBackup) -> VolumeCbtBackupInfo:
         size=export.size,
         changed_bytes=v.changed_bytes,
         quiesced=v.quiesced,
+        scratch_budget=v.scratch_budget,
         # only when used, so a plain TCP export's info is exactly ZStack's fields plus the above
         nbd_socket=server.socket,
         nbd_tls=True if server.tls else None,

@@ -230,6 +230,9 @@ async def _run_backup_locked(
                 await api.disable(task.uuid, force=True)
             try:
                 new, results = await _backup(api, task, manifest, run)
+            except BackupError as e:
+                await _explain_break(api, opts.vm_uuid, e)
+                raise
             except BaseException:
                 for p in run.made:
                     p.unlink(missing_ok=True)
@@ -247,6 +250,23 @@ async def _run_backup_locked(
                 note(f"warning: {e.message}")
     _summary(dest, new.checkpoints[-1], results)
     return new
+
+
+async def _explain_break(api: CbtApi, vm_uuid: str, e: BackupError) -> None:
+    """A copy that failed because the agent ended the export (its scratch budget or its
+    scratch filesystem: an export breaks before the guest would pay) says so; the rest of the
+    failure path (files removed, task disabled) runs as for any failure."""
+    if "NBD copy failed" not in e.message:
+        return
+    with contextlib.suppress(Exception):
+        now = await api.find_task(vm_uuid)
+        if now is not None and now.status == "Stopped":
+            e.message += (
+                " — the agent ended the export (task Stopped): `cbt-agent status` on the host "
+                "says why (a scratch past checkpoints.scratch_budget or a nearly full scratch "
+                "filesystem breaks an export to spare the guest); the next backup counts from "
+                "the last complete one"
+            )
 
 
 def _socket_path(dest: Path) -> tuple[Path, Path | None]:
@@ -376,6 +396,7 @@ async def _backup_disk(
                     on_done=run.on_request_done,
                     stop=run.stop,
                     zeros=zeros,
+                    trim=bool(src.can_trim()),
                 )
                 await run.in_thread(finish_target, dst)
             except nbd.Error as e:

@@ -145,8 +145,13 @@ def copy_requests(
     pool: BufferPool = POOL,
     max_in_flight: int = MAX_IN_FLIGHT,
     zeros: Iterable[tuple[int, int]] = (),
+    trim: bool = False,
 ) -> None:
     """Copy every (offset, length) of `reqs` from `src` to `dst` at the same offset.
+
+    With `trim` each range read is trimmed on `src` at once: on the agent's export that frees
+    its scratch and ends the copies the guest's writes there would cost (best effort: a
+    refused trim changes nothing read).
 
     A read that returns only zeroes is written as a write-zeroes when `keep_zero` (it must
     shadow an older backing file) and skipped otherwise (a standalone file reads zero there).
@@ -162,6 +167,7 @@ def copy_requests(
     pending = iter(reqs)
     reads: deque[tuple[int, Any, int, int]] = deque()
     writes: deque[tuple[int, Any | None, int]] = deque()
+    trims: deque[int] = deque()
     exhausted = False
     while True:
         if stop.is_set():
@@ -179,8 +185,12 @@ def copy_requests(
             offset, length = req
             buf = pool.take(length)
             reads.append((src.aio_pread(buf, offset), buf, offset, length))
+        while trims and _trimmed(src, trims[0]):
+            trims.popleft()
         while reads and src.aio_command_completed(reads[0][0]):
             _, buf, offset, length = reads.popleft()
+            if trim:
+                trims.append(src.aio_trim(length, offset))
             if not buf.is_zero():
                 writes.append((dst.aio_pwrite(buf, offset), buf, length))
             elif not keep_zero:
@@ -196,11 +206,18 @@ def copy_requests(
             if buf is not None:
                 pool.give(buf, length)
             on_done(length)
-        if exhausted and not reads and not writes:
+        if exhausted and not reads and not writes and not trims:
             return
-        busy = [h for h, q in ((src, reads), (dst, writes)) if q]
+        busy = [h for h, q in ((src, reads or trims), (dst, writes)) if q]
         if busy:
             _wait(busy)
+
+
+def _trimmed(src: Any, cookie: int) -> bool:
+    try:
+        return bool(src.aio_command_completed(cookie))
+    except nbd.Error:
+        return True  # refused: the scratch keeps that range, nothing read is affected
 
 
 def finish_target(dst: Any) -> None:

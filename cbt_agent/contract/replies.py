@@ -139,6 +139,7 @@ class VolumeCbtBackupInfo(WireModel):
             "nbd_tls",
             "nbd_tls_psk_identity",
             "nbd_tls_psk",
+            "scratch_budget",
         }
     )
 
@@ -165,6 +166,15 @@ class VolumeCbtBackupInfo(WireModel):
         default=False,
         description="the guest's filesystems were frozen through its guest agent for the "
         "checkpoint (application-consistent); false: crash-consistent",
+    )
+    scratch_budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="bytes of scratch this disk's export may fill with the old data of what the "
+        "guest overwrites while it is open (checkpoints.scratch_budget); past it, or with the "
+        "scratch filesystem down to its reserve, the export breaks: its reads fail and the task "
+        "goes Stopped saying why. A client that trims each range after reading it frees its "
+        "scratch. Absent from an offline export (nothing writes to a shut-off VM's disks)",
     )
     nbd_socket: str | None = Field(
         default=None,

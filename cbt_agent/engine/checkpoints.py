@@ -13,12 +13,15 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cbt_agent.config import Config
 from cbt_agent.dirtymap import bitmap_from_extents, changed_bytes, full_bitmap
+from cbt_agent.engine import scratch
 from cbt_agent.engine.exports import (
     export_psk,
     nbd_address,
@@ -40,13 +43,15 @@ from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
 from cbt_agent.errors import HypervisorError, OperationError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.qemu import bitmaps, blockdev, images, nbd_server
+from cbt_agent.qemu import bitmaps, blockdev, fleece, images, nbd_server, transaction
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel
 from cbt_agent.store import NbdServer, Store, SyncStore, VolumeExport
 
 log = logging.getLogger(__name__)
+
+PAUSED = "paused"  # export phase while the agent holds the VM paused for the cut
 
 
 @dataclass
@@ -66,6 +71,8 @@ class EnableContext:
     found_inconsistent: int = 0  # the task's bitmaps QEMU reported inconsistent (removed)
     # the disks as the caller just read them under the VM's lock (None: read them here)
     views: list[DiskView] | None = None
+    paused_ms: float | None = None  # how long the VM was paused for the cut (None: not paused)
+    held_paused: bool = False  # the agent paused the VM and has not seen it run again
 
     async def at(self, name: str) -> None:
         if self.step is not None:
@@ -86,8 +93,9 @@ def _volume_info(
     changed: int,
     quiesced: bool,
     key: Psk | None,
+    budget: int,
 ) -> VolumeBackup:
-    return VolumeBackup(disk, export, server, bits, changed, quiesced, key)
+    return VolumeBackup(disk, export, server, bits, changed, quiesced, key, budget)
 
 
 async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
@@ -136,6 +144,32 @@ async def adopt_unknown_checkpoints(
             ", ".join(sorted(cp.volumes)),
         )
     return [c.name for c in adopted]
+
+
+async def _cut(
+    ctx: EnableContext, qmp: QmpChannel, views: list[DiskView], actions: Sequence[dict[str, Any]]
+) -> None:
+    """The point in time: each disk's device onto its copy-before-write filter, then the bitmap
+    transaction, with a running VM paused in between so every disk and bitmap shares one
+    instant. The pause is recorded before it starts (an agent that dies in it resumes the VM
+    at restart) and lasts a few QMP round trips; the VM runs again on every path."""
+    was_running = await fleece.running(qmp)
+    if was_running:
+        await ctx.store.run(SyncStore.set_export_phase, ctx.task_uuid, PAUSED)
+        ctx.held_paused = True
+        await fleece.pause(qmp)
+    start = time.perf_counter()
+    try:
+        for v in views:
+            await fleece.set_drive(qmp, v.dev.qdev, fleece.filter_node_name(v.disk.volume_uuid))
+        await transaction.run(qmp, actions)
+    finally:
+        if was_running:
+            # a lost connection fails this too: the rollback resumes on a new one
+            await fleece.resume(qmp)
+            ctx.paused_ms = (time.perf_counter() - start) * 1000
+            ctx.held_paused = False
+            await ctx.store.run(SyncStore.set_export_phase, ctx.task_uuid, "planned")
 
 
 async def _checkpoint_in_qemu(qmp: QmpChannel, exports: list[VolumeExport], name: str) -> bool:
@@ -202,13 +236,21 @@ async def enable(
         await ctx.at("enable:planned")
         await asyncio.gather(*(create_scratch(Path(e.scratch_path), e.size) for e in exports))
         for e in exports:
-            await blockdev.add_scratch_node(qmp, e.scratch_node, e.scratch_path, e.device_node)
+            await fleece.add(qmp, fleece.scratch_args(e.scratch_node, e.scratch_path))
+            await fleece.add(
+                qmp,
+                fleece.filter_args(
+                    fleece.filter_node_name(e.volume_uuid),
+                    e.device_node,
+                    e.scratch_node,
+                    cfg.checkpoints.cbw_timeout,
+                ),
+            )
         await ctx.at("enable:scratch")
 
         sent = True
         await checkpoint_transaction(
-            qmp,
-            plan.actions,
+            lambda: _cut(ctx, qmp, views, plan.actions),
             freeze,
             vm_uuid=ctx.vm.vm_uuid,
             guest=ctx.guest,
@@ -219,17 +261,29 @@ async def enable(
         if plan.clears_pending:  # recorded in the checkpoint just cut
             await store.run(SyncStore.clear_pending_breaks, task_uuid)
         ctx.notes.insert(0, freeze.note())
+        if ctx.paused_ms is not None:
+            ctx.notes.insert(1, f"VM paused {ctx.paused_ms:.1f} ms for the cut")
         await bitmaps.enable_migration(qmp)
         await ctx.at("enable:checkpoint")
 
+        for e in exports:
+            await fleece.add(
+                qmp,
+                fleece.access_args(
+                    fleece.access_node_name(e.volume_uuid), fleece.filter_node_name(e.volume_uuid)
+                ),
+            )
         after = await blockdev.named_nodes(qmp)
         new_granularity: dict[str, int] = {}
         for e in exports:
             state = bitmaps.bitmaps_of(after.get(e.device_node)).get(plan.checkpoint)
             new_granularity[e.volume_uuid] = state.granularity if state else DEFAULT_GRANULARITY
+        # each change set lives on the disk's snapshot-access node: QEMU's NBD server looks
+        # for an export's bitmaps on the exported node and its filters only
+        access = {e.device_node: fleece.access_node_name(e.volume_uuid) for e in exports}
         for m in plan.merges:
-            await bitmaps.add_temp_bitmap(qmp, m.node, m.target, m.granularity)
-            await bitmaps.merge(qmp, m.node, m.target, m.sources)
+            await bitmaps.add_temp_bitmap(qmp, access[m.node], m.target, m.granularity)
+            await bitmaps.merge(qmp, access[m.node], m.target, m.sources)
         exports = with_new_granularity(exports, new_granularity)
         await ctx.at("enable:bitmaps")
 
@@ -238,8 +292,9 @@ async def enable(
         await ctx.at("enable:nbd-server")
 
         for e in exports:
-            bitmap = (e.device_node, e.temp_bitmap) if e.temp_bitmap else None
-            await nbd_server.add_export(qmp, e.export_id, e.scratch_node, e.volume_uuid, bitmap)
+            node = fleece.access_node_name(e.volume_uuid)
+            bitmap = (node, e.temp_bitmap) if e.temp_bitmap else None
+            await nbd_server.add_export(qmp, e.export_id, node, e.volume_uuid, bitmap, trim=True)
         await ctx.at("enable:exported")
 
         async def dirty_map(e: VolumeExport) -> tuple[bytes, int]:
@@ -257,9 +312,10 @@ async def enable(
         # one NBD connection per disk, all at once: a TCP connect to QEMU's NBD server costs
         # ~90 ms of protocol round trips here, whatever the disk's size
         maps = await asyncio.gather(*(dirty_map(e) for e in exports))
+        budgets = scratch.budgets(cfg.checkpoints, (e.size for e in exports))
         infos = [
-            _volume_info(v.disk, e, server, bits, changed, freeze.quiesced, key)
-            for e, v, (bits, changed) in zip(exports, views, maps, strict=True)
+            _volume_info(v.disk, e, server, bits, changed, freeze.quiesced, key, budget)
+            for e, v, (bits, changed), budget in zip(exports, views, maps, budgets, strict=True)
         ]
 
         def exported(s: SyncStore) -> None:
@@ -299,6 +355,14 @@ async def _roll_back(
     if isinstance(exc, QmpInterrupted) and ctx.reconnect is not None:
         with contextlib.suppress(Exception):
             now = await ctx.reconnect()
+    if ctx.held_paused:
+        # the cut failed with the VM paused: it runs again before anything else
+        try:
+            if not await fleece.running(now):
+                await fleece.resume(now)
+            ctx.held_paused = False
+        except Exception as e:  # reconcile resumes it at the next start
+            log.error("task %s: VM paused for the cut could not be resumed: %s", task_uuid, e)
     if sent and not committed:
         # The transaction's reply was lost or it failed: read back whether it ran.
         # Unreadable: forget it here; the next Enable adopts it if it is on the disks.

@@ -12,7 +12,7 @@ from pathlib import Path
 from cbt_agent.config import UNIX_PATH_MAX, Config
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import OperationError
-from cbt_agent.qemu import bitmaps, blockdev, nbd_server, psk
+from cbt_agent.qemu import bitmaps, blockdev, fleece, nbd_server, psk
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel
@@ -126,8 +126,9 @@ async def teardown_exports(
     force: bool,
     step: StepHook | None = None,
 ) -> None:
-    """End a task's exports: NBD exports, the NBD server, fleecing jobs, scratch nodes and
-    files, temporary bitmaps. Idempotent: safe after a crash at any point of Enable or Disable."""
+    """End a task's exports: NBD exports, the NBD server, each disk's access node and filter
+    (the device back on its disk), scratch nodes and files. Idempotent: safe after a crash at
+    any point of Enable or Disable."""
     exports = await store.run(SyncStore.exports, task_uuid)
     server = await store.run(SyncStore.nbd_server, task_uuid)
     await nbd_server.delete_exports(qmp, [e.export_id for e in exports], force=force)
@@ -142,16 +143,19 @@ async def teardown_exports(
         # the key dies with the object and the file (QEMU reads the file at each handshake)
         await nbd_server.delete_object(qmp, PSK_CREDS_ID)
         await remove_psk_dir(cfg, task_uuid)
+    # an export made by an agent before the copy-before-write filter ran a fleecing job
     await blockdev.cancel_jobs(qmp, [e.job_id for e in exports])
     if step:
         await step("disable:jobs")
-    present = await blockdev.named_nodes(qmp)
+    present = await fleece.remove(
+        qmp, [fleece.view_of(e.volume_uuid, e.scratch_node, e.device_node) for e in exports]
+    )
     for e in exports:
-        if e.scratch_node in present:
-            await blockdev.delete_node(qmp, e.scratch_node)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, e.scratch_path)
-        if e.temp_bitmap:
+    for e in exports:
+        # an older agent's change set lived on the disk's top (now it dies with the access node)
+        if e.temp_bitmap and e.temp_bitmap in bitmaps.bitmaps_of(present.get(e.device_node)):
             await bitmaps.remove_bitmap(qmp, e.device_node, e.temp_bitmap)
     if step:
         await step("disable:scratch")

@@ -191,9 +191,7 @@ def plan_enable(
         exports.append(e)
         cuts.append(
             DiskCut(
-                e.job_id,
                 e.device_node,
-                e.scratch_node,
                 tuple(to_freeze(task_uuid, v.top, plan)),
                 new_name,
             )

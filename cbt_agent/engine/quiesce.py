@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from cbt_agent.errors import HypervisorError, OperationError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import GuestAgentUnavailable
-from cbt_agent.qemu import transaction
-from cbt_agent.qemu.qmp import QmpChannel
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +38,7 @@ class Freeze:
 
 
 async def checkpoint_transaction(
-    qmp: QmpChannel,
-    actions: Sequence[dict[str, Any]],
+    cut: Callable[[], Awaitable[None]],
     freeze: Freeze,
     *,
     vm_uuid: str,
@@ -49,11 +46,11 @@ async def checkpoint_transaction(
     quiesce: str,
     freeze_timeout: float,
 ) -> None:
-    """Run the checkpoint transaction, inside a freeze of the guest's filesystems when asked
-    (`quiesce`: "auto" | "always" | "never") and possible: the guest is frozen for the
-    transaction only, and thawed on every path (a transaction slower than the freeze timeout
-    is given up on: its outcome is then read back like a lost reply's). `freeze` is filled in
-    with what happened."""
+    """Cut the checkpoint (`cut()`: the VM's pause, its disks' filters and the bitmap
+    transaction) inside a freeze of the guest's filesystems when asked (`quiesce`: "auto" |
+    "always" | "never") and possible: the guest is frozen for the cut only, and thawed on every
+    path (a cut slower than the freeze timeout is given up on: its outcome is then read back
+    like a lost reply's). `freeze` is filled in with what happened."""
     loop = asyncio.get_running_loop()
     if quiesce != "never" and guest is not None:
         start = loop.time()
@@ -69,7 +66,7 @@ async def checkpoint_transaction(
             freeze.why_not = f"no guest agent: {e.message}"
         if freeze.quiesced:
             try:
-                await asyncio.wait_for(transaction.run(qmp, actions), freeze_timeout)
+                await asyncio.wait_for(cut(), freeze_timeout)
             except TimeoutError:
                 raise QmpInterrupted(
                     f"the checkpoint transaction did not answer within the freeze timeout "
@@ -83,7 +80,7 @@ async def checkpoint_transaction(
             return
     elif quiesce == "never":
         freeze.why_not = "quiesce not asked for"
-    await transaction.run(qmp, actions)
+    await cut()
 
 
 async def thaw(guest: GuestFreezer, attempts: int = 3) -> None:

@@ -1,7 +1,8 @@
 """Reconcile the database with what QEMU really has. Runs at start, before the API listens.
 
-- A task left `Starting` (the agent died inside Enable): everything the recorded plan names is
-  removed again; the checkpoint stays in the chain if its bitmap made it into QEMU (the
+- A task left `Starting` (the agent died inside Enable): a VM it held paused for the cut runs
+  again, everything the recorded plan names is removed again (each disk's device back on its
+  own node); the checkpoint stays in the chain if its bitmap made it into QEMU (the
   transaction ran), otherwise it is forgotten. The task ends `Failed` with the reason.
 - A `Running` task whose exports are all still in QEMU stays usable; otherwise it is torn down.
 - A task with export rows but not Running/Starting (a Disable died) finishes its teardown.
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from cbt_agent import logctx
 from cbt_agent.engine import offline, quiesce, tracking
+from cbt_agent.engine.checkpoints import PAUSED
 from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
-from cbt_agent.qemu import bitmaps, blockdev, nbd_server, psk
+from cbt_agent.qemu import bitmaps, blockdev, fleece, nbd_server, psk
 from cbt_agent.store import StorageDaemon, SyncStore
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,15 @@ async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
             live = await nbd_server.export_ids_of(qmp)
             if all(e.phase == "exported" and e.export_id in live for e in exports):
                 log.info("task %s: exports alive, stays Running", task.uuid)
+                service.watch.start(task.uuid, exports)
                 return
         if task.status is TaskStatus.STARTING and running:
+            if any(e.phase == PAUSED for e in exports):
+                # the agent died with the VM paused for the cut: it runs again first
+                qmp = await service.qmp.channel(task.vm_uuid)
+                if not await fleece.running(qmp):
+                    await fleece.resume(qmp)
+                    log.warning("task %s: VM paused for a cut resumed", task.uuid)
             # the agent may have died with the guest frozen for the checkpoint: thaw it
             # (harmless when it is not frozen; nothing to do without a guest agent)
             await quiesce.thaw(GuestOf(service.hypervisor, task.vm_uuid))

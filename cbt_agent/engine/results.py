@@ -31,6 +31,7 @@ class VolumeBackup:
     changed_bytes: int
     quiesced: bool  # the guest's filesystems were frozen for the checkpoint
     psk: Psk | None = None  # what a client proves itself with ([nbd] tls = "psk")
+    scratch_budget: int | None = None  # bytes its scratch may fill (None: no scratch)
 
     @property
     def dirty_bitmap_context(self) -> str | None:

@@ -15,12 +15,13 @@ from datetime import UTC, datetime
 
 from cbt_agent import commands, logctx
 from cbt_agent.config import Config
-from cbt_agent.engine import checkpoints, offline, tracking
+from cbt_agent.engine import checkpoints, offline, scratch, tracking
 from cbt_agent.engine.checkpoints import EnableContext
 from cbt_agent.engine.exports import export_psk, nbd_address, remove_psk_dir, teardown_exports
-from cbt_agent.engine.plan import found_on, is_temp, ours, refuse_untrackable
+from cbt_agent.engine.plan import DiskView, found_on, is_temp, ours, refuse_untrackable
 from cbt_agent.engine.results import ChangedAreas, TaskView, Unexported, VolumeBackup
 from cbt_agent.engine.steps import StepHook
+from cbt_agent.engine.watch import ScratchWatch
 from cbt_agent.errors import (
     CbtError,
     InvalidArgument,
@@ -74,6 +75,7 @@ class CbtService:
         self.step = step
         self.metrics = metrics
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.watch = ScratchWatch(config, self.break_export)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -197,6 +199,7 @@ class CbtService:
             qmp = await self.qmp.channel(vm_uuid)
             views = await checkpoints.read_disks(qmp, vm)
             refuse_untrackable(views)
+            room_note = await self._refuse_unless_room(task.uuid, views)
             await self._status(
                 task.uuid, TaskStatus.STARTING, "enable requested", operation="enable"
             )
@@ -218,6 +221,7 @@ class CbtService:
                     quiesce=cmd.quiesce or self.config.checkpoints.quiesce,
                     freeze_timeout=self.config.checkpoints.freeze_timeout,
                     views=views,
+                    notes=[room_note],
                 )
                 lost = await self.store.run(SyncStore.tracking_lost, task.uuid)
                 infos = await checkpoints.enable(ctx, cmd.bitmap_name, lost)
@@ -239,7 +243,10 @@ class CbtService:
                     )
 
             await self.store.run(running)
+            self.watch.start(task.uuid, [i.export for i in infos])
             if self.metrics is not None:
+                if ctx.paused_ms is not None:
+                    self.metrics.cut_pause_seconds.observe(ctx.paused_ms / 1000)
                 self.metrics.inconsistent_bitmaps.inc(ctx.found_inconsistent)
                 self.metrics.enabled(
                     (i.export.mode, i.export.reason, i.changed_bytes) for i in infos
@@ -357,9 +364,58 @@ class CbtService:
                 await self._status(task.uuid, TaskStatus.STOPPED, result.message)
         return result
 
+    async def _refuse_unless_room(self, task_uuid: str, views: list[DiskView]) -> str:
+        """OperationError, before anything changes, when the disks' scratch budgets do not fit
+        on the scratch filesystem; else the note for the task's history."""
+        cps = self.config.checkpoints
+        need = scratch.budgets(cps, (v.dev.virtual_size for v in views))
+        fs = await self.watch.room()
+        scratch.refuse_unless_room(
+            cps, self.config.scratch_dir, fs, need, self.watch.claimed(besides=task_uuid)
+        )
+        return (
+            f"scratch budget {scratch.fmt(sum(need))} in {self.config.scratch_dir} "
+            f"({scratch.fmt(fs.free)} free)"
+        )
+
+    async def break_export(self, task_uuid: str, why: str) -> None:
+        """End a Running task's exports now, to spare the guest and the host (the scratch
+        watcher's call): the export's reads fail from here on, the task goes Stopped saying
+        why, and its checkpoint is no longer a default base (the backup that read it cannot be
+        whole), so the next Enable counts from the one before and loses no write."""
+        task = await self.store.run(SyncStore.get_task, task_uuid)
+        if task is None:
+            return
+        async with self._locks[task.vm_uuid]:
+            task = await self.store.run(SyncStore.get_task, task_uuid)
+            if task is None or task.status is not TaskStatus.RUNNING:
+                return
+            exports = await self.store.run(SyncStore.exports, task.uuid)
+            if not exports:
+                return
+            name = exports[0].checkpoint
+            with logctx.fields(task=task.uuid, vm=task.vm_uuid):
+                await self.teardown_task(task, force=True)
+
+                def broken(s: SyncStore) -> None:
+                    with s._tx():
+                        s.mark_handed_out(task.uuid, name, False)
+                        s.set_status(
+                            task.uuid,
+                            TaskStatus.STOPPED,
+                            f"export broken: {why}; checkpoint {name} is no default base "
+                            "(the next Enable counts from the one before)",
+                        )
+
+                await self.store.run(broken)
+            if self.metrics is not None:
+                cause = "budget" if "budget" in why else "filesystem"
+                self.metrics.export_breaks.labels(cause).inc()
+
     async def teardown_task(self, task: CbtTask, *, force: bool) -> None:
         """End the task's exports, wherever the VM is. With the VM gone, only files remain.
         An offline export's qemu-storage-daemon is stopped (its image locks released)."""
+        self.watch.stop(task.uuid)
         await offline.end_export(self.config, self.store, task.vm_uuid, task.uuid, force=force)
         exports = await self.store.run(SyncStore.exports, task.uuid)
         vm = await self.hypervisor.find_vm(task.vm_uuid)

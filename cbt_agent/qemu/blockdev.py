@@ -34,6 +34,7 @@ class BlockDevice:
     driver: str
     virtual_size: int
     filename: str
+    qdev: str = ""  # the guest device's QOM path (whose `drive` the export's filter takes)
 
 
 def _alias_of(entry: dict[str, Any]) -> str:
@@ -48,8 +49,8 @@ def _alias_of(entry: dict[str, Any]) -> str:
 
 
 async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
-    """Guest disks with a medium, by device alias. While a fleecing job runs the node shown is
-    the copy-before-write filter: callers use the node names recorded before the job."""
+    """Guest disks with a medium, by device alias. While a disk is exported the node shown is
+    its copy-before-write filter: callers use the node names recorded before."""
     out: dict[str, BlockDevice] = {}
     for entry in await qmp.execute("query-block"):
         inserted = entry.get("inserted")
@@ -63,6 +64,7 @@ async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
             driver=str(inserted.get("drv", "")),
             virtual_size=int(image.get("virtual-size", 0)),
             filename=str(inserted.get("file", "")),
+            qdev=str(entry.get("qdev") or ""),
         )
     return out
 
@@ -152,22 +154,6 @@ async def foreign_block_jobs(qmp: QmpChannel) -> list[str]:
         for j in await qmp.execute("query-block-jobs")
         if not str(j.get("device", "")).startswith("cbtjob-")
     ]
-
-
-def scratch_node_args(node_name: str, path: str, backing: str) -> dict[str, Any]:
-    """`blockdev-add` of a scratch qcow2 over `path` whose backing is the live disk's node
-    `backing`: the fleecing target (it keeps what the guest overwrites after the checkpoint)."""
-    return {
-        "driver": "qcow2",
-        "node-name": node_name,
-        "discard": "unmap",
-        "file": {"driver": "file", "filename": path},
-        "backing": backing,
-    }
-
-
-async def add_scratch_node(qmp: QmpChannel, node_name: str, path: str, backing: str) -> None:
-    await qmp.execute("blockdev-add", scratch_node_args(node_name, path, backing))
 
 
 async def reopen(

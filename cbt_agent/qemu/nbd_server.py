@@ -23,15 +23,19 @@ from cbt_agent.qemu.refusals import absent, says
 log = logging.getLogger(__name__)
 
 
-def export_args(export_id: str, node: str, name: str, bitmap: Source | None) -> dict[str, Any]:
-    """`block-export-add` of a read-only NBD export of `node` named `name`, with the dirty
-    bitmap (node, name) it publishes as `qemu:dirty-bitmap:<name>` when given."""
+def export_args(
+    export_id: str, node: str, name: str, bitmap: Source | None, *, trim: bool = False
+) -> dict[str, Any]:
+    """`block-export-add` of an NBD export of `node` named `name`, with the dirty bitmap
+    (node, name) it publishes as `qemu:dirty-bitmap:<name>` when given. Read-only, unless
+    `trim`: QEMU's NBD server takes a trim only on a writable export (of a snapshot-access
+    node: its writes fail, a trim frees the scratch)."""
     args: dict[str, Any] = {
         "type": "nbd",
         "id": export_id,
         "node-name": node,
         "name": name,
-        "writable": False,
+        "writable": trim,
     }
     if bitmap is not None:
         args["bitmaps"] = [{"node": bitmap[0], "name": bitmap[1]}]
@@ -39,9 +43,15 @@ def export_args(export_id: str, node: str, name: str, bitmap: Source | None) -> 
 
 
 async def add_export(
-    qmp: QmpChannel, export_id: str, node: str, name: str, bitmap: Source | None
+    qmp: QmpChannel,
+    export_id: str,
+    node: str,
+    name: str,
+    bitmap: Source | None,
+    *,
+    trim: bool = False,
 ) -> None:
-    await qmp.execute("block-export-add", export_args(export_id, node, name, bitmap))
+    await qmp.execute("block-export-add", export_args(export_id, node, name, bitmap, trim=trim))
 
 
 async def export_ids_of(qmp: QmpChannel) -> set[str]:

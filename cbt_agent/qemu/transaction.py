@@ -1,7 +1,7 @@
-"""The checkpoint transaction: one QMP `transaction` for every disk of a VM, so the point in
-time is the same on all of them. Per disk, in this order: start fleecing into the scratch node
-(`blockdev-backup sync=none`), freeze the recording bitmaps, add the new persistent recording
-bitmap. Either every action runs or none does."""
+"""The checkpoint transaction: one QMP `transaction` for every disk of a VM. Per disk: freeze
+the recording bitmaps, add the new persistent recording bitmap. Either every action runs or none
+does. It runs with the VM paused, right after each disk's copy-before-write filter went in
+(`fleece`), so the bitmaps and the exported views share one point in time."""
 
 from __future__ import annotations
 
@@ -16,18 +16,9 @@ from cbt_agent.qemu.qmp import QmpChannel
 class DiskCut:
     """What the transaction does to one disk."""
 
-    job_id: str  # the fleecing job
     device_node: str  # the disk's top format node (its bitmaps live here)
-    scratch_node: str  # the fleecing target, backed by the device node
     freeze: tuple[str, ...]  # recording bitmaps to disable; never a missing or frozen one
     checkpoint: str  # the new persistent recording bitmap
-
-
-def fleecing_action(job_id: str, device: str, target: str) -> dict[str, Any]:
-    return {
-        "type": "blockdev-backup",
-        "data": {"job-id": job_id, "device": device, "target": target, "sync": "none"},
-    }
 
 
 def disable_bitmap_action(node: str, name: str) -> dict[str, Any]:
@@ -45,7 +36,6 @@ def checkpoint_actions(cuts: Sequence[DiskCut]) -> list[dict[str, Any]]:
     """The transaction's actions for these disks, in the order QEMU runs them."""
     actions: list[dict[str, Any]] = []
     for c in cuts:
-        actions.append(fleecing_action(c.job_id, c.device_node, c.scratch_node))
         actions += [disable_bitmap_action(c.device_node, name) for name in c.freeze]
         actions.append(add_bitmap_action(c.device_node, c.checkpoint))
     return actions

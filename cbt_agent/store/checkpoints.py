@@ -92,10 +92,12 @@ class CheckpointRows(Rows):
             }
         )
 
-    def mark_handed_out(self, task_uuid: str, name: str) -> None:
+    def mark_handed_out(self, task_uuid: str, name: str, handed_out: bool = True) -> None:
+        """A checkpoint whose Enable reached Running is a default base; one whose export broke
+        before the backup could finish is not any more (`handed_out=False`)."""
         self.db.execute(
-            "UPDATE checkpoints SET handed_out = 1 WHERE task_uuid = ? AND name = ?",
-            (task_uuid, name),
+            "UPDATE checkpoints SET handed_out = ? WHERE task_uuid = ? AND name = ?",
+            (int(handed_out), task_uuid, name),
         )
 
     def known_checkpoint_names(self, task_uuid: str) -> set[str]:

@@ -69,6 +69,7 @@ async def make_agent(
         step: Callable[[str], Awaitable[None]] | None = None,
         keep: int = 16,
         ports: str = "11400:11499",
+        **checkpoints: Any,
     ) -> Agent:
         config = parse_config(
             {
@@ -77,7 +78,7 @@ async def make_agent(
                 "libvirt": {"uri": stack.LIBVIRT_URI},
                 "qmp": {"socket_template": qmp_socket_template},
                 "nbd": {"listen": "127.0.0.1", "port_range": ports},
-                "checkpoints": {"keep": keep},
+                "checkpoints": {"keep": keep, **checkpoints},
             }
         )
         agent = Agent(config, step)

@@ -39,7 +39,7 @@ def qemu_state(vm: stack.TestVm) -> dict[str, Any]:
         "scratch": [
             n["node-name"]
             for n in vm.qmp("query-named-block-nodes", {"flat": True})
-            if n["node-name"].startswith("cbtsc-")
+            if n["node-name"].startswith(("cbtsc-", "cbtcw-", "cbtac-"))
         ],
     }
 

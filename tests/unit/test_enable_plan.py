@@ -14,6 +14,7 @@ from cbt_agent.errors import OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo
 from cbt_agent.model import BitmapState, Checkpoint, Layer, checkpoint_name, temp_bitmap_name
 from cbt_agent.qemu.blockdev import BlockDevice
+from cbt_agent.qemu.fleece import access_node_name, filter_node_name
 from cbt_agent.reasons import FULL_FIRST, TRACKING_LOST
 
 TASK = "ab" * 16
@@ -85,29 +86,16 @@ def test_first_enable_is_a_full_on_every_disk_with_names_qemu_accepts() -> None:
         assert len(e.scratch_node) <= 31
         assert all(x[0].isalpha() for x in (e.scratch_node, e.job_id, e.export_id))
     assert len({e.scratch_node for e in plan.exports}) == 2
-    # per disk: start fleecing, then add the new recording bitmap; nothing to freeze yet
+    # the filter node names derived from the volume uuid fit QEMU's limit too
+    for e in plan.exports:
+        for name in (filter_node_name(e.volume_uuid), access_node_name(e.volume_uuid)):
+            assert len(name) <= 31 and name[0].isalpha()
+    # per disk: add the new recording bitmap (the filters go in beside the transaction, with
+    # the VM paused); nothing to freeze yet
     assert list(plan.actions) == [
-        {
-            "type": "blockdev-backup",
-            "data": {
-                "job-id": e0.job_id,
-                "device": "libvirt-2-format",
-                "target": e0.scratch_node,
-                "sync": "none",
-            },
-        },
         {
             "type": "block-dirty-bitmap-add",
             "data": {"node": "libvirt-2-format", "name": C1, "persistent": True},
-        },
-        {
-            "type": "blockdev-backup",
-            "data": {
-                "job-id": plan.exports[1].job_id,
-                "device": "libvirt-1-format",
-                "target": plan.exports[1].scratch_node,
-                "sync": "none",
-            },
         },
         {
             "type": "block-dirty-bitmap-add",
@@ -133,12 +121,11 @@ def test_incremental_freezes_the_latest_and_merges_since_the_asked_checkpoint() 
     assert e.temp_bitmap == temp_bitmap_name(TASK, 3)
     assert e.granularity == 131072  # the newest merged bitmap's
     assert [a["type"] for a in plan.actions] == [
-        "blockdev-backup",
         "block-dirty-bitmap-disable",
         "block-dirty-bitmap-add",
     ]
-    assert plan.actions[1]["data"] == {"node": "fmt", "name": C2}
-    assert plan.actions[2]["data"]["name"] == C3
+    assert plan.actions[0]["data"] == {"node": "fmt", "name": C2}
+    assert plan.actions[1]["data"]["name"] == C3
     assert plan.merges == (Merge("fmt", e.temp_bitmap, 131072, (("fmt", C2), ("fmt", C1))),)
 
 
@@ -204,7 +191,7 @@ def test_lost_tracking_makes_every_disk_full_and_starts_a_fresh_chain() -> None:
     assert [(d.mode, d.reason) for d in plan.disks] == [("full", TRACKING_LOST)] * 2
     assert plan.superseded == (C1, C2)
     assert plan.merges == ()
-    assert plan.actions[1] == {
+    assert plan.actions[0] == {
         "type": "block-dirty-bitmap-disable",
         "data": {"node": "a", "name": C2},
     }
@@ -216,7 +203,7 @@ def test_a_disk_added_since_is_full_the_others_incremental() -> None:
 
     assert [d.mode for d in plan.disks] == ["incremental", "full"]
     assert plan.disks[1].reason == f"disk was added after checkpoint {C1}"
-    assert [m.node for m in plan.merges] == ["a"]
+    assert [m.sources for m in plan.merges] == [(("a", C1),)]
     assert [e.temp_bitmap is None for e in plan.exports] == [False, True]
 
 

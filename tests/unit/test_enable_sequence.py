@@ -25,6 +25,7 @@ from cbt_agent.errors import QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.model import checkpoint_name, temp_bitmap_name
 from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.qemu.fleece import access_node_name, filter_node_name
 from cbt_agent.qemu.qmp import QmpChannel, SocketQmp
 from cbt_agent.reasons import FULL_FIRST
 from cbt_agent.store import Store, SyncStore
@@ -40,9 +41,18 @@ FIRST_ENABLE = [
     "query-block",  # the disks' top nodes
     "query-named-block-nodes",  # their chains and bitmaps
     "blockdev-add",  # scratch of disk 0
+    "blockdev-add",  # its copy-before-write filter over the disk, into the scratch
     "blockdev-add",  # scratch of disk 1
-    "transaction",  # the checkpoint, one point in time for both disks
+    "blockdev-add",  # its filter
+    "query-status",  # a running VM is paused for the cut:
+    "stop",
+    "qom-set",  # disk 0's device onto its filter
+    "qom-set",  # disk 1's
+    "transaction",  # the bitmaps, at the same instant for both disks
+    "cont",
     "migrate-set-capabilities",  # bitmaps follow a live migration
+    "blockdev-add",  # disk 0's snapshot-access node (what the export serves)
+    "blockdev-add",  # disk 1's
     "query-named-block-nodes",  # the new bitmaps' granularity
     "nbd-server-start",
     "block-export-add",
@@ -54,11 +64,16 @@ TEARDOWN = [
     "block-export-del",
     "query-block-exports",  # until QEMU let go of them
     "nbd-server-stop",
-    "query-jobs",
-    "block-job-cancel",
-    "block-job-cancel",
-    "query-jobs",  # until the jobs are gone
+    "query-jobs",  # an older agent's fleecing jobs: none
     "query-named-block-nodes",
+    "blockdev-del",  # disk 0's snapshot-access node
+    "blockdev-del",  # disk 1's
+    "query-block",  # which devices are on a filter
+    "query-named-block-nodes",  # and what is under each filter now
+    "qom-set",  # disk 0's device back onto its own node
+    "blockdev-del",  # its filter
+    "blockdev-del",  # its scratch
+    "qom-set",
     "blockdev-del",
     "blockdev-del",
 ]
@@ -204,24 +219,26 @@ async def test_incremental_freezes_merges_and_exports_the_change_set(
     sent = rig.fake.received
     transaction = next(a for c, a in sent if c == "transaction")["actions"]
     assert [(a["type"], a["data"].get("name")) for a in transaction] == [
-        ("blockdev-backup", None),
         ("block-dirty-bitmap-disable", C1),
         ("block-dirty-bitmap-add", C2),
-        ("blockdev-backup", None),
         ("block-dirty-bitmap-disable", C1),
         ("block-dirty-bitmap-add", C2),
     ]
+    # the change set is made on each disk's snapshot-access node, from the disk's bitmaps
     merges = [a for c, a in sent if c == "block-dirty-bitmap-merge"]
     assert merges == [
-        {"node": NODES[v], "target": tmp, "bitmaps": [{"node": NODES[v], "name": C1}]}
+        {"node": access_node_name(v), "target": tmp, "bitmaps": [{"node": NODES[v], "name": C1}]}
         for v in (V0, V1)
     ]
     exports = [a for c, a in sent if c == "block-export-add"]
-    assert [x["bitmaps"] for x in exports] == [[{"node": NODES[v], "name": tmp}] for v in (V0, V1)]
+    assert [(x["node-name"], x["bitmaps"], x["writable"]) for x in exports] == [
+        (access_node_name(v), [{"node": access_node_name(v), "name": tmp}], True) for v in (V0, V1)
+    ]
     assert [(i["mode"], i["sinceBitmapName"], i["changedBytes"]) for i in infos] == [
         ("incremental", C1, 65536)
     ] * 2
-    assert rig.bitmaps(V0) == {C1: False, C2: True, tmp: False}
+    assert rig.bitmaps(V0) == {C1: False, C2: True}  # nothing of the export's on the disk
+    assert rig.qemu.bitmaps(access_node_name(V0)).keys() == {tmp}
 
     await rig.disable()
     assert rig.leftovers() == CLEAN
@@ -258,21 +275,28 @@ async def test_a_reply_lost_after_the_transaction_ran_keeps_the_checkpoint(
     sent = rig.sent()
     after = sent[sent.index("transaction") + 1 :]
     assert after == [
-        "query-named-block-nodes",  # QEMU's state read back first: did the transaction run?
-        # then everything made is removed (no export yet): the server if one was left, the
-        # fleecing jobs the transaction started, the scratch nodes, the temporary bitmaps
+        # the VM was paused for the cut and the connection died with it: on a new connection
+        # it runs again before anything else
+        "query-status",
+        "cont",
+        "query-named-block-nodes",  # QEMU's state read back: did the transaction run?
+        # then everything made is removed (no export yet): the server if one was left, an
+        # older agent's fleecing jobs (none), each device back on its disk, the filters and
+        # the scratch nodes
         "query-block-exports",
         "nbd-server-stop",
         "query-jobs",
-        "block-job-cancel",
-        "block-job-cancel",
-        "query-jobs",
         "query-named-block-nodes",
+        "query-block",
+        "query-named-block-nodes",
+        "qom-set",
         "blockdev-del",
-        "block-dirty-bitmap-remove",
         "blockdev-del",
-        "block-dirty-bitmap-remove",
+        "qom-set",
+        "blockdev-del",
+        "blockdev-del",
     ]
+    assert rig.qemu.state.running and rig.qemu.state.pauses == 2
     assert rig.fake.connections == connections + 1  # on a new connection: the old one is gone
     assert rig.leftovers() == CLEAN
     # the transaction ran: C2 records, C1 is frozen; the checkpoint stays in the chain
@@ -303,3 +327,19 @@ async def test_a_connection_lost_before_the_transaction_ran_forgets_the_checkpoi
     assert rig.leftovers() == CLEAN
     assert await rig.checkpoint_names() == [C1]
     assert rig.bitmaps(V0) == rig.bitmaps(V1) == {C1: True}  # C1 still records every write
+
+
+async def test_disable_puts_the_device_on_whatever_the_filter_now_covers(rig: Rig) -> None:
+    # a snapshot taken while exported: QEMU put the overlay under the filter, in place of the
+    # disk's old top; Disable must not put the device back on the old top (the guest's writes
+    # since would vanish from its view)
+    await rig.enable()
+    overlay = rig.qemu.add_disk("spare", "overlay-0", "/img/overlay-0.qcow2", 16 * MIB)
+    del rig.qemu.state.devices["spare"]
+    overlay.backing = NODES[V0]
+    rig.qemu.state.nodes[filter_node_name(V0)].child = "overlay-0"
+
+    await rig.disable()
+
+    assert rig.qemu.state.devices == {"virtio-disk0": "overlay-0", "virtio-disk1": NODES[V1]}
+    assert sorted(rig.qemu.state.nodes) == sorted([*NODES.values(), "overlay-0"])

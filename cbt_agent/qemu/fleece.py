@@ -1,0 +1,167 @@
+"""The point-in-time view of a running disk that never costs the guest a write.
+
+Per disk, three nodes over the live one (QEMU >= 7.1, verified on 7.2):
+
+    device ── copy-before-write filter ──file──> the disk's top format node (bitmaps live here)
+                     └─────────────────target──> scratch qcow2 (no backing, discard=unmap)
+    NBD export ── snapshot-access ──file──> the filter
+
+The filter copies a cluster's old data into the scratch before the guest first overwrites it,
+with `on-cbw-error: break-snapshot`: when the scratch cannot take a copy (its filesystem is full,
+or the copy takes longer than `cbw-timeout`), the snapshot breaks (its reads fail) and the
+guest's write goes on. `snapshot-access` serves the point-in-time view; a client's discard
+(NBD trim) frees that range in the scratch and ends the copies for it.
+
+The filter goes above the disk with `qom-set <device> drive <filter>`: a graph change on the
+device's backend, not a `transaction` action in 7.2. For one point in time across all disks the
+VM is paused around the swaps and the bitmap transaction (`pause`/`resume`).
+
+Node names are derived from the disk's volume uuid (at most 31 characters, a letter first).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cbt_agent.errors import QmpCommandError
+from cbt_agent.qemu import blockdev
+from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.refusals import absent
+
+log = logging.getLogger(__name__)
+
+FILTER_DRIVER = "copy-before-write"
+
+
+def filter_node_name(volume_uuid: str) -> str:
+    return f"cbtcw-{volume_uuid[:24]}"
+
+
+def access_node_name(volume_uuid: str) -> str:
+    return f"cbtac-{volume_uuid[:24]}"
+
+
+def scratch_args(node_name: str, path: str) -> dict[str, Any]:
+    """`blockdev-add` of the scratch qcow2 at `path`: the filter's target. No backing: the
+    filter writes whole clusters; `discard: unmap` returns a trimmed range to the filesystem."""
+    return {
+        "driver": "qcow2",
+        "node-name": node_name,
+        "discard": "unmap",
+        "file": {"driver": "file", "filename": path, "discard": "unmap"},
+    }
+
+
+def filter_args(node_name: str, source: str, target: str, timeout: int) -> dict[str, Any]:
+    """`blockdev-add` of the copy-before-write filter over `source` into `target`."""
+    return {
+        "driver": FILTER_DRIVER,
+        "node-name": node_name,
+        "file": source,
+        "target": target,
+        "on-cbw-error": "break-snapshot",
+        "cbw-timeout": timeout,
+        # the guest's discards go on to the disk (which applies its own discard setting)
+        "discard": "unmap",
+    }
+
+
+def access_args(node_name: str, filter_node: str) -> dict[str, Any]:
+    """`blockdev-add` of the snapshot-access node that an NBD export serves. A client's trim
+    reaches the filter only with `discard: unmap` (else the block layer drops it)."""
+    return {
+        "driver": "snapshot-access",
+        "node-name": node_name,
+        "file": filter_node,
+        "discard": "unmap",
+    }
+
+
+async def add(qmp: QmpChannel, args: dict[str, Any]) -> None:
+    await qmp.execute("blockdev-add", args)
+
+
+async def set_drive(qmp: QmpChannel, qdev: str, node: str) -> None:
+    """Point the guest device at `qdev` to block node `node` (qom-set of its `drive`)."""
+    await qmp.execute("qom-set", {"path": qdev, "property": "drive", "value": node})
+
+
+async def running(qmp: QmpChannel) -> bool:
+    return bool((await qmp.execute("query-status")).get("running"))
+
+
+async def pause(qmp: QmpChannel) -> None:
+    await qmp.execute("stop")
+
+
+async def resume(qmp: QmpChannel) -> None:
+    await qmp.execute("cont")
+
+
+async def devices_on(qmp: QmpChannel, node_names: set[str]) -> dict[str, str]:
+    """The guest devices (qdev path) whose backend is one of `node_names`, by node name."""
+    out: dict[str, str] = {}
+    for entry in await qmp.execute("query-block"):
+        inserted = entry.get("inserted") or {}
+        node = str(inserted.get("node-name", ""))
+        if node in node_names and entry.get("qdev"):
+            out[node] = str(entry["qdev"])
+    return out
+
+
+def filtered_node(nodes: list[dict[str, Any]], filter_node: str, fallback: str) -> str:
+    """The node under the filter now: the disk's top when the filter went in, or whatever
+    replaced it since (a snapshot's overlay, a commit's base). `fallback` when unknown."""
+    chain = blockdev.disk_chain(nodes, filter_node)
+    if len(chain) > 1 and chain[1].driver != FILTER_DRIVER:
+        return chain[1].node
+    return fallback
+
+
+@dataclass(frozen=True)
+class View:
+    """One disk's point-in-time view: its nodes, and the disk's top when the filter went in."""
+
+    access: str
+    filter_node: str
+    scratch: str
+    source: str
+
+
+def view_of(volume_uuid: str, scratch_node: str, device_node: str) -> View:
+    return View(
+        access_node_name(volume_uuid), filter_node_name(volume_uuid), scratch_node, device_node
+    )
+
+
+async def remove(qmp: QmpChannel, views: Sequence[View]) -> dict[str, dict[str, Any]]:
+    """Take the views off their disks again, in the order QEMU allows: the access node, then the
+    device back onto the node under the filter, then the filter and the scratch. Idempotent:
+    what is already gone is skipped, so it can be re-run after a crash at any point. Returns
+    the named nodes as they were before."""
+    present = await blockdev.named_nodes(qmp)
+    views = [v for v in views if {v.access, v.filter_node, v.scratch} & present.keys()]
+    if not views:
+        return present
+    for v in views:
+        if v.access in present:
+            await blockdev.delete_node(qmp, v.access)
+    filters = {v.filter_node for v in views if v.filter_node in present}
+    devices = await devices_on(qmp, filters) if filters else {}
+    chain = await blockdev.chain_nodes(qmp) if devices else []
+    for v in views:
+        if v.filter_node in devices:
+            below = filtered_node(chain, v.filter_node, v.source)
+            try:
+                await set_drive(qmp, devices[v.filter_node], below)
+            except QmpCommandError as e:
+                if not absent(e):
+                    raise
+        if v.filter_node in present:
+            await blockdev.delete_node(qmp, v.filter_node)
+        if v.scratch in present:
+            await blockdev.delete_node(qmp, v.scratch)
+    return present
