@@ -5,11 +5,13 @@ On a real TCG libvirt VM (2 disks, then 4 disks) with ZStack's extra QMP socket:
 - agent: `CbtService.enable` then `CbtService.disable` (built as cbt_agent/api/app.py does:
   Store, Hypervisor, QmpRouter, CbtService), one full cycle then N incremental ones;
 - LIMIT: one qemu.qmp QMPClient on the same socket sending only what a minimal hand-written
-  client must: per disk `qemu-img create` + `blockdev-add` of the scratch, one `transaction`
-  (blockdev-backup sync=none, bitmap disable + add), temporary bitmap add + merge,
-  `nbd-server-start`, `block-export-add`; then `block-export-del`, `nbd-server-stop`,
-  `block-job-cancel`, waiting on the BLOCK_EXPORT_DELETED / BLOCK_JOB_CANCELLED events,
-  `blockdev-del`, unlink, temporary bitmap remove. Node names are known up front (no queries).
+  client must: per disk `qemu-img create` + `blockdev-add` of the scratch and of its
+  copy-before-write filter; `stop`, a `qom-set` of each device's drive, one `transaction`
+  (bitmap disable + add), `cont`; per disk `blockdev-add` of the snapshot-access node,
+  temporary bitmap add + merge on it; `nbd-server-start`, `block-export-add`; then
+  `block-export-del`, `nbd-server-stop` (waiting on BLOCK_EXPORT_DELETED), per disk
+  `blockdev-del` of the access node, `qom-set` back, `blockdev-del` of filter and scratch,
+  unlink. Node names and devices are known up front (no queries).
 
 The socket takes one client at a time, so the two alternate cycle by cycle (order flipped every
 cycle): the agent's QmpRouter is closed before the raw client connects and the other way round;
@@ -196,6 +198,7 @@ class RawDisk:
     volume_uuid: str
     node: str  # the disk's format node, learned once before timing
     size: int
+    qdev: str  # its guest device (whose drive the filter takes)
 
 
 class RawCheckpointer:
@@ -249,22 +252,21 @@ class RawCheckpointer:
                     "node-name": f"rawsc-{d.index}",
                     "discard": "unmap",
                     "file": {"driver": "file", "filename": str(self.scratch(d))},
-                    "backing": d.node,
+                },
+            )
+            await self.x(
+                "blockdev-add",
+                {
+                    "driver": "copy-before-write",
+                    "node-name": f"rawcw-{d.index}",
+                    "file": d.node,
+                    "target": f"rawsc-{d.index}",
+                    "on-cbw-error": "break-snapshot",
+                    "cbw-timeout": 10,
                 },
             )
         actions: list[dict[str, Any]] = []
         for d in self.disks:
-            actions.append(
-                {
-                    "type": "blockdev-backup",
-                    "data": {
-                        "job-id": f"rawjob-{d.index}",
-                        "device": d.node,
-                        "target": f"rawsc-{d.index}",
-                        "sync": "none",
-                    },
-                }
-            )
             if prev:
                 actions.append(
                     {"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": prev}}
@@ -275,16 +277,42 @@ class RawCheckpointer:
                     "data": {"node": d.node, "name": new, "persistent": True},
                 }
             )
+        # one point in time for every disk: the VM paused around the swaps and the bitmaps
+        await self.x("stop")
+        for d in self.disks:
+            await self.x(
+                "qom-set", {"path": d.qdev, "property": "drive", "value": f"rawcw-{d.index}"}
+            )
         await self.x("transaction", {"actions": actions})
+        await self.x("cont")
         self.latest, self.frozen = new, prev
+        for d in self.disks:
+            await self.x(
+                "blockdev-add",
+                {
+                    "driver": "snapshot-access",
+                    "node-name": f"rawac-{d.index}",
+                    "file": f"rawcw-{d.index}",
+                },
+            )
         if prev:
             for d in self.disks:
                 await self.x(
                     "block-dirty-bitmap-add",
-                    {"node": d.node, "name": tmp, "disabled": True, "persistent": False},
+                    {
+                        "node": f"rawac-{d.index}",
+                        "name": tmp,
+                        "disabled": True,
+                        "persistent": False,
+                    },
                 )
                 await self.x(
-                    "block-dirty-bitmap-merge", {"node": d.node, "target": tmp, "bitmaps": [prev]}
+                    "block-dirty-bitmap-merge",
+                    {
+                        "node": f"rawac-{d.index}",
+                        "target": tmp,
+                        "bitmaps": [{"node": d.node, "name": prev}],
+                    },
                 )
         for port in RAW_PORTS:
             try:
@@ -303,12 +331,12 @@ class RawCheckpointer:
             args: dict[str, Any] = {
                 "type": "nbd",
                 "id": f"rawexp-{self.seq}-{d.index}",
-                "node-name": f"rawsc-{d.index}",
+                "node-name": f"rawac-{d.index}",
                 "name": d.volume_uuid,
                 "writable": False,
             }
             if prev:
-                args["bitmaps"] = [{"node": d.node, "name": tmp}]
+                args["bitmaps"] = [{"node": f"rawac-{d.index}", "name": tmp}]
             await self.x("block-export-add", args)
         return prev is not None
 
@@ -330,25 +358,21 @@ class RawCheckpointer:
     async def disable(self) -> None:
         assert self.client is not None
         exports = {f"rawexp-{self.seq}-{d.index}" for d in self.disks}
-        jobs = {f"rawjob-{d.index}" for d in self.disks}
-        with self.client.listener(("BLOCK_EXPORT_DELETED", "BLOCK_JOB_CANCELLED")) as events:
+        with self.client.listener(("BLOCK_EXPORT_DELETED",)) as events:
             for e in sorted(exports):
                 await self.x("block-export-del", {"id": e})
             await self.x("nbd-server-stop")
-            for j in sorted(jobs):
-                await self.x("block-job-cancel", {"device": j, "force": True})
-            pending = exports | jobs
+            pending = set(exports)
             while pending:
                 ev = await asyncio.wait_for(events.get(), 30)
                 data = cast(dict[str, Any], ev.get("data") or {})
-                pending.discard(str(data.get("id", data.get("device", ""))))
+                pending.discard(str(data.get("id", "")))
         for d in self.disks:
+            await self.x("blockdev-del", {"node-name": f"rawac-{d.index}"})
+            await self.x("qom-set", {"path": d.qdev, "property": "drive", "value": d.node})
+            await self.x("blockdev-del", {"node-name": f"rawcw-{d.index}"})
             await self.x("blockdev-del", {"node-name": f"rawsc-{d.index}"})
             self.scratch(d).unlink()
-            if self.frozen:
-                await self.x(
-                    "block-dirty-bitmap-remove", {"node": d.node, "name": f"rawtmp-{self.seq}"}
-                )
 
     async def drop_frozen(self) -> None:
         """Untimed housekeeping: the raw client keeps only its recording bitmap."""
@@ -487,7 +511,13 @@ async def variant(hv: Hypervisor, root: Path, n_disks: int, cycles: int) -> bool
             entry = next(b for b in blocks if b.get("qdev") == d.qdev)
             ins = entry["inserted"]
             raw.disks.append(
-                RawDisk(d.device_id, d.volume_uuid, ins["node-name"], ins["image"]["virtual-size"])
+                RawDisk(
+                    d.device_id,
+                    d.volume_uuid,
+                    ins["node-name"],
+                    ins["image"]["virtual-size"],
+                    str(entry["qdev"]),
+                )
             )
         await raw.close()
         raw.calls.clear()

@@ -39,6 +39,7 @@ EXTENSION_FIELDS = (
     "size",
     "changedBytes",
     "quiesced",
+    "scratchBudget",
 )
 INFO_FIELDS = {
     "volume",

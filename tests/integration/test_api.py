@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cbt_agent import __version__
 from cbt_agent.config import Config
+from cbt_agent.qemu.fleece import access_node_name
 
 pytestmark = pytest.mark.stack
 
@@ -144,8 +145,13 @@ async def test_create_enable_disable_delete(
         assert info["scratchNodeName"]
         assert isinstance(info["metadata"], str)
         assert json.loads(info["metadata"]) == {k: info[k] for k in EXTENSION_FIELDS}
+    # each export serves the disk's snapshot-access node, over its filter and scratch node
     exports = vm.qmp("query-block-exports")
-    assert sorted(e["node-name"] for e in exports) == sorted(i["scratchNodeName"] for i in infos)
+    assert sorted(e["node-name"] for e in exports) == sorted(
+        access_node_name(i["volume"]["volumeUuid"]) for i in infos
+    )
+    nodes = {n["node-name"] for n in vm.qmp("query-named-block-nodes", {"flat": True})}
+    assert {i["scratchNodeName"] for i in infos} <= nodes
     assert api.status(task) == "Running"
     with api.db() as s:
         assert [c.name for c in s.checkpoints(task)] == [bitmap]
@@ -587,7 +593,7 @@ async def test_enable_refusals(api: Api, vm_factory: Callable[..., stack.TestVm]
     assert api.status(task) == "Running"
     assert api.history(task) == ["Created", "Starting", "Running"]
     exports = running.qmp("query-block-exports")
-    assert [e["node-name"] for e in exports] == [infos[0]["scratchNodeName"]]
+    assert [e["node-name"] for e in exports] == [access_node_name(infos[0]["volume"]["volumeUuid"])]
     with api.db() as s:
         assert len(s.checkpoints(task)) == 1
         assert s.checkpoints(idle) == [] and s.exports(idle) == []
