@@ -230,10 +230,9 @@ async def _run_backup_locked(
                 await api.disable(task.uuid, force=True)
             try:
                 new, results = await _backup(api, task, manifest, run)
-            except BackupError as e:
-                await _explain_break(api, opts.vm_uuid, e)
-                raise
-            except BaseException:
+            except BaseException as e:
+                if isinstance(e, BackupError):
+                    await _explain_break(api, opts.vm_uuid, e)
                 for p in run.made:
                     p.unlink(missing_ok=True)
                 try:

@@ -73,6 +73,7 @@ class EnableContext:
     views: list[DiskView] | None = None
     paused_ms: float | None = None  # how long the VM was paused for the cut (None: not paused)
     held_paused: bool = False  # the agent paused the VM and has not seen it run again
+    room_note: str = ""  # the scratch budget and the room for it, for the task's history
 
     async def at(self, name: str) -> None:
         if self.step is not None:
@@ -260,9 +261,11 @@ async def enable(
         committed = True
         if plan.clears_pending:  # recorded in the checkpoint just cut
             await store.run(SyncStore.clear_pending_breaks, task_uuid)
-        ctx.notes.insert(0, freeze.note())
+        # the history's reason: the scratch, the pause, the freeze, then what was adopted
+        head = [ctx.room_note] if ctx.room_note else []
         if ctx.paused_ms is not None:
-            ctx.notes.insert(1, f"VM paused {ctx.paused_ms:.1f} ms for the cut")
+            head.append(f"VM paused {ctx.paused_ms:.1f} ms for the cut")
+        ctx.notes[0:0] = [*head, freeze.note()]
         await bitmaps.enable_migration(qmp)
         await ctx.at("enable:checkpoint")
 

@@ -221,7 +221,7 @@ class CbtService:
                     quiesce=cmd.quiesce or self.config.checkpoints.quiesce,
                     freeze_timeout=self.config.checkpoints.freeze_timeout,
                     views=views,
-                    notes=[room_note],
+                    room_note=room_note,
                 )
                 lost = await self.store.run(SyncStore.tracking_lost, task.uuid)
                 infos = await checkpoints.enable(ctx, cmd.bitmap_name, lost)

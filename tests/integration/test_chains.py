@@ -417,7 +417,7 @@ async def test_lost_reply_during_disable_is_settled_by_reading_back(
     agent = await make_agent()
     task = await agent.create(vm)
     await agent.enable(task)
-    lost = LoseReplyOnce(agent, "block-job-cancel")
+    lost = LoseReplyOnce(agent, "qom-set")  # the device back onto its disk
     await agent.disable(task)
     assert lost.fired
     assert vm.qmp("query-block-exports") == [] and vm.qmp("query-jobs") == []
