@@ -41,12 +41,12 @@ from cbt_agent.engine.quiesce import Freeze, GuestFreezer, checkpoint_transactio
 from cbt_agent.engine.results import VolumeBackup
 from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
-from cbt_agent.errors import HypervisorError, OperationError, QmpInterrupted
+from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.qemu import bitmaps, blockdev, fleece, images, nbd_server, transaction
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_many, paused_seconds
 from cbt_agent.store import NbdServer, Store, SyncStore, VolumeExport
 
 log = logging.getLogger(__name__)
@@ -152,25 +152,33 @@ async def _cut(
 ) -> None:
     """The point in time: each disk's device onto its copy-before-write filter, then the bitmap
     transaction, with a running VM paused in between so every disk and bitmap shares one
-    instant. The pause is recorded before it starts (an agent that dies in it resumes the VM
-    at restart) and lasts a few QMP round trips; the VM runs again on every path."""
+    instant. The commands go to QEMU back to back (`stop` … `cont`: QEMU runs them in order,
+    no round trip between them), so the pause lasts QEMU's own work on them; `cont` runs
+    whatever failed before it. The pause is recorded before it starts (an agent that dies in it
+    resumes the VM at restart); a lost reply leaves it to the rollback to resume the VM."""
     was_running = await fleece.running(qmp)
+    commands: list[tuple[str, dict[str, Any] | None]] = [
+        fleece.set_drive_command(v.dev.qdev, fleece.filter_node_name(v.disk.volume_uuid))
+        for v in views
+    ]
+    commands.append(transaction.command(actions))
     if was_running:
+        commands = [("stop", None), *commands, ("cont", None)]
         await ctx.store.run(SyncStore.set_export_phase, ctx.task_uuid, PAUSED)
         ctx.held_paused = True
-        await fleece.pause(qmp)
     start = time.perf_counter()
-    try:
-        for v in views:
-            await fleece.set_drive(qmp, v.dev.qdev, fleece.filter_node_name(v.disk.volume_uuid))
-        await transaction.run(qmp, actions)
-    finally:
-        if was_running:
-            # a lost connection fails this too: the rollback resumes on a new one
-            await fleece.resume(qmp)
-            ctx.paused_ms = (time.perf_counter() - start) * 1000
-            ctx.held_paused = False
-            await ctx.store.run(SyncStore.set_export_phase, ctx.task_uuid, "planned")
+    replies = await execute_many(qmp, commands)
+    if was_running:
+        # QEMU's own account of the pause where the channel has events; else the batch's time
+        stood = paused_seconds(qmp)
+        ctx.paused_ms = (stood if stood is not None else time.perf_counter() - start) * 1000
+        if isinstance(replies[-1], QmpCommandError):
+            raise replies[-1]  # the VM did not run again: the rollback tries once more
+        ctx.held_paused = False
+        await ctx.store.run(SyncStore.set_export_phase, ctx.task_uuid, "planned")
+    for reply in replies:
+        if isinstance(reply, QmpCommandError):
+            raise reply
 
 
 async def _checkpoint_in_qemu(qmp: QmpChannel, exports: list[VolumeExport], name: str) -> bool:

@@ -84,9 +84,13 @@ async def add(qmp: QmpChannel, args: dict[str, Any]) -> None:
     await qmp.execute("blockdev-add", args)
 
 
-async def set_drive(qmp: QmpChannel, qdev: str, node: str) -> None:
+def set_drive_command(qdev: str, node: str) -> tuple[str, dict[str, Any]]:
     """Point the guest device at `qdev` to block node `node` (qom-set of its `drive`)."""
-    await qmp.execute("qom-set", {"path": qdev, "property": "drive", "value": node})
+    return "qom-set", {"path": qdev, "property": "drive", "value": node}
+
+
+async def set_drive(qmp: QmpChannel, qdev: str, node: str) -> None:
+    await qmp.execute(*set_drive_command(qdev, node))
 
 
 async def running(qmp: QmpChannel) -> bool:

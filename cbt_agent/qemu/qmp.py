@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, cast
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
@@ -19,6 +19,7 @@ from cbt_agent.errors import HypervisorError, QmpCommandError, QmpInterrupted
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+WATCHED_EVENTS = ("STOP", "RESUME")  # execute_many notes when QEMU paused and resumed the VM
 COMMAND_TIMEOUT = 60.0
 
 
@@ -57,6 +58,8 @@ class SocketQmp(_Counted):
         self.path = path
         self._client = QMPClient(f"cbt-{vm_uuid[:8]}")
         self._lock = asyncio.Lock()
+        # the run-state events the last execute_many saw, with QEMU's timestamps (seconds)
+        self.last_events: list[tuple[str, float]] = []
 
     async def connect(self) -> None:
         try:
@@ -85,6 +88,44 @@ class SocketQmp(_Counted):
                 raise QmpInterrupted(
                     f"QMP {command} on {self.path} was interrupted: {e or type(e).__name__}"
                 ) from None
+
+    async def execute_many(
+        self, commands: Sequence[tuple[str, Mapping[str, object] | None]]
+    ) -> list[Any]:
+        """Send `commands` back to back without waiting for each reply (QEMU runs them in
+        order, one after the other) and collect the replies: each command's return value, or
+        the QmpCommandError it failed with. Raises QmpInterrupted when a reply is lost."""
+        async with self._lock:
+            self.last_events = []
+            with self._client.listener(WATCHED_EVENTS) as listener:
+                sent = [self._client.execute(c, a) for c, a in commands]
+                try:
+                    replies = await asyncio.wait_for(
+                        asyncio.gather(*sent, return_exceptions=True), COMMAND_TIMEOUT
+                    )
+                except TimeoutError as e:
+                    self._failed("Interrupted")
+                    raise QmpInterrupted(f"QMP commands on {self.path} timed out: {e}") from None
+                # QEMU sends an event before the reply of the command that caused it
+                for event in listener.clear():
+                    stamp = cast(dict[str, Any], event.get("timestamp") or {})
+                    seconds = float(stamp.get("seconds", 0)) + stamp.get("microseconds", 0) / 1e6
+                    self.last_events.append((str(event.get("event")), seconds))
+        out: list[Any] = []
+        for (command, arguments), reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ExecuteError):
+                self._failed(reply.error_class)
+                out.append(
+                    QmpCommandError(command, dict(arguments or {}), str(reply), reply.error_class)
+                )
+            elif isinstance(reply, BaseException):
+                self._failed("Interrupted")
+                raise QmpInterrupted(
+                    f"QMP {command} on {self.path} was interrupted: {reply or type(reply).__name__}"
+                ) from None
+            else:
+                out.append(reply)
+        return out
 
     async def _safe_disconnect(self) -> None:
         try:
@@ -120,6 +161,33 @@ class PassthroughQmp(_Counted):
 
     async def close(self) -> None:
         return None
+
+
+def paused_seconds(qmp: QmpChannel) -> float | None:
+    """How long the VM stood still in the last execute_many, by QEMU's own STOP and RESUME
+    event timestamps (None: the channel delivers no events, or there was no pause)."""
+    events: dict[str, float] = dict(getattr(qmp, "last_events", []))
+    if "STOP" in events and "RESUME" in events:
+        return max(events["RESUME"] - events["STOP"], 0.0)
+    return None
+
+
+async def execute_many(
+    qmp: QmpChannel, commands: Sequence[tuple[str, Mapping[str, object] | None]]
+) -> list[Any]:
+    """`commands` in order, sent back to back where the channel can (a socket), else one by
+    one; each command's return value or the QmpCommandError it failed with (the ones after a
+    failed command still run). Raises QmpInterrupted when a reply is lost."""
+    many = getattr(qmp, "execute_many", None)
+    if many is not None:
+        return list(await many(commands))
+    out: list[Any] = []
+    for command, arguments in commands:
+        try:
+            out.append(await qmp.execute(command, arguments))
+        except QmpCommandError as e:
+            out.append(e)
+    return out
 
 
 class QmpRouter:

@@ -41,6 +41,10 @@ def checkpoint_actions(cuts: Sequence[DiskCut]) -> list[dict[str, Any]]:
     return actions
 
 
+def command(actions: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    return "transaction", {"actions": list(actions)}
+
+
 async def run(qmp: QmpChannel, actions: Sequence[dict[str, Any]]) -> None:
     """Run the transaction. A lost reply (QmpInterrupted) leaves its outcome unknown: the
     caller reads QEMU's state back."""

@@ -343,3 +343,28 @@ async def test_disable_puts_the_device_on_whatever_the_filter_now_covers(rig: Ri
 
     assert rig.qemu.state.devices == {"virtio-disk0": "overlay-0", "virtio-disk1": NODES[V1]}
     assert sorted(rig.qemu.state.nodes) == sorted([*NODES.values(), "overlay-0"])
+
+
+async def test_a_refused_filter_swap_still_lets_the_vm_run_and_keeps_what_was_cut(
+    rig: Rig,
+) -> None:
+    await rig.enable()
+    await rig.disable()
+    rig.sent()
+    rig.fake.fail("qom-set", "Property 'drive' cannot be set")
+
+    with pytest.raises(QmpCommandError) as caught:
+        await checkpoints.enable(await rig.context(), None)
+
+    assert caught.value.command == "qom-set"
+    sent = rig.sent()
+    # sent back to back: the VM's pause ends with the batch whatever failed inside it
+    cut = sent.index("stop")
+    assert sent[cut : cut + 5] == ["stop", "qom-set", "qom-set", "transaction", "cont"]
+    assert rig.qemu.state.running
+    # the transaction ran: its checkpoint stays in the chain (C1 frozen, C2 records)
+    assert await rig.checkpoint_names() == [C1, C2]
+    assert rig.bitmaps(V0) == rig.bitmaps(V1) == {C1: False, C2: True}
+    rig.fake.on("qom-set", rig.qemu.qom_set)
+    await rig.disable()
+    assert rig.leftovers() == CLEAN
