@@ -1,9 +1,11 @@
 """`cbt-agent status`: every task from the database alone (opened read-only, the agent may be
 down): its VM, status, last transition and why, disks, latest checkpoint, and what the last
-Enable changed (read from its kept api-job result; "-" once that job has expired)."""
+Enable changed (read from its kept api-job result; "-" once that job has expired), and for an
+open export the scratch it takes now and its budget."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +25,7 @@ class VolumeChange:
     volume_uuid: str
     mode: str
     changed_bytes: int
+    scratch_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class TaskSummary:
     nbd: str | None
     last_transition: dict[str, Any] | None  # from_status, to_status, reason, at
     last_enable: LastEnable | None
+    scratch: tuple[int, int | None] | None = None  # open exports: (bytes used, budget)
 
 
 def last_enable(store: SyncStore, task_uuid: str) -> LastEnable | None:
@@ -63,7 +67,10 @@ def last_enable(store: SyncStore, task_uuid: str) -> LastEnable | None:
         job_uuid=job.uuid,
         finished=job.finished,
         bitmap_name=infos[0].bitmap_name if infos else None,
-        volumes=tuple(VolumeChange(i.volume.volume_uuid, i.mode, i.changed_bytes) for i in infos),
+        volumes=tuple(
+            VolumeChange(i.volume.volume_uuid, i.mode, i.changed_bytes, i.scratch_budget)
+            for i in infos
+        ),
     )
 
 
@@ -76,6 +83,13 @@ def summaries(store: SyncStore) -> list[TaskSummary]:
         if nbd and server.tls:
             nbd += " (TLS)"
         history = store.history_rows(t.uuid)
+        last = last_enable(store, t.uuid)
+        exports = store.exports(t.uuid)
+        scratch = None
+        if exports:
+            budgets = [v.scratch_budget for v in last.volumes] if last else []
+            budget = sum(b for b in budgets if b) if budgets and all(budgets) else None
+            scratch = (sum(_allocated(e.scratch_path) for e in exports), budget)
         out.append(
             TaskSummary(
                 task=t,
@@ -88,10 +102,19 @@ def summaries(store: SyncStore) -> list[TaskSummary]:
                 latest_checkpoint=cps[-1].name if cps else None,
                 nbd=nbd,
                 last_transition=history[-1] if history else None,
-                last_enable=last_enable(store, t.uuid),
+                last_enable=last,
+                scratch=scratch,
             )
         )
     return out
+
+
+def _allocated(path: str) -> int:
+    """Bytes a scratch file takes on disk (0 when it is gone)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 def to_json(s: TaskSummary) -> dict[str, Any]:
@@ -112,6 +135,9 @@ def to_json(s: TaskSummary) -> dict[str, Any]:
         "latestCheckpoint": s.latest_checkpoint,
         "nbd": s.nbd,
         "changedBytes": None if e is None else e.changed_bytes,
+        "scratch": None
+        if s.scratch is None
+        else {"usedBytes": s.scratch[0], "budgetBytes": s.scratch[1]},
         "lastEnable": None
         if e is None
         else {
@@ -135,6 +161,7 @@ HEADERS = [
     "LATEST CHECKPOINT",
     "CHANGED",
     "NBD",
+    "SCRATCH",
     "LAST TRANSITION",
 ]
 
@@ -154,6 +181,9 @@ def lines(rows: list[TaskSummary]) -> list[str]:
                 s.latest_checkpoint or "-",
                 table.size(s.last_enable.changed_bytes if s.last_enable else None),
                 s.nbd or "-",
+                "-"
+                if s.scratch is None
+                else f"{table.size(s.scratch[0])}/{table.size(s.scratch[1])}",
                 f"{h['from_status'] or '-'} -> {h['to_status']}: {h['reason']}" if h else "-",
             ]
         )
