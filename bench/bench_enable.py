@@ -483,7 +483,7 @@ async def variant(hv: Hypervisor, root: Path, n_disks: int, cycles: int) -> bool
     work.mkdir()
     vm = await start_vm(hv, work, n_disks)
     config = Config(
-        api=ApiConfig(tokens=("bench",)),
+        api=ApiConfig(tokens=("bench-token-0123456789",)),
         state_dir=work / "state",
         libvirt_uri=URI,
         qmp_socket_template=f"{work}/{{vm_uuid}}.sock",

@@ -93,7 +93,7 @@ async def run(cycles: int) -> int:
     )
     hv = Hypervisor(URI)
     config = Config(
-        api=ApiConfig(tokens=("bench",)),
+        api=ApiConfig(tokens=("bench-token-0123456789",)),
         state_dir=work / "state",
         libvirt_uri=URI,
         qmp_socket_template=f"{work}/{{vm_uuid}}.sock",

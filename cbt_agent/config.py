@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cbt_agent.errors import ConfigError
+from cbt_agent.secretfiles import NotPrivate, check_private, file_problem, read_private
 
 ENV_CONFIG = "CBT_AGENT_CONFIG"
 DEFAULT_CONFIG_PATH = Path("/etc/cbt-agent/config.toml")
@@ -249,28 +250,72 @@ def _address(text: str, key: str) -> str:
     return text
 
 
-def _tokens(api: dict[str, Any], base: Path) -> tuple[str, ...]:
+# The token config.example.toml shows: a copy of the example must not start with it.
+EXAMPLE_TOKEN = "change-me"
+MIN_TOKEN_LEN = 16  # `openssl rand -hex 32` gives 64
+MAX_TOKEN_FILE = 1 << 20
+HOW_TO_MAKE_A_TOKEN = "generate one with `openssl rand -hex 32`"
+
+
+def _token_problem(token: str) -> str | None:
+    """Why `token` may not be used (the token itself is never put in the message)."""
+    if token == EXAMPLE_TOKEN:
+        return f"is the example token of config.example.toml: {HOW_TO_MAKE_A_TOKEN}"
+    if len(token) < MIN_TOKEN_LEN:
+        return (
+            f"has {len(token)} characters, fewer than {MIN_TOKEN_LEN} (too easy to guess): "
+            f"{HOW_TO_MAKE_A_TOKEN}"
+        )
+    return None
+
+
+def _tokens(api: dict[str, Any], base: Path, config_exposed: str | None) -> tuple[str, ...]:
     tokens: list[str] = []
     raw = api.get("tokens", [])
     if not isinstance(raw, list) or not all(isinstance(t, str) and t.strip() for t in raw):
         raise ConfigError("api.tokens", "must be a list of non-empty strings")
+    for number, token in enumerate(raw, 1):
+        problem = _token_problem(token.strip())
+        if problem:
+            raise ConfigError("api.tokens", f"token {number} {problem}")
+    if raw and config_exposed:
+        raise ConfigError(
+            "api.tokens",
+            f"tokens in the config need a private config file, and {config_exposed}; or move "
+            "the tokens to api.token_file (a file of their own, chmod 600)",
+        )
     tokens.extend(t.strip() for t in raw)
     if "token_file" in api:
         path = Path(_str(api, "api", "token_file"))
         if not path.is_absolute():
             path = base / path
         try:
-            st = path.stat()
-            text = path.read_text()
+            data = read_private(path, MAX_TOKEN_FILE)
         except OSError as e:
             raise ConfigError("api.token_file", f"cannot read {path}: {e.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                "api.token_file", f"{path} must not be readable by others (chmod 600)"
-            )
-        tokens.extend(line.strip() for line in text.splitlines() if line.strip())
+        except NotPrivate as e:
+            raise ConfigError("api.token_file", f"a file of tokens must be private: {e}") from None
+        if len(data) > MAX_TOKEN_FILE:
+            raise ConfigError("api.token_file", f"{path} is larger than {MAX_TOKEN_FILE} bytes")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise ConfigError("api.token_file", f"{path} is not UTF-8 text") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            token = line.strip()
+            if not token:
+                continue
+            problem = _token_problem(token)
+            if problem:
+                raise ConfigError(
+                    "api.token_file", f"the token on line {number} of {path} {problem}"
+                )
+            tokens.append(token)
     if not tokens:
-        raise ConfigError("api.tokens", "at least one token is required (tokens or token_file)")
+        raise ConfigError(
+            "api.tokens",
+            f"at least one token is required (tokens or token_file): {HOW_TO_MAKE_A_TOKEN}",
+        )
     return tuple(tokens)
 
 
@@ -287,16 +332,21 @@ def _path(t: dict[str, Any], section: str, key: str, base: Path) -> Path:
 
 
 def _readable_file(path: Path, key: str, private: bool = False) -> None:
+    """`path` is a file this process can read; with `private` (a private key) also one only
+    its owner, this process's user or root, can read, in a directory nobody else can write."""
     try:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(key, f"{path} is not a file")
-        with path.open("rb"):
-            pass
+        if private:
+            check_private(path)
+        else:
+            with path.open("rb"):
+                pass
     except OSError as e:
         raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
-    if private and st.st_mode & stat.S_IRWXO:
-        raise ConfigError(key, f"{path} is a private key: it must not be readable by others")
+    except NotPrivate as e:
+        raise ConfigError(key, f"a private key must be private: {e}") from None
 
 
 def _api_tls(api: dict[str, Any], base: Path) -> tuple[Path | None, Path | None]:
@@ -370,8 +420,14 @@ def _refuse_open_plain_nbd(nbd: NbdConfig) -> None:
         )
 
 
-def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
-    """Build and validate a Config from a parsed TOML document. Raises ConfigError."""
+def parse_config(
+    doc: dict[str, Any], base: Path = Path("."), *, exposed: str | None = None
+) -> Config:
+    """Build and validate a Config from a parsed TOML document. Raises ConfigError.
+
+    `exposed`: why the file `doc` was read from is not private (load_config passes it); inline
+    api.tokens are then refused. A document that came from no file (None) keeps its tokens:
+    the caller holds them in memory anyway."""
     unknown = set(doc) - set(_KNOWN)
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown section")
@@ -387,7 +443,7 @@ def parse_config(doc: dict[str, Any], base: Path = Path(".")) -> Config:
     api_cfg = ApiConfig(
         host=host,
         port=port,
-        tokens=_tokens(api, base),
+        tokens=_tokens(api, base, exposed),
         max_body_bytes=_int(api, "api", "max_body_bytes", 1 << 20, 1024, 1 << 30),
         public_url=public_url.rstrip("/") if public_url else None,
         webhook_hosts=_webhook_hosts(api),
@@ -500,12 +556,15 @@ def _quiesce(cps: dict[str, Any]) -> str:
 
 
 def load_config(path: Path | None = None) -> Config:
-    """Read the config from `path`, $CBT_AGENT_CONFIG, or /etc/cbt-agent/config.toml."""
+    """Read the config from `path`, $CBT_AGENT_CONFIG, or /etc/cbt-agent/config.toml. Inline
+    api.tokens are accepted only from a private file (owned by this process's user or root, no
+    access for group or others)."""
     if path is None:
         env = os.environ.get(ENV_CONFIG)
         path = Path(env) if env else DEFAULT_CONFIG_PATH
     try:
         with path.open("rb") as f:
+            exposed = file_problem(path, os.fstat(f.fileno()))  # of what was opened
             doc = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(str(path), "config file not found") from None
@@ -513,4 +572,4 @@ def load_config(path: Path | None = None) -> Config:
         raise ConfigError(str(path), f"cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
-    return parse_config(doc, base=path.parent)
+    return parse_config(doc, base=path.parent, exposed=exposed)

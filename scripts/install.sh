@@ -6,7 +6,9 @@
 #                                 venv in .venv with the agent (no test tools), the systemd
 #                                 unit, /etc/cbt-agent/config.toml from the example (0600)
 #
-# Then set api.tokens (or api.token_file) in /etc/cbt-agent/config.toml and
+# Then replace the example token in /etc/cbt-agent/config.toml (the agent refuses it and any
+# token under 16 characters): api.tokens = ["<output of openssl rand -hex 32>"], or
+# api.token_file (chmod 600); and
 #   systemctl enable --now cbt-agent
 #
 # DESTDIR=/some/dir puts the unit and the config under that directory instead of / (tests).
@@ -30,11 +32,11 @@ mv "$UNIT.tmp" "$UNIT"
 
 install -d -m 700 "$ETC/cbt-agent"
 if [ ! -e "$ETC/cbt-agent/config.toml" ]; then
-  log "writing $ETC/cbt-agent/config.toml from config.example.toml: set api.tokens in it"
+  log "writing $ETC/cbt-agent/config.toml (0600) from config.example.toml: replace its token"
   install -m 600 config.example.toml "$ETC/cbt-agent/config.toml"
 fi
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
 fi
-log "installed. Next: set api.tokens in /etc/cbt-agent/config.toml, then"
+log "installed. Next: set api.tokens in /etc/cbt-agent/config.toml (openssl rand -hex 32), then"
 log "  systemctl enable --now cbt-agent && systemctl status cbt-agent"

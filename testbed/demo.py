@@ -139,6 +139,7 @@ async def _start_agent(work: Path) -> tuple[asyncio.subprocess.Process, Api, Pat
         f'[qmp]\nsocket_template = "{work}/{{vm_uuid}}.sock"\n'
         f'[nbd]\nlisten = "127.0.0.1"\nport_range = "10501:10999"\n'
     )
+    config.chmod(0o600)  # it holds the token: the agent refuses inline tokens others can read
     with (work / "agent.log").open("wb") as log:
         agent = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import stack
 
-TOKEN = "e2e-token"
+TOKEN = "e2e-token-0123456789abcdef"  # at least 16 characters, or the agent refuses it
 FAULT_AGENT = Path(__file__).resolve().parent / "faultagent.py"
 
 
@@ -32,13 +32,16 @@ def write_config(
     port_range: str = "11700:11799",
     extra: str = "",
 ) -> None:
-    """The agent's config file; `extra`: more TOML appended (e.g. a [checkpoints] table)."""
+    """The agent's config file; `extra`: more TOML appended (e.g. a [checkpoints] table).
+    It holds the token, so it is chmod 600 (the agent refuses inline tokens in a file others
+    can read); a later write_text keeps the mode."""
     path.write_text(
         f'[api]\nlisten = "127.0.0.1:{port}"\ntokens = ["{TOKEN}"]\n'
         f'[state]\ndir = "{state}"\n[libvirt]\nuri = "{stack.LIBVIRT_URI}"\n'
         f'[qmp]\nsocket_template = "{qmp_template}"\n'
         f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{port_range}"\n{extra}'
     )
+    path.chmod(0o600)
 
 
 class AgentProcess:

@@ -1,15 +1,14 @@
 """Where the backup client's session token comes from: `$CBT_AGENT_TOKEN` or a file only its
-owner can read (`--token-file`), never the command line, which every user of the host can read
-in `ps` (and /proc/<pid>/cmdline) for as long as the backup runs."""
+owner can read (`--token-file`, checked as sshd checks a key), never the command line, which
+every user of the host can read in `ps` (and /proc/<pid>/cmdline) while the backup runs."""
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from cbt_agent.client.errors import BackupError
+from cbt_agent.secretfiles import NotPrivate, read_private
 
 TOKEN_ENV = "CBT_AGENT_TOKEN"
 MAX_TOKEN = 4096
@@ -21,29 +20,14 @@ class TokenError(BackupError):
 
 
 def read_token_file(path: Path) -> str:
-    """The token in `path`: one line, owned by this user, no access for group or others."""
+    """The token in `path`: one line, in a file owned by this user (or root) that group and
+    others cannot access, in a directory nobody else can write (see secretfiles)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        data = read_private(path, MAX_TOKEN)
     except OSError as e:
         raise TokenError(f"--token-file {path}: cannot open it: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)  # of what was opened, not of a name that may change meanwhile
-        if not stat.S_ISREG(st.st_mode):
-            raise TokenError(f"--token-file {path}: not a regular file")
-        if st.st_uid != os.geteuid():
-            raise TokenError(
-                f"--token-file {path}: owned by uid {st.st_uid}, not by you (uid "
-                f"{os.geteuid()}): a token file must be yours alone"
-            )
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise TokenError(
-                f"--token-file {path}: group or others may access it (mode {mode:04o}): "
-                f"chmod 600 {path}"
-            )
-        data = os.read(fd, MAX_TOKEN + 1)
-    finally:
-        os.close(fd)
+    except NotPrivate as e:
+        raise TokenError(f"--token-file {path}: a token file must be yours alone: {e}") from None
     try:
         token = data.decode().strip()
     except UnicodeDecodeError:

@@ -16,6 +16,7 @@ from cbt_agent.qemu import bitmaps, blockdev, fleece, nbd_server, psk
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.secretfiles import NotPrivate
 from cbt_agent.store import NbdServer, Store, SyncStore
 
 TLS_CREDS_ID = "cbt-nbd-tls"  # the VM's tls-creds-x509 object with [nbd] tls = "x509"
@@ -37,10 +38,17 @@ def psk_dir(cfg: Config, task_uuid: str) -> Path:
 
 async def export_psk(cfg: Config, server: NbdServer, task_uuid: str) -> Psk | None:
     """The pre-shared key a client needs for `server`'s exports; None when it takes none.
-    Raises OperationError when the server requires one and it is gone."""
+    Raises OperationError when the server requires one and it is gone, or when its file is
+    not private (see secretfiles)."""
     if not server.psk:
         return None
-    key = await asyncio.to_thread(psk.read_server_dir, psk_dir(cfg, task_uuid))
+    try:
+        key = await asyncio.to_thread(psk.read_server_dir, psk_dir(cfg, task_uuid))
+    except NotPrivate as e:
+        raise OperationError(
+            f"the task's NBD pre-shared key is not private, so it is not handed out: {e}; "
+            "others may have read it: Disable and Enable again for a fresh one"
+        ) from None
     if key is None:
         raise OperationError(
             f"the task's NBD exports require a pre-shared key and {psk_dir(cfg, task_uuid)} "

@@ -27,9 +27,11 @@ from decimal import Decimal, localcontext
 from pathlib import Path
 
 from cbt_agent.contract.constants import PSK_IDENTITY_PATTERN, PSK_KEY_PATTERN
+from cbt_agent.secretfiles import read_private
 
 KEYS_FILE = "keys.psk"  # the name QEMU's tls-creds-psk reads in its `dir`
 DH_PARAMS_FILE = "dh-params.pem"  # ditto, optional (generated, slowly, when absent)
+MAX_KEYS_FILE = 4096  # one identity:key line is under 100 bytes
 KEY_BYTES = 32  # 256-bit keys
 IDENTITY_PREFIX = "cbt-"
 
@@ -93,10 +95,12 @@ def write_server_dir(directory: Path, psk: Psk) -> None:
 
 
 def read_server_dir(directory: Path) -> Psk | None:
-    """The key in `directory`'s keys.psk; None when there is none. Blocking."""
+    """The key in `directory`'s keys.psk; None when there is none. NotPrivate when the file
+    or the directory is not private (owned by this process's user or root, keys.psk 0600,
+    the directory writable by nobody else): the key may have leaked. Blocking."""
     try:
-        return Psk.parse((directory / KEYS_FILE).read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return Psk.parse(read_private(directory / KEYS_FILE, MAX_KEYS_FILE).decode())
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # UnicodeDecodeError too
         return None
 
 

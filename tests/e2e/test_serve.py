@@ -54,8 +54,9 @@ async def agent_factory(
 def test_bad_config_is_refused_with_key_and_reason(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(
-        '[api]\nlisten = "127.0.0.1:7090"\ntokens = ["t"]\n[nbd]\nport_range = "9:1"\n'
+        f'[api]\nlisten = "127.0.0.1:7090"\ntokens = ["{TOKEN}"]\n[nbd]\nport_range = "9:1"\n'
     )
+    config.chmod(0o600)  # it holds a token
     result = cli("serve", "--config", str(config))
     assert result.returncode == 2
     assert result.stderr.strip() == (

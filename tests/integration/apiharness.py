@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 from cbt_agent.config import Config
 from cbt_agent.store import SyncStore
 
-TOKENS = ("tok-a", "tok-b")
+TOKENS = ("tok-a-0123456789abcdef", "tok-b-0123456789abcdef")  # 16+ characters
 PREFIXES = ("/zstack/v1", "/v1")
 P = "/zstack/v1"
 HEX32 = re.compile(r"^[0-9a-f]{32}$")

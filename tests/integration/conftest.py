@@ -73,7 +73,7 @@ async def make_agent(
     ) -> Agent:
         config = parse_config(
             {
-                "api": {"tokens": ["t"]},
+                "api": {"tokens": ["test-token-0123456789abcdef"]},
                 "state": {"dir": str(tmp_path / "state")},
                 "libvirt": {"uri": stack.LIBVIRT_URI},
                 "qmp": {"socket_template": qmp_socket_template},

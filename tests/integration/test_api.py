@@ -351,7 +351,7 @@ async def test_auth(api: Api, vm_factory: Callable[..., stack.TestVm]) -> None:
     r = await api.request("POST", create, body, token=None)
     assert r.status == 400 and r.body == "missing header 'Authorization'", r
     assert r.content_type == "text/plain"
-    for header in ("Bearer x", "OAuth", "OAuth   ", "oauth tok-a", "Basic dG9rLWE6"):
+    for header in ("Bearer x", "OAuth", "OAuth   ", f"oauth {TOKENS[0]}", "Basic dG9rLWE6"):
         r = await api.request("POST", create, body, auth=header)
         assert_plain(r, 400, "Authorization")
     job = "fedcba9876543210fedcba9876543210"
@@ -365,16 +365,16 @@ async def test_auth(api: Api, vm_factory: Callable[..., stack.TestVm]) -> None:
         ("GET", f"/v1/cbt-task/{vm.vm_uuid}"),
         ("GET", "/metrics"),
     ):
-        r = await api.request(method, path, token="tok-A")
+        r = await api.request(method, path, token=TOKENS[0].replace("a", "A", 1))  # tok-A-...
         assert_error(r, "ID.1001")
         r = await api.request(method, path, token=None)
         assert_plain(r, 400, "missing header 'Authorization'")
     assert api.counts() == EMPTY  # no job for an unknown caller, nothing changed
 
     # both configured tokens work; the X-Job-UUID of the refused call was never taken
-    location = await api.submit("POST", create, body, token="tok-b", headers={"X-Job-UUID": job})
+    location = await api.submit("POST", create, body, token=TOKENS[1], headers={"X-Job-UUID": job})
     assert location.endswith(job)
-    r = await api.poll(location, token="tok-a")
+    r = await api.poll(location, token=TOKENS[0])
     assert r.status == 200, r
     for token in TOKENS:
         q = await api.query(token=token)

@@ -63,7 +63,7 @@ async def make_agent(
     async def make(**nbd: Any) -> Agent:
         config = parse_config(
             {
-                "api": {"tokens": ["t"]},
+                "api": {"tokens": ["test-token-0123456789abcdef"]},
                 "state": {"dir": str(short_dir / "state")},
                 "libvirt": {"uri": stack.LIBVIRT_URI},
                 "qmp": {"socket_template": qmp_socket_template},

@@ -47,7 +47,7 @@ from cbt_agent.config import Config, parse_config
 
 pytestmark = pytest.mark.stack
 
-TOKEN = "tok-openapi"
+TOKEN = "tok-openapi-0123456789abcdef"
 P = "/zstack/v1"
 ROOT_ROUTES = ("/healthz", "/metrics")
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")

@@ -145,7 +145,7 @@ async def make_agent(
     async def make(**nbd: Any) -> Agent:
         config = parse_config(
             {
-                "api": {"tokens": ["t"]},
+                "api": {"tokens": ["test-token-0123456789abcdef"]},
                 "state": {"dir": str(short_dir / "state")},
                 "libvirt": {"uri": stack.LIBVIRT_URI},
                 "qmp": {"socket_template": qmp_socket_template},
@@ -404,6 +404,7 @@ def write_config(path: Path, port: int, state: Path, qmp_template: str, **extra:
             for name, keys in sections.items()
         )
     )
+    path.chmod(0o600)  # it holds the token
 
 
 class HttpsAgent(AgentProcess):

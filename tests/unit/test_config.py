@@ -11,11 +11,20 @@ from cbt_agent.config import load_config, parse_config
 from cbt_agent.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
+TOKEN = "config-test-token-0123456789"
 
 
-def test_example_config_loads_with_contract_keys() -> None:
-    cfg = load_config(EXAMPLE)
-    assert (cfg.api.host, cfg.api.port, cfg.api.tokens) == ("127.0.0.1", 7090, ("change-me",))
+def example_copy(tmp_path: Path) -> Path:
+    """config.example.toml as an operator makes it usable: its own token, chmod 600."""
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE.read_text().replace('["change-me"]', f'["{TOKEN}"]'))
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_example_config_loads_with_contract_keys(tmp_path: Path) -> None:
+    cfg = load_config(example_copy(tmp_path))
+    assert (cfg.api.host, cfg.api.port, cfg.api.tokens) == ("127.0.0.1", 7090, (TOKEN,))
     assert cfg.state_dir == Path("/var/lib/cbt-agent")
     assert cfg.libvirt_uri == "qemu:///system"
     assert cfg.qmp_socket_template == "/var/lib/libvirt/qemu/zstack/{vm_uuid}.sock"
@@ -28,29 +37,33 @@ def test_example_config_loads_with_contract_keys() -> None:
     ("doc", "key", "reason"),
     [
         ({"api": {"tokens": []}}, "api.tokens", "at least one token"),
-        ({"api": {"tokens": ["t"], "listen": "nowhere"}}, "api.listen", "not host:port"),
-        ({"api": {"tokens": ["t"], "listen": "127.0.0.1:99999"}}, "api.listen", "out of range"),
-        ({"api": {"tokens": ["t"], "listen": "example.com:80"}}, "api.listen", "not an IP"),
-        ({"api": {"tokens": ["t"]}, "nbd": {"port_range": "10:5"}}, "nbd.port_range", "FIRST:LAST"),
+        ({"api": {"tokens": [TOKEN], "listen": "nowhere"}}, "api.listen", "not host:port"),
+        ({"api": {"tokens": [TOKEN], "listen": "127.0.0.1:99999"}}, "api.listen", "out of range"),
+        ({"api": {"tokens": [TOKEN], "listen": "example.com:80"}}, "api.listen", "not an IP"),
         (
-            {"api": {"tokens": ["t"]}, "qmp": {"socket_template": "/x.sock"}},
+            {"api": {"tokens": [TOKEN]}, "nbd": {"port_range": "10:5"}},
+            "nbd.port_range",
+            "FIRST:LAST",
+        ),
+        (
+            {"api": {"tokens": [TOKEN]}, "qmp": {"socket_template": "/x.sock"}},
             "qmp.socket_template",
             "{vm_uuid}",
         ),
-        ({"api": {"tokens": ["t"]}, "checkpoints": {"keep": 0}}, "checkpoints.keep", "between"),
+        ({"api": {"tokens": [TOKEN]}, "checkpoints": {"keep": 0}}, "checkpoints.keep", "between"),
         (
-            {"api": {"tokens": ["t"]}, "checkpoints": {"quiesce": "sometimes"}},
+            {"api": {"tokens": [TOKEN]}, "checkpoints": {"quiesce": "sometimes"}},
             "checkpoints.quiesce",
             '"auto", "always" or "never"',
         ),
         (
-            {"api": {"tokens": ["t"]}, "checkpoints": {"freeze_timeout": 0}},
+            {"api": {"tokens": [TOKEN]}, "checkpoints": {"freeze_timeout": 0}},
             "checkpoints.freeze_timeout",
             "between",
         ),
-        ({"api": {"tokens": ["t"], "colour": "red"}}, "api.colour", "unknown key"),
-        ({"api": {"tokens": ["t"]}, "extra": {}}, "extra", "unknown section"),
-        ({"api": {"tokens": ["t"]}, "log": {"level": "LOUD"}}, "log.level", "DEBUG"),
+        ({"api": {"tokens": [TOKEN], "colour": "red"}}, "api.colour", "unknown key"),
+        ({"api": {"tokens": [TOKEN]}, "extra": {}}, "extra", "unknown section"),
+        ({"api": {"tokens": [TOKEN]}, "log": {"level": "LOUD"}}, "log.level", "DEBUG"),
     ],
 )
 def test_bad_config_names_key_and_reason(doc: dict[str, object], key: str, reason: str) -> None:
@@ -62,15 +75,15 @@ def test_bad_config_names_key_and_reason(doc: dict[str, object], key: str, reaso
 
 def test_token_file_must_be_private(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    tokens.write_text("alpha\n\nbeta\n")
+    tokens.write_text("alpha-token-0123456789\n\nbeta-token-0123456789\n")
     os.chmod(tokens, 0o644)
     with pytest.raises(ConfigError) as err:
         parse_config({"api": {"token_file": str(tokens)}})
     assert err.value.key == "api.token_file" and "chmod 600" in err.value.reason
     os.chmod(tokens, 0o600)
     assert parse_config({"api": {"token_file": "tokens"}}, base=tmp_path).api.tokens == (
-        "alpha",
-        "beta",
+        "alpha-token-0123456789",
+        "beta-token-0123456789",
     )
 
 
@@ -85,7 +98,7 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 # ---- least privilege: NBD on unix sockets, NBD TLS, HTTPS ---------------------------------------
 
-BASE = {"api": {"tokens": ["t"]}}
+BASE = {"api": {"tokens": [TOKEN]}}
 
 
 def _with(**sections: dict[str, object]) -> dict[str, object]:
@@ -111,8 +124,8 @@ def _openssl_pair(d: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_nbd_defaults_tcp_without_tls() -> None:
-    cfg = load_config(EXAMPLE)
+def test_nbd_defaults_tcp_without_tls(tmp_path: Path) -> None:
+    cfg = load_config(example_copy(tmp_path))
     assert (cfg.nbd.transport, cfg.nbd.tls_cert_dir) == ("tcp", None)
     assert cfg.nbd.socket_dir == Path("/var/lib/cbt-agent/nbd")
     assert (cfg.api.tls_cert, cfg.api.tls_key) == (None, None)
@@ -152,10 +165,10 @@ def test_nbd_unix_socket_dir_default_and_relative() -> None:
             "qmp.socket_template",
         ),
         (_with(nbd={"tls_cert_dir": "/nonexistent/nbd-tls"}), "nbd.tls_cert_dir", "directory"),
-        (_with(api={"tokens": ["t"], "tls_cert": "/x.pem"}), "api.tls_key", "required"),
-        (_with(api={"tokens": ["t"], "tls_key": "/x.pem"}), "api.tls_cert", "required"),
+        (_with(api={"tokens": [TOKEN], "tls_cert": "/x.pem"}), "api.tls_key", "required"),
+        (_with(api={"tokens": [TOKEN], "tls_key": "/x.pem"}), "api.tls_cert", "required"),
         (
-            _with(api={"tokens": ["t"], "tls_cert": "/nonexistent.pem", "tls_key": "/k.pem"}),
+            _with(api={"tokens": [TOKEN], "tls_cert": "/nonexistent.pem", "tls_key": "/k.pem"}),
             "api.tls_cert",
             "cannot read /nonexistent.pem",
         ),
@@ -193,7 +206,8 @@ def test_nbd_tls_cert_dir_needs_the_three_files_and_a_private_key(tmp_path: Path
     os.chmod(d / "server-key.pem", 0o604)
     with pytest.raises(ConfigError) as err:
         parse_config(doc, base=tmp_path)
-    assert err.value.key == "nbd.tls_cert_dir" and "readable by others" in err.value.reason
+    assert err.value.key == "nbd.tls_cert_dir"
+    assert f"open to group or others (mode 0604): chmod 600 {d}/server-key.pem" in err.value.reason
     os.chmod(d / "server-key.pem", 0o600)
     (d / "server-cert.pem").unlink()
     (d / "server-cert.pem").mkdir()
@@ -204,19 +218,21 @@ def test_nbd_tls_cert_dir_needs_the_three_files_and_a_private_key(tmp_path: Path
 def test_api_tls_pair_must_load(tmp_path: Path) -> None:
     cert, key = _openssl_pair(tmp_path, "api")
     other_cert, other_key = _openssl_pair(tmp_path, "other")
-    cfg = parse_config(_with(api={"tokens": ["t"], "tls_cert": "api-cert.pem",
+    cfg = parse_config(_with(api={"tokens": [TOKEN], "tls_cert": "api-cert.pem",
                                   "tls_key": "api-key.pem"}), base=tmp_path)  # fmt: skip
     assert (cfg.api.tls_cert, cfg.api.tls_key) == (cert, key)
     with pytest.raises(ConfigError) as err:  # a key that is not the certificate's
-        parse_config(_with(api={"tokens": ["t"], "tls_cert": str(cert), "tls_key": str(other_key)}))
+        parse_config(
+            _with(api={"tokens": [TOKEN], "tls_cert": str(cert), "tls_key": str(other_key)})
+        )
     assert err.value.key == "api.tls_cert" and "does not load" in err.value.reason
     os.chmod(other_cert, 0o600)
     with pytest.raises(ConfigError) as err:  # a certificate given as the key
         parse_config(
-            _with(api={"tokens": ["t"], "tls_cert": str(cert), "tls_key": str(other_cert)})
+            _with(api={"tokens": [TOKEN], "tls_cert": str(cert), "tls_key": str(other_cert)})
         )
     assert err.value.key == "api.tls_cert"
     os.chmod(key, 0o644)
     with pytest.raises(ConfigError) as err:
-        parse_config(_with(api={"tokens": ["t"], "tls_cert": str(cert), "tls_key": str(key)}))
-    assert err.value.key == "api.tls_key" and "readable by others" in err.value.reason
+        parse_config(_with(api={"tokens": [TOKEN], "tls_cert": str(cert), "tls_key": str(key)}))
+    assert err.value.key == "api.tls_key" and f"chmod 600 {key}" in err.value.reason

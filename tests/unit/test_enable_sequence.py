@@ -152,7 +152,7 @@ async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     await fake.start()
     config = parse_config(
         {
-            "api": {"tokens": ["t"]},
+            "api": {"tokens": ["test-token-0123456789abcdef"]},
             "state": {"dir": str(tmp_path / "state")},
             "nbd": {"port_range": "11000:11009"},
         }

@@ -13,6 +13,7 @@ BELOW_THE_API = [
     "metrics.py",
     "logctx.py",
     "sdnotify.py",
+    "secretfiles.py",
     "engine",
     "qemu",
     "hypervisor",

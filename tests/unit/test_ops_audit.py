@@ -228,14 +228,20 @@ def test_status_reads_the_last_enables_changed_bytes_until_its_job_expires(
 def _config(tmp_path: Path) -> Path:
     path = tmp_path / "c.toml"
     path.write_text(
-        f'[api]\nlisten = "127.0.0.1:1"\ntokens = ["t"]\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[api]\nlisten = "127.0.0.1:1"\ntokens = ["test-token-0123456789abcdef"]\n'
+        f'[state]\ndir = "{tmp_path / "state"}"\n'
     )
+    path.chmod(0o600)  # it holds a token
     return path
 
 
 def test_the_state_directory_lock_tells_a_running_agent(tmp_path: Path) -> None:
     config = parse_config(
-        {"api": {"tokens": ["t"]}, "state": {"dir": str(tmp_path / "state")}}, tmp_path
+        {
+            "api": {"tokens": ["test-token-0123456789abcdef"]},
+            "state": {"dir": str(tmp_path / "state")},
+        },
+        tmp_path,
     )
     assert lock_holder(config) is None
     with serving(config):

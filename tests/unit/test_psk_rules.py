@@ -32,7 +32,7 @@ TASK = "a" * 32
 
 
 def _cfg(**nbd: Any) -> dict[str, Any]:
-    return {"api": {"tokens": ["t"]}, "nbd": nbd}
+    return {"api": {"tokens": ["test-token-0123456789abcdef"]}, "nbd": nbd}
 
 
 # ---- config ------------------------------------------------------------------------------------
