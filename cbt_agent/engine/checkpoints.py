@@ -167,7 +167,18 @@ async def _cut(
         await ctx.store.run(SyncStore.set_export_phase, ctx.task_uuid, PAUSED)
         ctx.held_paused = True
     start = time.perf_counter()
-    replies = await execute_many(qmp, commands)
+    try:
+        replies = await execute_many(qmp, commands)
+    except BaseException:
+        # cut short (a lost reply, the freeze timeout): the VM runs again before anything
+        # else, the guest's thaw included (a paused guest cannot be thawed)
+        if was_running:
+            try:
+                await fleece.resume(qmp)
+                ctx.held_paused = False
+            except Exception as e:  # the rollback tries again on a new connection
+                log.warning("task %s: resuming the VM after the cut: %s", ctx.task_uuid, e)
+        raise
     if was_running:
         # QEMU's own account of the pause where the channel has events; else the batch's time
         stood = paused_seconds(qmp)
