@@ -207,3 +207,19 @@ async def test_a_scrape_through_the_api(client: TestClient[Any, Any]) -> None:
     assert value(got, "process_resident_memory_bytes") > 0
     r = await client.get("/metrics")
     assert r.status == 400  # a token, as for every route but /healthz
+
+
+def test_scratch_breaks_and_the_cuts_pause() -> None:
+    m = Metrics()
+    m.export_breaks.labels("budget").inc()
+    m.export_breaks.labels("filesystem").inc(2)
+    m.cut_pause_seconds.observe(0.004)
+    m.cut_pause_seconds.observe(0.015)
+    got = samples(m.render(jobs_running=0, exports_open=1, scratch=(3 << 20, 16 << 20)))
+    assert value(got, "cbt_agent_export_breaks_total", cause="budget") == 1
+    assert value(got, "cbt_agent_export_breaks_total", cause="filesystem") == 2
+    assert value(got, "cbt_agent_scratch_bytes") == 3 << 20
+    assert value(got, "cbt_agent_scratch_budget_bytes") == 16 << 20
+    p = "cbt_agent_cut_pause_seconds"
+    assert value(got, p + "_bucket", le="0.005") == 1
+    assert value(got, p + "_bucket", le="0.02") == 2
