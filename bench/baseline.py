@@ -7,6 +7,8 @@ from typing import Any
 
 import nbd
 
+from cbt_agent.qemu.nbd import connect_tcp_quickly
+
 # libnbd refuses a block-status length of 2^32 or more: the largest aligned request below it.
 RAW_CHUNK = (4 << 30) - (64 << 10)
 
@@ -20,7 +22,9 @@ def open_handle(
     if socket is not None:
         h.connect_unix(socket)
     else:
-        h.connect_tcp("127.0.0.1", str(port))
+        # the handshake without QEMU 7.2's delayed-ACK stalls (see nbd.connect_tcp_quickly):
+        # any client can do it, so the limit does too
+        connect_tcp_quickly(h, "127.0.0.1", int(port or 0))
     return h
 
 

@@ -60,6 +60,7 @@ from cbt_agent.client.copy import (
     open_source,
     open_target,
     source_runs,
+    trim_ranges,
     zero_ranges,
 )
 from cbt_agent.client.errors import ApiError, BackupError
@@ -376,6 +377,12 @@ async def _backup_disk(
             )
         reqs = list(extents.requests(data_runs, gran))
         zeros = list(extents.requests(zero_runs, gran))
+        trim = bool(src.can_trim())
+        if trim:
+            # what this backup never reads costs the agent's scratch nothing from now on (the
+            # block-status queries above are done: a trimmed range no longer answers them)
+            skip = extents.gaps(data_runs, size)
+            await run.in_thread(trim_ranges, src, extents.requests(skip, gran, max_request=1 << 30))
         backing = target.backing.file if target.backing is not None else None
         create_exclusive(part)  # raises with nothing made when a file is already there
         run.made.append(part)
@@ -395,7 +402,7 @@ async def _backup_disk(
                     on_done=run.on_request_done,
                     stop=run.stop,
                     zeros=zeros,
-                    trim=bool(src.can_trim()),
+                    trim=trim,
                 )
                 await run.in_thread(finish_target, dst)
             except nbd.Error as e:

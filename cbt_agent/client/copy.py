@@ -213,6 +213,30 @@ def copy_requests(
             _wait(busy)
 
 
+def trim_ranges(
+    src: Any, ranges: Iterable[tuple[int, int]], max_in_flight: int = MAX_IN_FLIGHT
+) -> None:
+    """Trim `ranges` on `src`, `max_in_flight` at a time (best effort: refusals are ignored).
+    On the agent's export: the ranges a backup will never read cost no scratch from now on,
+    whatever the guest writes there."""
+    pending = iter(ranges)
+    cookies: deque[int] = deque()
+    exhausted = False
+    while True:
+        while not exhausted and len(cookies) < max_in_flight:
+            r = next(pending, None)
+            if r is None:
+                exhausted = True
+                break
+            cookies.append(src.aio_trim(r[1], r[0]))
+        while cookies and _trimmed(src, cookies[0]):
+            cookies.popleft()
+        if exhausted and not cookies:
+            return
+        if cookies:
+            _wait([src])
+
+
 def _trimmed(src: Any, cookie: int) -> bool:
     try:
         return bool(src.aio_command_completed(cookie))

@@ -69,6 +69,19 @@ def bitmap_runs(bitmap_b64: str, granularity: int, size: int) -> list[tuple[int,
     return cluster_runs(ranges, granularity, size)
 
 
+def gaps(runs: Iterable[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """What sorted, non-overlapping runs leave out of [0, size), as (start, length) runs."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for start, length in runs:
+        if start > pos:
+            out.append((pos, start - pos))
+        pos = max(pos, start + length)
+    if pos < size:
+        out.append((pos, size - pos))
+    return out
+
+
 def total(runs: Iterable[tuple[int, int]]) -> int:
     return sum(n for _, n in runs)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +49,50 @@ class NbdAddress:
         return f"{scheme}://{self.host}:{self.port}/{self.export}"
 
 
+CONNECT_TIMEOUT = 30.0
+
+
+def connect_tcp_quickly(h: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
+    """libnbd's handshake over TCP without QEMU 7.2's 40 ms stalls.
+
+    QEMU's NBD server sends each option reply as several small writes on a socket without
+    TCP_NODELAY: Nagle holds the next write until the last is acknowledged, and Linux delays
+    that ACK (up to 40 ms) while the client has nothing to send. A handshake with a meta
+    context took ~88 ms here, ~44 ms without. Driving the handshake through libnbd's aio calls
+    and asking for an immediate ACK (TCP_QUICKACK, which Linux clears again on its own) after
+    each read makes it ~1 ms.
+    """
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    fd = sock.detach()  # libnbd owns the descriptor from here on
+    view = socket.socket(fileno=fd)  # for setsockopt only; detached again below, never closed
+    try:
+        h.aio_connect_socket(fd)
+        deadline = time.monotonic() + timeout
+        while h.aio_is_connecting():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise nbd.Error(f"NBD handshake with {host}:{port} timed out", 110)
+            direction = h.aio_get_direction()
+            readable, writable, _ = select.select(
+                [fd] if direction & nbd.AIO_DIRECTION_READ else [],
+                [fd] if direction & nbd.AIO_DIRECTION_WRITE else [],
+                [],
+                left,
+            )
+            if readable:
+                h.aio_notify_read()
+                with contextlib.suppress(OSError):
+                    view.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            if writable:
+                h.aio_notify_write()
+        if not h.aio_is_ready():
+            raise nbd.Error(f"NBD handshake with {host}:{port} failed: {nbd.get_error()}", 0)
+    finally:
+        view.detach()
+
+
 def close(h: Any) -> None:
     """Disconnect politely; libnbd frees the handle when it is dropped."""
     with contextlib.suppress(nbd.Error):
@@ -75,9 +122,12 @@ def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
                 h.set_tls_psk_file(keys_file)
             if address.socket:
                 h.connect_unix(address.socket)
-            else:
+            elif address.tls_dir is not None:
+                # x509: libnbd checks the certificate's name against the host it connects to
                 h.connect_tcp(address.host, str(address.port))
-    except nbd.Error as e:
+            else:
+                connect_tcp_quickly(h, str(address.host), int(address.port or 0))
+    except (nbd.Error, OSError) as e:
         raise HypervisorError(f"NBD connect to {address.uri()} failed: {e}") from None
     for ctx in contexts:
         if not h.can_meta_context(ctx):

@@ -321,3 +321,17 @@ def test_restore_progress_follows_qemu_img(tmp_path: Path) -> None:
     assert out.returncode == 0, out
     with pytest.raises(BackupError, match=r"qemu-img convert failed: .*nope"):
         asyncio.run(convert_with_progress(tmp_path / "nope", tmp_path / "x.qcow2", p))
+
+
+def test_gaps_are_what_a_backup_never_reads() -> None:
+    # the client trims these on the agent's export before it copies: they cost no scratch
+    g = 65536
+    assert extents.gaps([], 4 * g) == [(0, 4 * g)]
+    assert extents.gaps([(0, 4 * g)], 4 * g) == []
+    assert extents.gaps([(g, g), (3 * g, g)], 5 * g + 100) == [(0, g), (2 * g, g), (4 * g, g + 100)]
+    # cut into requests as a trim takes them, the tail past the last whole cluster included
+    assert list(extents.requests(extents.gaps([(0, g)], 4 * g + 100), g, 1 << 30)) == [
+        (g, 2 * g),
+        (3 * g, g),
+        (4 * g, 100),
+    ]
