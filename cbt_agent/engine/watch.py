@@ -108,7 +108,11 @@ class ScratchWatch:
                     continue
                 if why is not None:
                     log.warning("task %s: export breaks: %s", task_uuid, why)
-                    await self.on_break(task_uuid, why)
+                    try:
+                        await self.on_break(task_uuid, why)
+                    except Exception:
+                        # the export may be half ended: a Disable (or the next start) finishes it
+                        log.exception("task %s: breaking the export failed", task_uuid)
                     return
         finally:
             if self._tasks.get(task_uuid) is asyncio.current_task():
