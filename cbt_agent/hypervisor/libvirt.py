@@ -7,6 +7,8 @@ Facts this module relies on (verified on libvirt 9.0 / QEMU 7.2):
   `{"error": {"class", "desc"}}` in that text, not as a libvirtError.
 - `<source index='N'>` in the live XML is the index in libvirt's node names
   `libvirt-N-format` / `libvirt-N-storage`.
+- `qemuMonitorCommandWithFiles(dom, json, [fd], 0)` sends the descriptor along with the command
+  (for `getfd`/`add-fd`; libvirt passes at most one), whatever user QEMU runs as.
 """
 
 from __future__ import annotations
@@ -492,15 +494,24 @@ class Hypervisor:
 
     # ---- monitor ----------------------------------------------------------------------------
 
-    async def qmp_passthrough(self, vm_uuid: str, command: dict[str, Any]) -> Any:
-        """Run one QMP command through libvirt; returns the "return" value."""
+    async def qmp_passthrough(
+        self, vm_uuid: str, command: dict[str, Any], fd: int | None = None
+    ) -> Any:
+        """Run one QMP command through libvirt, with a copy of file descriptor `fd` passed
+        along when given (for `getfd`/`add-fd`); returns the "return" value."""
         name = str(command.get("execute", ""))
         arguments = command.get("arguments", {})
         dom = await self._domain(vm_uuid)
+        text_cmd = json.dumps(command)
+
+        def run() -> str:
+            if fd is None:
+                return cast(str, libvirt_qemu.qemuMonitorCommand(dom, text_cmd, 0))
+            text, _files = libvirt_qemu.qemuMonitorCommandWithFiles(dom, text_cmd, [fd], 0)
+            return str(text)
+
         try:
-            text = await asyncio.to_thread(
-                libvirt_qemu.qemuMonitorCommand, dom, json.dumps(command), 0
-            )
+            text = await asyncio.to_thread(run)
         except libvirt.libvirtError as e:
             # the monitor went away or timed out: whether QEMU ran the command is unknown
             raise QmpInterrupted(f"QMP {name} through libvirt was interrupted: {e}") from e

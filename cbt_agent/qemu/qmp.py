@@ -2,6 +2,9 @@
 
 The extra socket takes one client at a time (a second one hangs rather than being refused), so
 the agent holds one connection per VM and serialises commands on it.
+
+Both routes can hand QEMU a file descriptor with a command (SCM_RIGHTS on the unix socket; one
+file through `virDomainQemuMonitorCommandWithFiles` on libvirt's): `getfd` and `add-fd` take it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ COMMAND_TIMEOUT = 60.0
 
 
 class PassthroughTarget(Protocol):
-    async def qmp_passthrough(self, vm_uuid: str, command: dict[str, Any]) -> Any: ...
+    async def qmp_passthrough(
+        self, vm_uuid: str, command: dict[str, Any], fd: int | None = None
+    ) -> Any: ...
 
 
 class QmpChannel(Protocol):
@@ -33,6 +38,13 @@ class QmpChannel(Protocol):
     kind: str
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any: ...
+
+    async def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object] | None, fd: int
+    ) -> Any:
+        """Run `command` with a copy of file descriptor `fd` passed along (for `getfd` and
+        `add-fd`); the caller keeps and closes its own `fd`."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -73,8 +85,24 @@ class SocketQmp(_Counted):
         return self._client.runstate.name == "RUNNING"
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        return await self._run(command, arguments, None)
+
+    async def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object] | None, fd: int
+    ) -> Any:
+        return await self._run(command, arguments, fd)
+
+    async def _run(
+        self, command: str, arguments: Mapping[str, object] | None, fd: int | None
+    ) -> Any:
         async with self._lock:
             try:
+                if fd is not None:
+                    if not self.connected:
+                        raise ConnectionError("not connected")
+                    # QEMU keeps the descriptor for the monitor's next command (this one); the
+                    # lock keeps any other command from coming between
+                    self._client.send_fd_scm(fd)
                 return await asyncio.wait_for(
                     self._client.execute(command, arguments), COMMAND_TIMEOUT
                 )
@@ -83,7 +111,13 @@ class SocketQmp(_Counted):
                 raise QmpCommandError(
                     command, dict(arguments or {}), str(e), e.error_class
                 ) from None
-            except (ExecInterruptedError, StateError, ConnectionError, TimeoutError) as e:
+            except (
+                ExecInterruptedError,
+                StateError,
+                ConnectionError,
+                TimeoutError,
+                OSError,  # send_fd_scm on a socket that went away
+            ) as e:
                 self._failed("Interrupted")
                 raise QmpInterrupted(
                     f"QMP {command} on {self.path} was interrupted: {e or type(e).__name__}"
@@ -147,11 +181,21 @@ class PassthroughQmp(_Counted):
         self._target = target
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        return await self._run(command, arguments, None)
+
+    async def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object] | None, fd: int
+    ) -> Any:
+        return await self._run(command, arguments, fd)
+
+    async def _run(
+        self, command: str, arguments: Mapping[str, object] | None, fd: int | None
+    ) -> Any:
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = dict(arguments)
         try:
-            return await self._target.qmp_passthrough(self.vm_uuid, message)
+            return await self._target.qmp_passthrough(self.vm_uuid, message, fd)
         except QmpCommandError as e:
             self._failed(e.error_class)
             raise
