@@ -36,6 +36,8 @@ class ApiConfig:
 # Files QEMU's tls-creds-x509 (endpoint server) reads from [nbd] tls_cert_dir; libnbd, as the
 # client, verifies the server against the same directory's ca-cert.pem.
 NBD_TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+# and these when they are there (a CRL; DH parameters, else QEMU generates them, slowly)
+NBD_TLS_OPTIONAL_FILES = ("ca-crl.pem", "dh-params.pem")
 # sun_path holds 108 bytes including the NUL
 UNIX_PATH_MAX = 107
 # NBD socket names are <vm_uuid>.sock; ZStack's vmInstanceUuid is 32 hex digits
@@ -164,6 +166,12 @@ class Config:
     def psk_dir(self) -> Path:
         """Where each task's NBD pre-shared key lives while it has exports ([nbd] tls = psk)."""
         return self.state_dir / "nbd-psk"
+
+    @property
+    def tls_copy_dir(self) -> Path:
+        """Where a VM's QEMU is handed its private copy of [nbd] tls_cert_dir, for the moment
+        its tls-creds-x509 object is made ([nbd] tls = x509)."""
+        return self.state_dir / "nbd-tls"
 
 
 _KNOWN: dict[str, set[str]] = {

@@ -64,6 +64,8 @@ class State:
     capabilities: set[str] = field(default_factory=set)
     running: bool = True
     pauses: int = 0  # stop commands seen
+    fdsets: dict[int, str] = field(default_factory=dict)  # fd set id -> its descriptor's opaque
+    named_fds: set[str] = field(default_factory=set)  # getfd names the monitor holds
 
 
 class FakeBlockLayer:
@@ -108,6 +110,11 @@ class FakeBlockLayer:
             },
             "stop": self.stop,
             "cont": self.cont,
+            "add-fd": self.add_fd,
+            "query-fdsets": self.query_fdsets,
+            "remove-fd": self.remove_fd,
+            "getfd": self.getfd,
+            "closefd": self.closefd,
         }.items():
             fake.on(command, handler)
 
@@ -200,7 +207,12 @@ class FakeBlockLayer:
             return {}
         backing = args.get("backing")
         size = self.state.nodes[backing].size if backing in self.state.nodes else 0
-        self.state.nodes[name] = Node(name, args["file"]["filename"], size, backing=backing)
+        filename = str(args["file"]["filename"])
+        if filename.startswith("/dev/fdset/") and int(filename.rsplit("/", 1)[1]) not in (
+            self.state.fdsets
+        ):
+            raise QmpError(f"Could not open '{filename}': No such file or directory")
+        self.state.nodes[name] = Node(name, filename, size, backing=backing)
         return {}
 
     def blockdev_del(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -320,12 +332,49 @@ class FakeBlockLayer:
                 self.state.capabilities.add(cap["capability"])
         return {}
 
+    # -- file descriptors (the fake receives none: only their bookkeeping) --------------------
+
+    def add_fd(self, args: dict[str, Any]) -> dict[str, Any]:
+        set_id = max(self.state.fdsets, default=-1) + 1
+        self.state.fdsets[set_id] = str(args.get("opaque", ""))
+        return {"fdset-id": set_id, "fd": 100 + set_id}
+
+    def query_fdsets(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"fdset-id": i, "fds": [{"fd": 100 + i, "opaque": o}]}
+            for i, o in sorted(self.state.fdsets.items())
+        ]
+
+    def remove_fd(self, args: dict[str, Any]) -> dict[str, Any]:
+        set_id = int(args["fdset-id"])
+        if set_id not in self.state.fdsets:
+            raise QmpError(f"File descriptor named 'fdset-id:{set_id}' not found")
+        del self.state.fdsets[set_id]
+        return {}
+
+    def getfd(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.state.named_fds.add(str(args["fdname"]))
+        return {}
+
+    def closefd(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = str(args["fdname"])
+        if name not in self.state.named_fds:
+            raise QmpError(f"File descriptor named '{name}' not found")
+        self.state.named_fds.discard(name)
+        return {}
+
     # -- NBD ---------------------------------------------------------------------------------
 
     def nbd_server_start(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.state.nbd is not None:
             raise QmpError("NBD server already running")
-        self.state.nbd = args["addr"]
+        addr = args["addr"]
+        if addr["type"] == "fd":  # the server takes the named descriptor
+            name = addr["data"]["str"]
+            if name not in self.state.named_fds:
+                raise QmpError(f"File descriptor named '{name}' has not been found")
+            self.state.named_fds.discard(name)
+        self.state.nbd = addr
         return {}
 
     def nbd_server_stop(self, _args: dict[str, Any]) -> dict[str, Any]:

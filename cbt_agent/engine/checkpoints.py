@@ -43,7 +43,7 @@ from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.qemu import bitmaps, blockdev, fleece, images, nbd_server, transaction
+from cbt_agent.qemu import bitmaps, blockdev, fds, fleece, images, nbd_server, transaction
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel, execute_many, paused_seconds
@@ -84,6 +84,18 @@ async def create_scratch(path: Path, size: int) -> None:
     await asyncio.to_thread(private_dir, path.parent)
     await images.create(str(path), size)
     await asyncio.to_thread(os.chmod, path, 0o600)  # holds guest data from before the checkpoint
+
+
+async def pass_scratch(qmp: QmpChannel, task_uuid: str, export: VolumeExport) -> str:
+    """Hand QEMU the scratch file as a descriptor the agent opened (QEMU may run as a user
+    that cannot reach the agent's 0700 scratch directory; the file stays the agent's, 0600).
+    Returns the name QEMU opens it by (`/dev/fdset/<id>`), for the scratch node's filename."""
+    fd = await asyncio.to_thread(fds.open_file, export.scratch_path)
+    try:
+        passed = await fds.add_fd(qmp, fd, fds.opaque(task_uuid, f"scratch:{export.scratch_node}"))
+    finally:
+        os.close(fd)
+    return passed.fdset_path
 
 
 def _volume_info(
@@ -256,7 +268,8 @@ async def enable(
         await ctx.at("enable:planned")
         await asyncio.gather(*(create_scratch(Path(e.scratch_path), e.size) for e in exports))
         for e in exports:
-            await fleece.add(qmp, fleece.scratch_args(e.scratch_node, e.scratch_path))
+            scratch_file = await pass_scratch(qmp, task_uuid, e)
+            await fleece.add(qmp, fleece.scratch_args(e.scratch_node, scratch_file))
             await fleece.add(
                 qmp,
                 fleece.filter_args(
@@ -309,7 +322,7 @@ async def enable(
         exports = with_new_granularity(exports, new_granularity)
         await ctx.at("enable:bitmaps")
 
-        server = await start_nbd_server(cfg, store, qmp, task_uuid, ctx.vm.vm_uuid)
+        server = await start_nbd_server(cfg, store, qmp, task_uuid, ctx.vm.vm_uuid, by_fd=True)
         key = await export_psk(cfg, server, task_uuid)
         await ctx.at("enable:nbd-server")
 

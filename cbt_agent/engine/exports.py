@@ -1,19 +1,28 @@
 """A checkpoint's exports: the VM's NBD server (and the credential a client needs for it), how
 the agent reaches an export, and ending them all again (Disable, and the rollback of a failed
-Enable)."""
+Enable).
+
+A VM's QEMU may run as an unprivileged user that cannot reach the agent's private state
+directory, so nothing here asks QEMU to open an agent path: the NBD socket is made and bound
+by the agent and passed as a descriptor, and the directory of an NBD credential (which QEMU
+reads by name) is passed as a descriptor too, its files given to QEMU's user alone (see
+`qemu.fds`, `qemu.process`). The agent's own qemu-storage-daemon (offline exports) runs as the
+agent and has no `getfd`/`add-fd`: it opens the same paths itself (`by_fd=False`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
-from cbt_agent.config import UNIX_PATH_MAX, Config
+from cbt_agent.config import NBD_TLS_FILES, NBD_TLS_OPTIONAL_FILES, UNIX_PATH_MAX, Config
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import OperationError
-from cbt_agent.qemu import bitmaps, blockdev, fleece, nbd_server, psk
+from cbt_agent.qemu import bitmaps, blockdev, fds, fleece, nbd_server, process, psk
 from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.qemu.process import QemuUser
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel
 from cbt_agent.secretfiles import NotPrivate
@@ -76,33 +85,109 @@ def nbd_address(
     return nbdio.NbdAddress(server.host, server.port, server.socket, export_name, tls_dir)
 
 
-async def _new_psk(cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str) -> str:
+def tls_copy_dir(cfg: Config, task_uuid: str) -> Path:
+    """Where a VM's QEMU reads its copy of [nbd] tls_cert_dir while its tls-creds-x509 object
+    is made (removed right after: QEMU has read the files by then)."""
+    return cfg.tls_copy_dir / task_uuid
+
+
+def _copy_tls_dir(source: Path, directory: Path, owner: QemuUser) -> None:
+    """Copy the certificate files QEMU reads from `source` into a fresh 0700 `directory`,
+    each 0600, all owned by `owner`. Blocking."""
+    remove_tls_copy(directory)
+    directory.mkdir(parents=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    process.give(directory, owner)
+    for name in NBD_TLS_FILES + NBD_TLS_OPTIONAL_FILES:
+        if name in NBD_TLS_OPTIONAL_FILES and not (source / name).exists():
+            continue
+        target = directory / name
+        data = (source / name).read_bytes()
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        process.give(target, owner)
+
+
+def remove_tls_copy(directory: Path) -> None:
+    """Remove a copy made by `_copy_tls_dir` (idempotent). Blocking."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _pass_dir(qmp: QmpChannel, directory: Path, what: str) -> fds.PassedFd:
+    """Hand QEMU a descriptor of `directory`; QEMU reads the files in it by name through
+    `/proc/self/fd/<fd>`, which no directory above it (the agent's, 0700) stands in the way of."""
+    fd = await asyncio.to_thread(fds.open_dir, str(directory))
+    try:
+        return await fds.add_fd(qmp, fd, what)
+    finally:
+        os.close(fd)
+
+
+async def _x509_creds(
+    cfg: Config, qmp: QmpChannel, task_uuid: str, cert_dir: Path, by_fd: bool
+) -> str:
+    """The VM's tls-creds-x509 object on `cert_dir` ([nbd] tls_cert_dir). Handed to QEMU as a
+    private copy owned by its user (the server key in cert_dir is the agent's alone), passed
+    by descriptor and removed once the object has read it."""
+    if not by_fd:
+        await nbd_server.add_tls_creds(qmp, TLS_CREDS_ID, str(cert_dir))
+        return TLS_CREDS_ID
+    owner = await process.user_of(qmp)
+    copy = tls_copy_dir(cfg, task_uuid)
+    await asyncio.to_thread(private_dir, cfg.tls_copy_dir)
+    try:
+        await asyncio.to_thread(_copy_tls_dir, cert_dir, copy, owner)
+        passed = await _pass_dir(qmp, copy, fds.opaque(task_uuid, "x509"))
+        try:
+            await nbd_server.add_tls_creds(qmp, TLS_CREDS_ID, passed.proc_path)
+        finally:
+            await fds.remove_fdset(qmp, passed.fdset_id)
+    finally:
+        await asyncio.to_thread(remove_tls_copy, copy)
+    return TLS_CREDS_ID
+
+
+async def _new_psk(cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str, by_fd: bool) -> str:
     """A fresh key for this Enable: recorded as the task's (the database names the directory
-    before it exists, so teardown and reconcile find it), written 0600 in a 0700 directory,
-    and a tls-creds-psk object on it. The previous Enable's key is replaced, never reused."""
+    before it exists, so teardown and reconcile find it), written 0600 in a 0700 directory
+    (both QEMU's user's when it is passed by descriptor), and a tls-creds-psk object on it.
+    The previous Enable's key is replaced, never reused."""
     await store.run(SyncStore.set_server, task_uuid, NbdServer(tls=True, psk=True))
     directory = psk_dir(cfg, task_uuid)
+    owner = await process.user_of(qmp) if by_fd else None
     await asyncio.to_thread(private_dir, cfg.psk_dir)
-    await asyncio.to_thread(psk.write_server_dir, directory, Psk.new())
-    await nbd_server.add_psk_creds(qmp, PSK_CREDS_ID, str(directory))
+    await asyncio.to_thread(psk.write_server_dir, directory, Psk.new(), owner)
+    where = str(directory)
+    if by_fd:
+        # kept until teardown: QEMU reads keys.psk at every handshake
+        where = (await _pass_dir(qmp, directory, fds.opaque(task_uuid, "psk"))).proc_path
+    await nbd_server.add_psk_creds(qmp, PSK_CREDS_ID, where)
     return PSK_CREDS_ID
 
 
 async def start_nbd_server(
-    cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str, vm_uuid: str
+    cfg: Config,
+    store: Store,
+    qmp: QmpChannel,
+    task_uuid: str,
+    vm_uuid: str,
+    *,
+    by_fd: bool,
 ) -> NbdServer:
     """Start the VM's NBD server as configured: TCP on a free port of the range, or a unix
     socket in [nbd] socket_dir; with TLS per [nbd] tls (x509: the certificate of tls_cert_dir;
     psk: a fresh pre-shared key, read back with `export_psk`). The socket path and the key's
-    directory are recorded before they are made, the port as soon as QEMU has taken one."""
+    directory are recorded before they are made, the port as soon as QEMU has taken one.
+    `by_fd`: the socket and the credential's directory go to QEMU as descriptors (a VM's QEMU,
+    whatever user it runs as); False: QEMU opens them by path (the agent's own daemon)."""
     tls = cfg.nbd.tls != "none"
     with_psk = cfg.nbd.tls == "psk"
     creds: str | None = None
     if cfg.nbd.tls == "x509" and cfg.nbd.tls_cert_dir is not None:
-        await nbd_server.add_tls_creds(qmp, TLS_CREDS_ID, str(cfg.nbd.tls_cert_dir))
-        creds = TLS_CREDS_ID
+        creds = await _x509_creds(cfg, qmp, task_uuid, cfg.nbd.tls_cert_dir, by_fd)
     elif with_psk:
-        creds = await _new_psk(cfg, store, qmp, task_uuid)
+        creds = await _new_psk(cfg, store, qmp, task_uuid, by_fd)
     if cfg.nbd.transport == "unix":
         path = cfg.nbd.socket_path(vm_uuid)
         if len(os.fsencode(path)) > UNIX_PATH_MAX:  # a VM uuid longer than ZStack's 32 hex
@@ -110,7 +195,10 @@ async def start_nbd_server(
         server = NbdServer(socket=str(path), tls=tls, psk=with_psk)
         await asyncio.to_thread(private_dir, path.parent)
         await store.run(SyncStore.set_server, task_uuid, server)
-        await nbd_server.start_unix(qmp, str(path), creds)
+        if by_fd:
+            await nbd_server.start_unix_fd(qmp, str(path), creds)
+        else:
+            await nbd_server.start_unix(qmp, str(path), creds)
         return server
     used = await store.run(SyncStore.used_nbd_ports)
     ports = [p for p in range(cfg.nbd.port_first, cfg.nbd.port_last + 1) if p not in used]
@@ -158,6 +246,9 @@ async def teardown_exports(
     present = await fleece.remove(
         qmp, [fleece.view_of(e.volume_uuid, e.scratch_node, e.device_node) for e in exports]
     )
+    # the descriptors of the scratch files and of the key's directory (closed by QEMU once
+    # no node uses them: the scratch nodes are gone now)
+    await fds.remove_task_fdsets(qmp, task_uuid)
     for e in exports:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, e.scratch_path)

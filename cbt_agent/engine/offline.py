@@ -247,7 +247,8 @@ async def export_volumes(
 
         qmp = SocketQmp(vm.vm_uuid, qmp_socket)
         await qmp.connect()
-        server = await start_nbd_server(cfg, store, qmp, task_uuid, vm.vm_uuid)
+        # the daemon runs as the agent (and has no getfd/add-fd): it opens the paths itself
+        server = await start_nbd_server(cfg, store, qmp, task_uuid, vm.vm_uuid, by_fd=False)
         for e in exports:
             if e.temp_bitmap:
                 merge = next(m for m in enable.merges if m.node == e.node)

@@ -6,7 +6,8 @@
   transaction ran), otherwise it is forgotten. The task ends `Failed` with the reason.
 - A `Running` task whose exports are all still in QEMU stays usable; otherwise it is torn down.
 - A task with export rows but not Running/Starting (a Disable died) finishes its teardown.
-- Scratch files and NBD pre-shared keys no task refers to are removed.
+- Scratch files and NBD pre-shared keys no task refers to are removed, so is every copy of the
+  NBD certificates left for a QEMU (needed only while its TLS object is made).
 - Offline exports (a VM's qemu-storage-daemon, recorded before it starts): a Running task's
   daemon that still serves every export stays; an interrupted ExportNbdVolumes is rolled back
   (the checkpoint kept if the cut reached an image); any other daemon is stopped by its pid,
@@ -23,6 +24,7 @@ from pathlib import Path
 from cbt_agent import logctx
 from cbt_agent.engine import offline, quiesce, tracking
 from cbt_agent.engine.checkpoints import PAUSED
+from cbt_agent.engine.exports import remove_tls_copy
 from cbt_agent.engine.service import CbtService, GuestOf
 from cbt_agent.errors import CbtError
 from cbt_agent.model import CbtTask, TaskStatus
@@ -51,6 +53,7 @@ async def reconcile(service: CbtService) -> None:
         log.exception("stopping the storage daemons of deleted tasks failed")
     await _remove_orphan_scratch(service)
     await _remove_orphan_keys(service)
+    await _remove_tls_copies(service)
 
 
 async def _reconcile_task(service: CbtService, task: CbtTask) -> None:
@@ -222,3 +225,21 @@ async def _remove_orphan_keys(service: CbtService) -> None:
     removed = await asyncio.to_thread(sweep)
     if removed:
         log.warning("removed orphan NBD pre-shared keys of tasks %s", ", ".join(removed))
+
+
+async def _remove_tls_copies(service: CbtService) -> None:
+    """Copies of [nbd] tls_cert_dir handed to a QEMU by an Enable that died before removing
+    its copy (QEMU reads it only while its tls-creds-x509 object is made: none is in use)."""
+    root: Path = service.config.tls_copy_dir
+
+    def sweep() -> list[str]:
+        if not root.is_dir():
+            return []
+        names = sorted(p.name for p in root.iterdir())
+        for name in names:
+            remove_tls_copy(root / name)
+        return names
+
+    removed = await asyncio.to_thread(sweep)
+    if removed:
+        log.warning("removed leftover copies of the NBD certificates: %s", ", ".join(removed))

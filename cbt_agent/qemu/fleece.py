@@ -45,8 +45,9 @@ def access_node_name(volume_uuid: str) -> str:
 
 
 def scratch_args(node_name: str, path: str) -> dict[str, Any]:
-    """`blockdev-add` of the scratch qcow2 at `path`: the filter's target. No backing: the
-    filter writes whole clusters; `discard: unmap` returns a trimmed range to the filesystem."""
+    """`blockdev-add` of the scratch qcow2 at `path` (the agent passes `/dev/fdset/<id>`, a
+    descriptor it opened: see `qemu.fds`): the filter's target. No backing: the filter writes
+    whole clusters; `discard: unmap` returns a trimmed range to the filesystem."""
     return {
         "driver": "qcow2",
         "node-name": node_name,

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 from typing import Any
 
 from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.model import Source
+from cbt_agent.qemu import fds
 from cbt_agent.qemu.blockdev import wait_until
 from cbt_agent.qemu.qmp import QmpChannel
 from cbt_agent.qemu.refusals import absent, says
@@ -145,6 +147,58 @@ async def start_unix(qmp: QmpChannel, path: str, tls_creds: str | None = None) -
         await stop(qmp)
         remove_socket_file(path)
         raise HypervisorError(f"cannot make the NBD socket {path} private: {e.strerror}") from None
+
+
+SOCKET_FD_NAME = "cbt-nbd-listen"  # the monitor's name for the listening socket handed over
+LISTEN_BACKLOG = 16
+
+
+def listening_socket(path: str) -> socket.socket:
+    """A unix socket bound at `path`, owner-only (0600: connecting needs write), listening.
+    Blocking (bind, chmod): fine to call from the event loop."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)  # before listen: nobody else can connect in between
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        remove_socket_file(path)
+        raise HypervisorError(f"cannot listen on NBD socket {path}: {e.strerror}") from None
+    return sock
+
+
+async def start_unix_fd(qmp: QmpChannel, path: str, tls_creds: str | None = None) -> None:
+    """Start the VM's NBD server on a unix socket at `path` that the agent binds (0600, its
+    own) and hands to QEMU as a descriptor: QEMU needs no access to the socket's directory.
+    A stale file at `path` is removed first; so is a server left running by an interrupted
+    operation (before the new socket is bound: QEMU unlinks its old listener's path when it
+    closes it)."""
+    args: dict[str, Any] = {"addr": {"type": "fd", "data": {"str": SOCKET_FD_NAME}}}
+    if tls_creds:
+        args["tls-creds"] = tls_creds
+    for attempt in (1, 2):
+        if remove_socket_file(path):
+            log.warning("removed a stale NBD socket %s", path)
+        sock = listening_socket(path)
+        try:
+            await fds.pass_named(qmp, sock.fileno(), SOCKET_FD_NAME)
+            await qmp.execute("nbd-server-start", args)
+            return
+        except QmpCommandError as e:
+            with contextlib.suppress(QmpCommandError):
+                await fds.close_named(qmp, SOCKET_FD_NAME)
+            remove_socket_file(path)
+            if attempt == 1 and says(e, "already running"):
+                log.warning("an NBD server was left running: stopping it")
+                await stop(qmp)
+                continue
+            raise
+        except BaseException:
+            remove_socket_file(path)
+            raise
+        finally:
+            sock.close()  # QEMU holds its own copy
 
 
 async def add_tls_creds(qmp: QmpChannel, creds_id: str, cert_dir: str) -> None:

@@ -27,6 +27,7 @@ from decimal import Decimal, localcontext
 from pathlib import Path
 
 from cbt_agent.contract.constants import PSK_IDENTITY_PATTERN, PSK_KEY_PATTERN
+from cbt_agent.qemu.process import QemuUser, give
 from cbt_agent.secretfiles import read_private
 
 KEYS_FILE = "keys.psk"  # the name QEMU's tls-creds-psk reads in its `dir`
@@ -72,12 +73,15 @@ class Psk:
         raise ValueError("no identity:key line")
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to a new owner-only file at `path` (replaced atomically if one exists)."""
+def _write_private(path: Path, text: str, owner: QemuUser | None = None) -> None:
+    """Write `text` to a new owner-only file at `path` (replaced atomically if one exists),
+    owned by `owner` when given (else by the agent)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: 0600
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        if owner is not None:
+            give(Path(tmp), owner)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -85,13 +89,16 @@ def _write_private(path: Path, text: str) -> None:
         raise
 
 
-def write_server_dir(directory: Path, psk: Psk) -> None:
+def write_server_dir(directory: Path, psk: Psk, owner: QemuUser | None = None) -> None:
     """Make `directory` (0700) hold what QEMU's server `tls-creds-psk` reads: `keys.psk` with
-    only `psk` (0600, replacing any earlier key) and `dh-params.pem`. Blocking."""
+    only `psk` (0600, replacing any earlier key) and `dh-params.pem`; the directory and files
+    owned by `owner` (the user QEMU runs as) when given. Blocking."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask; an old dir is re-tightened
-    _write_private(directory / DH_PARAMS_FILE, ffdhe2048_pem())
-    _write_private(directory / KEYS_FILE, psk.line())
+    if owner is not None:
+        give(directory, owner)
+    _write_private(directory / DH_PARAMS_FILE, ffdhe2048_pem(), owner)
+    _write_private(directory / KEYS_FILE, psk.line(), owner)
 
 
 def read_server_dir(directory: Path) -> Psk | None:

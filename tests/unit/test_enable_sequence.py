@@ -40,8 +40,10 @@ FIRST_ENABLE = [
     "query-block-jobs",  # a commit/stream/copy running: refused
     "query-block",  # the disks' top nodes
     "query-named-block-nodes",  # their chains and bitmaps
-    "blockdev-add",  # scratch of disk 0
+    "add-fd",  # the scratch file of disk 0, opened by the agent, handed to QEMU
+    "blockdev-add",  # scratch of disk 0 (on /dev/fdset/N)
     "blockdev-add",  # its copy-before-write filter over the disk, into the scratch
+    "add-fd",
     "blockdev-add",  # scratch of disk 1
     "blockdev-add",  # its filter
     "query-status",  # a running VM is paused for the cut:
@@ -76,6 +78,9 @@ TEARDOWN = [
     "qom-set",
     "blockdev-del",
     "blockdev-del",
+    "query-fdsets",  # the task's descriptors in QEMU
+    "remove-fd",  # scratch of disk 0
+    "remove-fd",  # scratch of disk 1
 ]
 
 
@@ -131,10 +136,11 @@ class Rig:
             "nodes": sorted(set(s.nodes) - set(NODES.values())),
             "nbd": s.nbd,
             "scratch": sorted(p.name for p in self.config.scratch_dir.glob("*")),
+            "fdsets": sorted(s.fdsets.values()),
         }
 
 
-CLEAN = {"exports": [], "jobs": [], "nodes": [], "nbd": None, "scratch": []}
+CLEAN = {"exports": [], "jobs": [], "nodes": [], "nbd": None, "scratch": [], "fdsets": []}
 
 
 @pytest.fixture
@@ -282,7 +288,7 @@ async def test_a_reply_lost_after_the_transaction_ran_keeps_the_checkpoint(
         "query-named-block-nodes",  # QEMU's state read back: did the transaction run?
         # then everything made is removed (no export yet): the server if one was left, an
         # older agent's fleecing jobs (none), each device back on its disk, the filters and
-        # the scratch nodes
+        # the scratch nodes, then the descriptors of the scratch files
         "query-block-exports",
         "nbd-server-stop",
         "query-jobs",
@@ -295,6 +301,9 @@ async def test_a_reply_lost_after_the_transaction_ran_keeps_the_checkpoint(
         "qom-set",
         "blockdev-del",
         "blockdev-del",
+        "query-fdsets",
+        "remove-fd",
+        "remove-fd",
     ]
     assert rig.qemu.state.running and rig.qemu.state.pauses == 2
     assert rig.fake.connections == connections + 1  # on a new connection: the old one is gone
