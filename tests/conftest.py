@@ -50,8 +50,8 @@ def libvirt_stack() -> Iterator[LibvirtStack]:
         yield LibvirtStack(uri=stack.LIBVIRT_URI, started_pid=pid)
     finally:
         stack.close_connection()
-        if pid is not None:
-            stack.stop_libvirtd(pid)
+        if pid is not None:  # the one started here, or what replaced it (a restart)
+            stack.stop_libvirtd(stack.successor(pid))
 
 
 @pytest.fixture(autouse=True)

@@ -191,6 +191,89 @@ def stop_libvirtd(pid: int, timeout: float = 15.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+# libvirtd restarted by restart_libvirtd: old pid -> the pid that replaced it
+_successors: dict[int, int] = {}
+# where scripts/libvirtd.sh keeps the pid of the libvirtd it starts, and libvirtd's own default
+LIBVIRTD_PIDFILES = (
+    Path(os.environ.get("CBT_LIBVIRTD_PIDFILE", "/run/cbt-agent-libvirtd.pid")),
+    Path("/run/libvirtd.pid"),
+)
+
+
+def successor(pid: int) -> int:
+    """The pid of the libvirtd that now stands for `pid` (itself unless restarted here)."""
+    while pid in _successors:
+        pid = _successors[pid]
+    return pid
+
+
+def _is_libvirtd(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd" and _pid_alive(pid)
+    except OSError:
+        return False
+
+
+def serving_libvirtd(started_pid: int | None) -> int | None:
+    """The pid of the libvirtd serving qemu:///system: the one this session started, or the
+    one a pidfile names (scripts/libvirtd.sh's, libvirtd's default). None when none is known."""
+    if started_pid is not None and _is_libvirtd(successor(started_pid)):
+        return successor(started_pid)
+    for pidfile in LIBVIRTD_PIDFILES:
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if _is_libvirtd(pid):
+            return pid
+    return None
+
+
+def libvirtd_command(pid: int) -> list[str]:
+    """The command line the libvirtd with this pid was started with."""
+    return [a for a in Path(f"/proc/{pid}/cmdline").read_text().split("\0") if a]
+
+
+def _pidfile_of(argv: list[str]) -> Path:
+    for i, arg in enumerate(argv):
+        if arg in ("-p", "--pid-file") and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--pid-file="):
+            return Path(arg.split("=", 1)[1])
+    return Path("/run/libvirtd.pid")
+
+
+def restart_libvirtd(pid: int, argv: list[str], timeout: float = 120.0) -> int:
+    """Stop the libvirtd with this pid (if it still runs) and start `argv` (its command line,
+    from libvirtd_command: a daemon, -d), so qemu.conf is read anew; returns the new pid once
+    qemu:///system answers. Running domains keep running (libvirtd reconnects to them).
+    Raises StackUnavailable when it does not come up (and stops what it started)."""
+    if "-d" not in argv and "--daemon" not in argv:
+        raise StackUnavailable(f"libvirtd pid {pid} was not started as a daemon (-d): {argv}")
+    pidfile = _pidfile_of(argv)
+    stop_libvirtd(pid)
+    pidfile.unlink(missing_ok=True)
+    close_connection()
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise StackUnavailable(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    deadline = time.monotonic() + timeout
+    new: int | None = None
+    while time.monotonic() < deadline:
+        if new is None and pidfile.is_file():
+            with contextlib.suppress(ValueError):
+                new = int(pidfile.read_text().strip())
+        if new is not None and not _pid_alive(new):
+            raise StackUnavailable(f"libvirtd (pid {new}) exited during start")
+        if new is not None and _virsh_version(timeout):
+            _successors[pid] = new
+            return new
+        time.sleep(0.1)
+    if new is not None:
+        stop_libvirtd(new)
+    raise StackUnavailable(f"libvirtd did not answer on {LIBVIRT_URI} within {timeout:.0f} s")
+
+
 # ---- libvirt connection ---------------------------------------------------------------------
 
 _conn_lock = threading.Lock()
