@@ -16,8 +16,10 @@ Facts relied on (QEMU 7.2, verified here):
   opens a dup of a descriptor of the set with the same access mode.
 - `remove-fd` closes a descriptor once no dup of it is open (and, in 7.2, only while the VM
   runs; a paused VM's set goes at a later cleanup). A set with no descriptor left vanishes.
-- A descriptor nothing dup'ed is also closed when the last QMP monitor disconnects; libvirt's
-  monitor stays connected while the VM runs.
+- A descriptor nothing dup'ed (a directory's) is also closed when the last QMP monitor
+  disconnects while the VM runs: libvirt's monitor, or the agent's held connection to ZStack's
+  socket, keeps it; a libvirtd restart with neither connected ends a pre-shared key's
+  directory (its export then refuses new clients: it fails closed).
 - `getfd` keeps a named descriptor in the monitor until a command takes it or `closefd`; a
   second `getfd` of the same name replaces (and closes) the first.
 """
