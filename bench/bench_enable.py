@@ -5,13 +5,14 @@ On a real TCG libvirt VM (2 disks, then 4 disks) with ZStack's extra QMP socket:
 - agent: `CbtService.enable` then `CbtService.disable` (built as cbt_agent/api/app.py does:
   Store, Hypervisor, QmpRouter, CbtService), one full cycle then N incremental ones;
 - LIMIT: one qemu.qmp QMPClient on the same socket sending only what a minimal hand-written
-  client must: per disk `qemu-img create` + `blockdev-add` of the scratch and of its
-  copy-before-write filter; `stop`, a `qom-set` of each device's drive, one `transaction`
+  client must: per disk `qemu-img create`, `add-fd` of the scratch (so a QEMU that runs as
+  another user can use it, as the agent does) + `blockdev-add` of the scratch on its fd set and
+  of its copy-before-write filter; `stop`, a `qom-set` of each device's drive, one `transaction`
   (bitmap disable + add), `cont`; per disk `blockdev-add` of the snapshot-access node,
   temporary bitmap add + merge on it; `nbd-server-start`, `block-export-add`; then
   `block-export-del`, `nbd-server-stop` (waiting on BLOCK_EXPORT_DELETED), per disk
   `blockdev-del` of the access node, `qom-set` back, `blockdev-del` of filter and scratch,
-  unlink. Node names and devices are known up front (no queries).
+  `remove-fd`, unlink. Node names and devices are known up front (no queries).
 
 The socket takes one client at a time, so the two alternate cycle by cycle (order flipped every
 cycle): the agent's QmpRouter is closed before the raw client connects and the other way round;
@@ -113,6 +114,7 @@ class Instrument:
             chan = await orig_channel(vm_uuid)
             if "execute" not in vars(chan):  # each new connection is wrapped once
                 inner = chan.execute
+                inner_fd = chan.execute_with_fd
 
                 async def execute(
                     command: str, arguments: Mapping[str, object] | None = None
@@ -124,7 +126,18 @@ class Instrument:
                         m.qmp_s += time.perf_counter() - t0
                         m.qmp.append(command)
 
+                async def execute_with_fd(
+                    command: str, arguments: Mapping[str, object] | None, fd: int
+                ) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return await inner_fd(command, arguments, fd)
+                    finally:
+                        m.qmp_s += time.perf_counter() - t0
+                        m.qmp.append(command)
+
                 setattr(chan, "execute", execute)  # noqa: B010
+                setattr(chan, "execute_with_fd", execute_with_fd)  # noqa: B010
             return chan
 
         self._patch(router, "channel", channel)
@@ -214,6 +227,7 @@ class RawCheckpointer:
         self.frozen: str | None = None
         self.port: int | None = None
         self.calls: list[str] = []
+        self.fdsets: dict[int, int] = {}  # disk index -> the fd set of its scratch file
 
     async def connect(self) -> None:
         self.client = QMPClient("bench-raw")
@@ -245,13 +259,21 @@ class RawCheckpointer:
             )
             if await proc.wait() != 0:
                 raise RuntimeError("qemu-img create failed")
+            assert self.client is not None
+            fd = os.open(self.scratch(d), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self.client.send_fd_scm(fd)
+                added = await self.x("add-fd", {"opaque": f"raw-{d.index}"})
+            finally:
+                os.close(fd)
+            self.fdsets[d.index] = int(added["fdset-id"])
             await self.x(
                 "blockdev-add",
                 {
                     "driver": "qcow2",
                     "node-name": f"rawsc-{d.index}",
                     "discard": "unmap",
-                    "file": {"driver": "file", "filename": str(self.scratch(d))},
+                    "file": {"driver": "file", "filename": f"/dev/fdset/{added['fdset-id']}"},
                 },
             )
             await self.x(
@@ -372,6 +394,7 @@ class RawCheckpointer:
             await self.x("qom-set", {"path": d.qdev, "property": "drive", "value": d.node})
             await self.x("blockdev-del", {"node-name": f"rawcw-{d.index}"})
             await self.x("blockdev-del", {"node-name": f"rawsc-{d.index}"})
+            await self.x("remove-fd", {"fdset-id": self.fdsets.pop(d.index)})
             self.scratch(d).unlink()
 
     async def drop_frozen(self) -> None:

@@ -339,6 +339,11 @@ class _Lossy:
             raise QmpInterrupted(f"QMP {command}: reply lost (injected)")
         return result
 
+    async def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object] | None, fd: int
+    ) -> Any:
+        return await self.inner.execute_with_fd(command, arguments, fd)
+
     async def close(self) -> None:
         await self.inner.close()
 

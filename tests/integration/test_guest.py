@@ -198,6 +198,9 @@ async def test_quiesce_failure_paths_always_thaw(
                 await asyncio.sleep(30)  # cancelled at the freeze timeout
             return await self.inner.execute(command, arguments)
 
+        async def execute_with_fd(self, command: str, arguments: Any, fd: int) -> Any:
+            return await self.inner.execute_with_fd(command, arguments, fd)
+
         async def close(self) -> None:
             await self.inner.close()
 
