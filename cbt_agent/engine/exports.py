@@ -151,17 +151,17 @@ async def _x509_creds(
 async def _new_psk(cfg: Config, store: Store, qmp: QmpChannel, task_uuid: str, by_fd: bool) -> str:
     """A fresh key for this Enable: recorded as the task's (the database names the directory
     before it exists, so teardown and reconcile find it), written 0600 in a 0700 directory
-    (both QEMU's user's when it is passed by descriptor), and a tls-creds-psk object on it.
-    The previous Enable's key is replaced, never reused."""
+    (and a copy for QEMU's user alone, passed by descriptor, when `by_fd`), and a
+    tls-creds-psk object on it. The previous Enable's key is replaced, never reused."""
     await store.run(SyncStore.set_server, task_uuid, NbdServer(tls=True, psk=True))
     directory = psk_dir(cfg, task_uuid)
     owner = await process.user_of(qmp) if by_fd else None
     await asyncio.to_thread(private_dir, cfg.psk_dir)
-    await asyncio.to_thread(psk.write_server_dir, directory, Psk.new(), owner)
-    where = str(directory)
+    qemu_dir = await asyncio.to_thread(psk.write_server_dir, directory, Psk.new(), owner)
+    where = str(qemu_dir)
     if by_fd:
         # kept until teardown: QEMU reads keys.psk at every handshake
-        where = (await _pass_dir(qmp, directory, fds.opaque(task_uuid, "psk"))).proc_path
+        where = (await _pass_dir(qmp, qemu_dir, fds.opaque(task_uuid, "psk"))).proc_path
     await nbd_server.add_psk_creds(qmp, PSK_CREDS_ID, where)
     return PSK_CREDS_ID
 

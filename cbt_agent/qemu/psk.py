@@ -32,6 +32,7 @@ from cbt_agent.secretfiles import read_private
 
 KEYS_FILE = "keys.psk"  # the name QEMU's tls-creds-psk reads in its `dir`
 DH_PARAMS_FILE = "dh-params.pem"  # ditto, optional (generated, slowly, when absent)
+QEMU_SUBDIR = "qemu"  # QEMU's own copy (see write_server_dir)
 MAX_KEYS_FILE = 4096  # one identity:key line is under 100 bytes
 KEY_BYTES = 32  # 256-bit keys
 IDENTITY_PREFIX = "cbt-"
@@ -89,16 +90,26 @@ def _write_private(path: Path, text: str, owner: QemuUser | None = None) -> None
         raise
 
 
-def write_server_dir(directory: Path, psk: Psk, owner: QemuUser | None = None) -> None:
-    """Make `directory` (0700) hold what QEMU's server `tls-creds-psk` reads: `keys.psk` with
-    only `psk` (0600, replacing any earlier key) and `dh-params.pem`; the directory and files
-    owned by `owner` (the user QEMU runs as) when given. Blocking."""
+def _write_dir(directory: Path, psk: Psk, owner: QemuUser | None) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask; an old dir is re-tightened
     if owner is not None:
         give(directory, owner)
     _write_private(directory / DH_PARAMS_FILE, ffdhe2048_pem(), owner)
     _write_private(directory / KEYS_FILE, psk.line(), owner)
+
+
+def write_server_dir(directory: Path, psk: Psk, owner: QemuUser | None = None) -> Path:
+    """Make `directory` (0700) hold what QEMU's server `tls-creds-psk` reads: `keys.psk` with
+    only `psk` (0600, replacing any earlier key) and `dh-params.pem`, the agent's (what
+    `read_server_dir` reads back: a secret the agent reads is its own). With `owner` (the user
+    a VM's QEMU runs as) QEMU gets its own copy in `directory/qemu`, 0600 in 0700, owned by
+    that user alone. Returns the directory QEMU is to read. Blocking."""
+    _write_dir(directory, psk, None)
+    if owner is None:
+        return directory
+    _write_dir(directory / QEMU_SUBDIR, psk, owner)
+    return directory / QEMU_SUBDIR
 
 
 def read_server_dir(directory: Path) -> Psk | None:
@@ -111,11 +122,7 @@ def read_server_dir(directory: Path) -> Psk | None:
         return None
 
 
-def remove_server_dir(directory: Path) -> bool:
-    """Remove the key (first: the credential dies with it) and the directory. Only the files
-    this module writes are removed; False when there was no directory. Blocking."""
-    if not directory.is_dir():
-        return False
+def _remove_dir(directory: Path) -> None:
     for name in (KEYS_FILE, DH_PARAMS_FILE):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
@@ -124,6 +131,17 @@ def remove_server_dir(directory: Path) -> bool:
             leftover.unlink()
     with contextlib.suppress(FileNotFoundError):
         directory.rmdir()
+
+
+def remove_server_dir(directory: Path) -> bool:
+    """Remove the key (first QEMU's copy, which lets clients in: the credential dies with it)
+    and the directories. Only the files this module writes are removed; False when there was
+    no directory. Blocking."""
+    if not directory.is_dir():
+        return False
+    if (directory / QEMU_SUBDIR).is_dir():
+        _remove_dir(directory / QEMU_SUBDIR)
+    _remove_dir(directory)
     return True
 
 

@@ -195,7 +195,7 @@ async def make_agent(host: ConfinedHost) -> AsyncIterator[Callable[..., Awaitabl
         dirs.append(state)
         config = parse_config(
             {
-                "api": {"tokens": ["t"]},
+                "api": {"tokens": ["test-token-0123456789abcdef"]},
                 "state": {"dir": str(state)},
                 "libvirt": {"uri": stack.LIBVIRT_URI},
                 "qmp": {"socket_template": f"{sockets}/{{vm_uuid}}.sock"},
@@ -360,15 +360,23 @@ async def test_a_key_over_a_unix_socket_through_libvirts_monitor(
     # the socket is the agent's (QEMU listens on the descriptor), in the agent's directory
     check_private_to_agent(sock)
     check_private_to_agent(sock.parent)
-    # the key is QEMU's user's alone (QEMU reads it by name at each handshake), in the agent's
-    # 0700 directory QEMU reaches through the descriptor of the key's directory only
+    # QEMU's copy of the key is its user's alone (QEMU reads it by name at each handshake),
+    # inside the agent's 0700 directories: QEMU reaches it through a descriptor of its own
+    # directory only; the agent's copy (what it reads back) stays root's
     keys = agent.config.psk_dir / task
+    qemu_keys = keys / "qemu"
     uid, gid = host.user.pw_uid, host.user.pw_gid
-    for path, mode in ((keys, 0o700), (keys / "keys.psk", 0o600), (keys / "dh-params.pem", 0o600)):
+    for path, mode in (
+        (qemu_keys, 0o700),
+        (qemu_keys / "keys.psk", 0o600),
+        (qemu_keys / "dh-params.pem", 0o600),
+    ):
         st = path.lstat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode), path
-    check_private_to_agent(agent.config.psk_dir)
-    assert not can_open_as(host.user, keys / "keys.psk")  # not by name: the path is closed
+    for path in (agent.config.psk_dir, keys, keys / "keys.psk"):
+        check_private_to_agent(path)
+    assert (qemu_keys / "keys.psk").read_text() == key.line()
+    assert not can_open_as(host.user, qemu_keys / "keys.psk")  # not by name: the path is closed
 
     with pytest.raises(HypervisorError, match="requires TLS"):
         await asyncio.to_thread(read, psk_address(info, None), 0, 512)

@@ -248,7 +248,7 @@ async def test_the_key_goes_to_qemus_user_by_descriptor_and_teardown_takes_it_ba
     d = short_socket_dir()
     config = parse_config(
         {
-            "api": {"tokens": ["t"]},
+            "api": {"tokens": ["test-token-0123456789abcdef"]},
             "state": {"dir": str(tmp_path / "state")},
             "nbd": {"transport": "unix", "socket_dir": str(d), "tls": "psk"},
         }
@@ -273,11 +273,14 @@ async def test_the_key_goes_to_qemus_user_by_descriptor_and_teardown_takes_it_ba
         assert opaque == fds.opaque(TASK, "psk")
         assert args["object-add"]["dir"] == f"/proc/self/fd/{100 + set_id}"
         key_dir = exports.psk_dir(config, TASK)
-        for p in (key_dir, key_dir / psk.KEYS_FILE, key_dir / psk.DH_PARAMS_FILE):
+        qemu_dir = key_dir / psk.QEMU_SUBDIR  # QEMU's copy: what the passed descriptor opens
+        assert sorted(p.name for p in qemu_dir.iterdir()) == [psk.DH_PARAMS_FILE, psk.KEYS_FILE]
+        for p in (qemu_dir, qemu_dir / psk.KEYS_FILE, qemu_dir / psk.DH_PARAMS_FILE):
             st = p.stat()
             assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())  # QEMU's user here
-            assert stat.S_IMODE(st.st_mode) == (0o700 if p == key_dir else 0o600)
-        assert await exports.export_psk(config, server, TASK) is not None
+            assert stat.S_IMODE(st.st_mode) == (0o700 if p == qemu_dir else 0o600)
+        key = await exports.export_psk(config, server, TASK)  # the agent's own copy
+        assert key is not None and (qemu_dir / psk.KEYS_FILE).read_text() == key.line()
 
         await exports.teardown_exports(config, store, chan, TASK, force=True)
         assert layer.state.fdsets == {} and not key_dir.exists()
@@ -305,18 +308,29 @@ async def test_qemus_user_comes_from_its_vcpu_thread(
 def test_a_key_directory_given_to_qemus_user_stays_private_to_it(tmp_path: Path) -> None:
     d = tmp_path / "nbd-psk" / TASK
     key = psk.Psk.new()
-    psk.write_server_dir(d, key, STRANGER)
-    for p in (d, d / psk.KEYS_FILE, d / psk.DH_PARAMS_FILE):
+    qemu_dir = psk.write_server_dir(d, key, STRANGER)
+    assert qemu_dir == d / psk.QEMU_SUBDIR
+    # QEMU's copy is its user's alone; the one the agent reads back stays the agent's (a
+    # secret the agent reads must be its own: secretfiles refuses a stranger's)
+    for p in (qemu_dir, qemu_dir / psk.KEYS_FILE, qemu_dir / psk.DH_PARAMS_FILE):
         st = p.stat()
         assert (st.st_uid, st.st_gid) == (STRANGER.uid, STRANGER.gid)
+        assert stat.S_IMODE(st.st_mode) == (0o700 if p == qemu_dir else 0o600)
+    for p in (d, d / psk.KEYS_FILE):
+        st = p.stat()
+        assert st.st_uid == os.geteuid()
         assert stat.S_IMODE(st.st_mode) == (0o700 if p == d else 0o600)
-    # the next Enable's key replaces it, still the user's alone; the agent reads it back
+    assert psk.read_server_dir(d) == key
+    # the next Enable's key replaces both, QEMU's still its user's alone
     second = psk.Psk.new()
     psk.write_server_dir(d, second, STRANGER)
     assert psk.read_server_dir(d) == second
-    assert (d / psk.KEYS_FILE).stat().st_uid == STRANGER.uid
-    assert sorted(p.name for p in d.iterdir()) == [psk.DH_PARAMS_FILE, psk.KEYS_FILE]
+    assert (qemu_dir / psk.KEYS_FILE).read_text() == second.line()
+    assert (qemu_dir / psk.KEYS_FILE).stat().st_uid == STRANGER.uid
+    assert sorted(p.name for p in qemu_dir.iterdir()) == [psk.DH_PARAMS_FILE, psk.KEYS_FILE]
     assert psk.remove_server_dir(d) and not d.exists()
+    # without an owner (the agent's own storage daemon reads it): one directory, as before
+    assert psk.write_server_dir(d, key) == d and not qemu_dir.exists()
 
 
 def test_a_certificate_copy_holds_what_qemu_reads_private_to_its_user(tmp_path: Path) -> None:
