@@ -159,7 +159,7 @@ def listening_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        os.chmod(path, 0o600)  # before listen: nobody else can connect in between
+        os.chmod(path, 0o600)  # before it listens: never connectable by anyone else
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
