@@ -26,13 +26,14 @@ from cbt_agent.config import UNIX_PATH_MAX, Config
 from cbt_agent.dirtymap import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.engine import offline_plan
 from cbt_agent.engine.checkpoints import adopt_unknown_checkpoints
-from cbt_agent.engine.exports import nbd_address, private_dir, start_nbd_server
+from cbt_agent.engine.exports import export_psk, nbd_address, private_dir, start_nbd_server
 from cbt_agent.engine.results import VolumeBackup
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import HypervisorError, NotFound, OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.qemu import bitmaps, images, nbd_server, storage_daemon
 from cbt_agent.qemu import nbd as nbdio
+from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import SocketQmp
 from cbt_agent.store import (
     DaemonExport,
@@ -113,10 +114,12 @@ def select_disks(vm: VmInfo, volume_uuids: list[str]) -> list[DiskInfo]:
     return disks
 
 
-async def _dirty_map(cfg: Config, server: NbdServer, e: DaemonExport) -> tuple[bytes, int]:
+async def _dirty_map(
+    cfg: Config, server: NbdServer, e: DaemonExport, key: Psk | None
+) -> tuple[bytes, int]:
     if not e.temp_bitmap:
         return full_bitmap(e.size, e.granularity), e.size
-    address = nbd_address(cfg, server, e.volume_uuid)
+    address = nbd_address(cfg, server, e.volume_uuid, key)
     extents = await asyncio.to_thread(
         nbdio.dirty_extents, address, f"qemu:dirty-bitmap:{e.temp_bitmap}"
     )
@@ -249,6 +252,7 @@ async def export_volumes(
         await qmp.connect()
         # the daemon runs as the agent (and has no getfd/add-fd): it opens the paths itself
         server = await start_nbd_server(cfg, store, qmp, task_uuid, vm.vm_uuid, by_fd=False)
+        key = await export_psk(cfg, server, task_uuid)  # [nbd] tls = "psk": this export's key
         for e in exports:
             if e.temp_bitmap:
                 merge = next(m for m in enable.merges if m.node == e.node)
@@ -258,9 +262,9 @@ async def export_volumes(
             await nbd_server.add_export(qmp, e.export_id, e.node, e.volume_uuid, bitmap)
         await at("export:exported")
 
-        maps = await asyncio.gather(*(_dirty_map(cfg, server, e) for e in exports))
+        maps = await asyncio.gather(*(_dirty_map(cfg, server, e, key) for e in exports))
         volumes = [
-            VolumeBackup(d, as_volume_export(task_uuid, e), server, bits, changed, False)
+            VolumeBackup(d, as_volume_export(task_uuid, e), server, bits, changed, False, key)
             for d, e, (bits, changed) in zip(disks, exports, maps, strict=True)
         ]
 

@@ -11,6 +11,7 @@ process (`cbt-agent serve`, stopped by pid); VMs come from vm_factory.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -27,8 +28,11 @@ import pytest
 import stack
 from agentproc import AgentProcess, cli, free_port, restored_disks, write_config
 from cbtharness import Agent, by_volume
+from offlinehelp import stop_daemons_of
 from openapi_schema_validator import OAS31Validator
 
+from cbt_agent import commands
+from cbt_agent.api import replies
 from cbt_agent.api.openapi import openapi_document
 from cbt_agent.config import parse_config
 from cbt_agent.errors import HypervisorError
@@ -306,3 +310,40 @@ def test_serve_refuses_plain_nbd_on_a_non_loopback_address(tmp_path: Path) -> No
             "address"
         ), r.stderr
         assert 'nbd.tls = "psk"' in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_an_offline_export_hands_out_a_key_too(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    """ExportNbdVolumes of a shut-off VM with [nbd] tls = "psk": the qemu-storage-daemon's
+    exports need the key the reply hands out (its incremental map was read with it), and
+    UnexportNbdVolumes removes it."""
+    vm = vm_factory(disks_mib=[16])
+    vol = vm.volumes[0].volume_uuid
+    agent = await make_agent()
+    task = await agent.create(vm)
+    first = by_volume(await agent.enable(task))[vol]["bitmapName"]
+    await agent.disable(task)
+    await vm.write(vol, MIB, 4 * KIB, 0xE2)
+    vm.shutdown()
+    try:
+        cmd = commands.ExportVolumes(vm.vm_uuid, (), first, False)
+        reply = replies.export_reply(await agent.service.export_volumes(cmd))
+        info = by_volume(reply["volumeInfos"])[vol]
+        assert (info["mode"], info["sinceBitmapName"], info["nbdTls"]) == (
+            "incremental",
+            first,
+            True,
+        )
+        conforms(info)
+        key = key_of(info)
+        assert base64.b64decode(info["bitmapBase64"])[MIB // G // 8] == 1 << (MIB // G % 8)
+        await refused(address(info, None), "requires TLS")
+        await refused(address(info, Psk(key.identity, Psk.new().key)), "NBD connect")
+        assert await aread(address(info, key), MIB, 4 * KIB) == b"\xe2" * (4 * KIB)
+        assert await agent.areas(task, vol) == [(MIB, G)]
+        await agent.service.unexport_volumes(commands.UnexportVolumes(vm.vm_uuid, ()))
+        assert os.listdir(agent.config.state_dir / "nbd-psk") == []
+        await refused(address(info, key), "NBD connect")
+    finally:
+        await stop_daemons_of(agent.config.state_dir)
