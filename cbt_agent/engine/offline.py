@@ -26,7 +26,13 @@ from cbt_agent.config import UNIX_PATH_MAX, Config
 from cbt_agent.dirtymap import bitmap_from_extents, changed_bytes, full_bitmap
 from cbt_agent.engine import offline_plan
 from cbt_agent.engine.checkpoints import adopt_unknown_checkpoints
-from cbt_agent.engine.exports import export_psk, nbd_address, private_dir, start_nbd_server
+from cbt_agent.engine.exports import (
+    export_psk,
+    nbd_address,
+    private_dir,
+    remove_psk_dir,
+    start_nbd_server,
+)
 from cbt_agent.engine.results import VolumeBackup
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import HypervisorError, NotFound, OperationError
@@ -333,6 +339,8 @@ async def _stop_daemon(
             shutil.rmtree(folder, ignore_errors=True)
 
     await asyncio.to_thread(remove_files)
+    if server.psk or cfg.nbd.tls == "psk":
+        await remove_psk_dir(cfg, task_uuid)  # the export's key dies with its daemon
 
     def forget(s: SyncStore) -> None:
         with s._tx():
