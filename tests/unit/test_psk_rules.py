@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stack
 from openapi_schema_validator import OAS31Validator
 
 from cbt_agent.api import replies
@@ -132,15 +133,17 @@ def test_dh_params_are_rfc_7919_ffdhe2048() -> None:
     assert hex(p).endswith("886b423861285c97ffffffffffffffff")
     pem = psk.ffdhe2048_pem()
     assert pem.startswith("-----BEGIN DH PARAMETERS-----\n")
-    if shutil.which("openssl"):  # OpenSSL names the group it recognises
-        r = subprocess.run(
-            ["openssl", "pkeyparam", "-text", "-noout"],
-            input=pem,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert r.returncode == 0 and "GROUP: ffdhe2048" in r.stdout, r.stderr
+    # OpenSSL names the group it recognises
+    if shutil.which("openssl") is None:
+        stack.unavailable("openssl is not installed (scripts/setup.sh installs it)")
+    r = subprocess.run(
+        ["openssl", "pkeyparam", "-text", "-noout"],
+        input=pem,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0 and "GROUP: ffdhe2048" in r.stdout, r.stderr
 
 
 # ---- the store ---------------------------------------------------------------------------------
