@@ -63,7 +63,7 @@ from cbt_agent.client.copy import (
     trim_ranges,
     zero_ranges,
 )
-from cbt_agent.client.errors import ApiError, BackupError
+from cbt_agent.client.errors import ApiError, BackupError, CopyFailed
 from cbt_agent.client.manifest import load_manifest, save_manifest
 from cbt_agent.client.names import UUID_FORM, is_uuid
 from cbt_agent.client.progress import MIB, Progress
@@ -232,7 +232,7 @@ async def _run_backup_locked(
             try:
                 new, results = await _backup(api, task, manifest, run)
             except BaseException as e:
-                if isinstance(e, BackupError):
+                if isinstance(e, CopyFailed):
                     await _explain_break(api, opts.vm_uuid, e)
                 for p in run.made:
                     p.unlink(missing_ok=True)
@@ -252,12 +252,10 @@ async def _run_backup_locked(
     return new
 
 
-async def _explain_break(api: CbtApi, vm_uuid: str, e: BackupError) -> None:
+async def _explain_break(api: CbtApi, vm_uuid: str, e: CopyFailed) -> None:
     """A copy that failed because the agent ended the export (its scratch budget or its
     scratch filesystem: an export breaks before the guest would pay) says so; the rest of the
     failure path (files removed, task disabled) runs as for any failure."""
-    if "NBD copy failed" not in e.message:
-        return
     with contextlib.suppress(Exception):
         now = await api.find_task(vm_uuid)
         if now is not None and now.status == "Stopped":
@@ -406,7 +404,7 @@ async def _backup_disk(
                 )
                 await run.in_thread(finish_target, dst)
             except nbd.Error as e:
-                raise BackupError(f"disk {info.volume_uuid}: NBD copy failed: {e}") from None
+                raise CopyFailed(f"disk {info.volume_uuid}: NBD copy failed: {e}") from None
             finally:
                 run.progress.finish()
             await server.wait_exit()

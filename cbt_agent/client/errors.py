@@ -19,6 +19,10 @@ class ApiError(BackupError):
         self.error_code = error_code
 
 
+class CopyFailed(BackupError):
+    """Reading an export failed in the middle of the copy (the agent may have ended it)."""
+
+
 class ManifestError(BackupError):
     """manifest.json is unreadable or inconsistent."""
 

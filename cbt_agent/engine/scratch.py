@@ -20,16 +20,7 @@ from pathlib import Path
 
 from cbt_agent.config import CheckpointConfig
 from cbt_agent.errors import OperationError
-
-
-def fmt(n: int) -> str:
-    """Bytes for people: 512 B, 1.5 MiB, 20.0 GiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
+from cbt_agent.units import size
 
 
 @dataclass(frozen=True)
@@ -77,10 +68,10 @@ def refuse_unless_room(
     if sum(need) > left:
         raise OperationError(
             f"not enough room for the scratch in {directory}: the disks' budget is "
-            f"{fmt(sum(need))} (checkpoints.scratch_budget = {cfg.scratch_budget}), "
-            f"{fmt(fs.free)} is free, {fmt(keep)} is kept free "
+            f"{size(sum(need))} (checkpoints.scratch_budget = {cfg.scratch_budget}), "
+            f"{size(fs.free)} is free, {size(keep)} is kept free "
             f"(checkpoints.scratch_reserve = {cfg.scratch_reserve})"
-            + (f" and open exports may still claim {fmt(claimed)}" if claimed else "")
+            + (f" and open exports may still claim {size(claimed)}" if claimed else "")
             + ": free space there or lower the budget"
         )
 
@@ -101,14 +92,14 @@ def why_break(
     for disk, n in zip(disks, use, strict=True):
         if n > disk.budget:
             return (
-                f"scratch of volume {disk.volume_uuid} reached {fmt(n)}, over its budget of "
-                f"{fmt(disk.budget)} (checkpoints.scratch_budget = {cfg.scratch_budget})"
+                f"scratch of volume {disk.volume_uuid} reached {size(n)}, over its budget of "
+                f"{size(disk.budget)} (checkpoints.scratch_budget = {cfg.scratch_budget})"
             )
     keep = reserve(cfg, fs)
     if fs.free <= keep:
         full = "full" if fs.free < 1 << 20 else "nearly full"
         return (
-            f"scratch filesystem {full}: {fmt(fs.free)} free of {fmt(fs.total)}, "
-            f"{fmt(keep)} must stay free (checkpoints.scratch_reserve = {cfg.scratch_reserve})"
+            f"scratch filesystem {full}: {size(fs.free)} free of {size(fs.total)}, "
+            f"{size(keep)} must stay free (checkpoints.scratch_reserve = {cfg.scratch_reserve})"
         )
     return None

@@ -37,6 +37,7 @@ from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.reasons import TRACKING_LOST
 from cbt_agent.store import Store, SyncStore
+from cbt_agent.units import size
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +375,7 @@ class CbtService:
             cps, self.config.scratch_dir, fs, need, self.watch.claimed(besides=task_uuid)
         )
         return (
-            f"scratch budget {scratch.fmt(sum(need))} in {self.config.scratch_dir} "
-            f"({scratch.fmt(fs.free)} free)"
+            f"scratch budget {size(sum(need))} in {self.config.scratch_dir} ({size(fs.free)} free)"
         )
 
     async def break_export(self, task_uuid: str, why: str) -> None:

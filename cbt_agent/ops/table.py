@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cbt_agent.units import size as size  # the one formatter, shown in tables
+
 GAP = "  "
 
 
@@ -31,17 +33,3 @@ def render(
         return GAP.join(out).rstrip()
 
     return [line(headers), *(line(r) for r in rows)]
-
-
-def size(n: int | None) -> str:
-    """Bytes for a person: "0 B", "64 KiB", "1.5 MiB"; "-" for unknown."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{n} B"
-            return f"{value:.1f} {unit}".replace(".0 ", " ")
-        value /= 1024
-    raise AssertionError("unreachable")

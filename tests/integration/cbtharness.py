@@ -77,12 +77,17 @@ def address(info: dict[str, Any]) -> nbdio.NbdAddress:
     return nbdio.NbdAddress(info["nbdServer"], int(info["nbdPort"]), None, info["exportName"])
 
 
-def read_export(info: dict[str, Any], offset: int, length: int) -> bytes:
-    h = nbdio.connect(address(info))
+def read_at(addr: nbdio.NbdAddress, offset: int, length: int) -> bytes:
+    """Connect, read `length` bytes at `offset`, disconnect."""
+    h = nbdio.connect(addr)
     try:
         return bytes(h.pread(length, offset))
     finally:
         nbdio.close(h)
+
+
+def read_export(info: dict[str, Any], offset: int, length: int) -> bytes:
+    return read_at(address(info), offset, length)
 
 
 def dirty_runs(info: dict[str, Any]) -> list[tuple[int, int]]:

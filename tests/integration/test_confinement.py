@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import stack
-from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_export
+from cbtharness import Agent, by_volume, dirty_runs, expected_runs, read_at, read_export
 from test_privilege import make_ca, make_server_cert
 
 from cbt_agent.config import parse_config
@@ -336,14 +336,6 @@ def psk_address(info: dict[str, Any], key: Psk | None) -> nbdio.NbdAddress:
     return nbdio.NbdAddress(None, None, info["nbdSocket"], info["exportName"], psk=key)
 
 
-def read(addr: nbdio.NbdAddress, offset: int, length: int) -> bytes:
-    h = nbdio.connect(addr)
-    try:
-        return bytes(h.pread(length, offset))
-    finally:
-        nbdio.close(h)
-
-
 async def test_a_key_over_a_unix_socket_through_libvirts_monitor(
     host: ConfinedHost, make_agent: Callable[..., Awaitable[Agent]]
 ) -> None:
@@ -379,11 +371,13 @@ async def test_a_key_over_a_unix_socket_through_libvirts_monitor(
     assert not can_open_as(host.user, qemu_keys / "keys.psk")  # not by name: the path is closed
 
     with pytest.raises(HypervisorError, match="requires TLS"):
-        await asyncio.to_thread(read, psk_address(info, None), 0, 512)
+        await asyncio.to_thread(read_at, psk_address(info, None), 0, 512)
     with pytest.raises(HypervisorError, match="NBD connect"):
-        await asyncio.to_thread(read, psk_address(info, Psk(key.identity, Psk.new().key)), 0, 512)
+        await asyncio.to_thread(
+            read_at, psk_address(info, Psk(key.identity, Psk.new().key)), 0, 512
+        )
     await vm.write(vol, MIB, 4 * KIB, 0xEE)  # after the checkpoint: not in this export
-    got = await asyncio.to_thread(read, psk_address(info, key), MIB, 64 * KIB)
+    got = await asyncio.to_thread(read_at, psk_address(info, key), MIB, 64 * KIB)
     assert got == b"\xd1" * (64 * KIB)
     await agent.disable(task)
     assert gone(keys, sock) and fdsets(vm) == []
@@ -396,7 +390,7 @@ async def test_a_key_over_a_unix_socket_through_libvirts_monitor(
         nbdio.dirty_extents, psk_address(info, key), info["dirtyBitmapContext"]
     )
     assert [(e.start, e.length) for e in runs if e.dirty] == [(MIB, G), (3 * MIB, G)]
-    assert await asyncio.to_thread(read, psk_address(info, key), 3 * MIB, 100) == b"\xd2" * 100
+    assert await asyncio.to_thread(read_at, psk_address(info, key), 3 * MIB, 100) == b"\xd2" * 100
     await agent.disable(task)
     assert gone(keys, sock) and fdsets(vm) == []
 
@@ -420,9 +414,9 @@ async def test_x509_certificates_are_handed_to_qemu_as_a_private_copy(
     assert os.listdir(agent.config.tls_copy_dir) == []
     assert [":scratch:" in d["opaque"] for s in fdsets(vm) for d in s["fds"]] == [True]
     addr = nbdio.NbdAddress("127.0.0.1", int(info["nbdPort"]), None, vol, str(nbd_dir))
-    assert await asyncio.to_thread(read, addr, 2 * MIB, 4 * KIB) == b"\xe1" * (4 * KIB)
+    assert await asyncio.to_thread(read_at, addr, 2 * MIB, 4 * KIB) == b"\xe1" * (4 * KIB)
     with pytest.raises(HypervisorError, match="requires TLS"):
         plain = nbdio.NbdAddress("127.0.0.1", int(info["nbdPort"]), None, vol)
-        await asyncio.to_thread(read, plain, 0, 512)
+        await asyncio.to_thread(read_at, plain, 0, 512)
     await agent.disable(task)
     assert fdsets(vm) == []

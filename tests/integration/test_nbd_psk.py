@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import stack
 from agentproc import AgentProcess, cli, free_port, restored_disks, write_config
-from cbtharness import Agent, by_volume
+from cbtharness import Agent, by_volume, read_at
 from offlinehelp import stop_daemons_of
 from openapi_schema_validator import OAS31Validator
 
@@ -95,16 +95,8 @@ def address(info: dict[str, Any], key: Psk | None) -> nbdio.NbdAddress:
     )
 
 
-def read(addr: nbdio.NbdAddress, offset: int, length: int) -> bytes:
-    h = nbdio.connect(addr)
-    try:
-        return bytes(h.pread(length, offset))
-    finally:
-        nbdio.close(h)
-
-
 async def aread(addr: nbdio.NbdAddress, offset: int, length: int) -> bytes:
-    return await asyncio.to_thread(read, addr, offset, length)
+    return await asyncio.to_thread(read_at, addr, offset, length)
 
 
 def exists(path: str | Path) -> bool:

@@ -166,7 +166,7 @@ async def test_a_budget_that_cannot_fit_refuses_the_enable_and_changes_nothing(
 
     assert "not enough room for the scratch" in caught.value.message
     message = caught.value.message
-    assert "the disks' budget is 16.0 MiB (checkpoints.scratch_budget = 25%)" in message
+    assert "the disks' budget is 16 MiB (checkpoints.scratch_budget = 25%)" in message
     t = await agent.store.run(SyncStore.require_task, task)
     assert t.status is TaskStatus.CREATED
     assert await agent.history(task) == [(None, "Created")]
@@ -191,7 +191,7 @@ async def test_a_disk_past_its_budget_breaks_its_export(
 
     reason = await stopped_with(agent, task)
     assert reason.startswith(f"export broken: scratch of volume {vol} reached ")
-    assert "over its budget of 2.0 MiB (checkpoints.scratch_budget = 2097152)" in reason
+    assert "over its budget of 2 MiB (checkpoints.scratch_budget = 2097152)" in reason
     assert leftovers(vm, vol) == {"nodes": [], "exports": [], "device_on": "qcow2"}
     # the broken full was never a complete backup: the next Enable is a full again
     again = by_volume(await agent.enable(task))[vol]

@@ -14,6 +14,7 @@ BELOW_THE_API = [
     "logctx.py",
     "sdnotify.py",
     "secretfiles.py",
+    "units.py",
     "engine",
     "qemu",
     "hypervisor",

@@ -55,9 +55,9 @@ def test_an_enable_whose_budgets_do_not_fit_is_refused_saying_what_to_do() -> No
     with pytest.raises(OperationError) as caught:
         scratch.refuse_unless_room(cfg, Path("/s"), fs, [2 * GIB, 3 * GIB], claimed=MIB)
     assert caught.value.message == (
-        "not enough room for the scratch in /s: the disks' budget is 5.0 GiB "
-        "(checkpoints.scratch_budget = 25%), 10.0 GiB is free, 5.0 GiB is kept free "
-        "(checkpoints.scratch_reserve = 5%) and open exports may still claim 1.0 MiB: "
+        "not enough room for the scratch in /s: the disks' budget is 5 GiB "
+        "(checkpoints.scratch_budget = 25%), 10 GiB is free, 5 GiB is kept free "
+        "(checkpoints.scratch_reserve = 5%) and open exports may still claim 1 MiB: "
         "free space there or lower the budget"
     )
 
@@ -68,17 +68,17 @@ def test_an_export_breaks_past_its_budget_or_at_the_reserve_and_not_before() -> 
     roomy = Room(free=100 * MIB, total=200 * MIB)
     assert scratch.why_break(cfg, disks, [4 * MIB, 0], roomy) is None
     assert scratch.why_break(cfg, disks, [0, 4 * MIB + 512], roomy) == (
-        f"scratch of volume {'b' * 32} reached 4.0 MiB, over its budget of 4.0 MiB "
+        f"scratch of volume {'b' * 32} reached 4 MiB, over its budget of 4 MiB "
         "(checkpoints.scratch_budget = 4194304)"
     )
     low = Room(free=MIB, total=200 * MIB)
     assert scratch.why_break(cfg, disks, [0, 0], low) == (
-        "scratch filesystem nearly full: 1.0 MiB free of 200.0 MiB, 1.0 MiB must stay free "
+        "scratch filesystem nearly full: 1 MiB free of 200 MiB, 1 MiB must stay free "
         "(checkpoints.scratch_reserve = 1048576)"
     )
     full = Room(free=4096, total=200 * MIB)
     assert (scratch.why_break(cfg, disks, [0, 0], full) or "").startswith(
-        "scratch filesystem full: 4.0 KiB free"
+        "scratch filesystem full: 4 KiB free"
     )
 
 
@@ -111,7 +111,7 @@ async def test_the_watcher_breaks_once_when_the_scratch_passes_its_budget(
     await asyncio.to_thread(Path(e.scratch_path).write_bytes, b"\x01" * (2 * MIB))
     await asyncio.sleep(0.3)
     assert [t for t, _ in breaks] == [TASK]  # once, then the watch ends
-    assert "over its budget of 1.0 MiB" in breaks[0][1]
+    assert "over its budget of 1 MiB" in breaks[0][1]
     watch.stop(TASK)
     assert watch.totals() == (0, 0)
     await watch.close()
