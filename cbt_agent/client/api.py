@@ -1,4 +1,4 @@
-"""The agent's CBT task API as the backup client sees it (aiohttp, ZStack conventions).
+"""The agent's CBT task API as the backup client sees it (ZStack conventions).
 
 Create, Enable and Disable answer 202 with a `location` that is polled until 200 (the result)
 or 503 (`{"error": ErrorCode}`); queries answer 200 at once.
@@ -18,17 +18,20 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import aiohttp
 from pydantic import ValidationError
-from yarl import URL
 
 from cbt_agent.client.errors import ApiError, BackupError
 from cbt_agent.client.names import CHECKPOINT_FORM, UUID_FORM, is_checkpoint_name, is_uuid
+from cbt_agent.client.transport import Connection, has_credentials, join, origin
 from cbt_agent.contract.replies import CbtTaskInventory, VolumeCbtBackupInfo
 from cbt_agent.errors import SYS_OPERATION
 from cbt_agent.qemu.psk import Psk
 
 API_PREFIX = "/zstack/v1"
+# a job is polled every POLL_FIRST seconds for its first POLL_QUICK seconds (an Enable or a
+# Disable answers within ~0.1 s: waiting 50 ms more would be half of it), then every POLL_INTERVAL
+POLL_FIRST = 0.005
+POLL_QUICK = 0.5
 POLL_INTERVAL = 0.05
 JOB_TIMEOUT = 600.0  # an Enable of many large disks still finishes in seconds
 
@@ -146,12 +149,6 @@ def _base_url(url: str) -> str:
     return url
 
 
-def origin(url: URL) -> tuple[str, str, int | None]:
-    """What a URL's token may be sent to: scheme, host and port (the scheme's default filled
-    in), compared case-insensitively as URLs are."""
-    return (url.scheme.lower(), (url.host or "").lower(), url.port)
-
-
 def _flat(text: object, limit: int = 500) -> str:
     """A reply's text on one line, cut to `limit` characters (errors are one line)."""
     flat = " ".join(str(text).split())
@@ -180,27 +177,26 @@ class CbtApi:
         cafile: str | None = None,
     ) -> None:
         self.base = _base_url(url)
-        self.origin = origin(URL(self.base))
+        try:
+            self.origin = origin(self.base)
+        except ValueError:
+            raise BackupError(f"--url {url!r} is not a URL") from None
         if self.origin[0] not in ("http", "https") or not self.origin[1]:
             raise BackupError(f"--url {url!r}: an http:// or https:// URL of the agent is needed")
         self.token = token
         self.job_timeout = job_timeout
         self.cafile = cafile  # CA that signed an https agent's certificate (default: system's)
-        self._session: aiohttp.ClientSession | None = None
+        self._conn: Connection | None = None
 
     async def __aenter__(self) -> CbtApi:
-        connector = None
-        if self.cafile is not None:
+        context = None
+        if self.origin[0] == "https":
             try:
                 context = ssl.create_default_context(cafile=self.cafile)
             except (OSError, ssl.SSLError) as e:
                 raise BackupError(f"cannot load the CA file {self.cafile}: {e}") from None
-            connector = aiohttp.TCPConnector(ssl=context)
-        # no session-wide Authorization: `_request` adds it to each request it has checked
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=60),
-            connector=connector,
-        )
+        # no connection-wide Authorization: `_request` adds it to each request it has checked
+        self._conn = Connection(self.base, context)
         return self
 
     async def __aexit__(
@@ -209,26 +205,27 @@ class CbtApi:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def conn(self) -> Connection:
+        if self._conn is None:
             raise RuntimeError("CbtApi used outside `async with`")
-        return self._session
+        return self._conn
 
-    def on_agent(self, what: str, location: str) -> URL:
+    def on_agent(self, what: str, location: str) -> str:
         """`location` (absolute, or relative to the agent) as a URL on the agent's origin;
         BackupError when it points anywhere else: the token is never sent there."""
         try:
-            url = URL(self.base).join(URL(location))
+            url = join(self.base, location)
+            where = origin(url)
         except ValueError:
             raise BackupError(
                 f"{what}: the agent's job location {location!r} is not a URL"
             ) from None
-        if origin(url) != self.origin or url.user is not None or url.password is not None:
+        if where != self.origin or has_credentials(url):
             raise BackupError(
                 f"{what}: the agent's job location {location!r} is not on {self.base} (the "
                 "scheme, host and port of --url): refused, the token was not sent there"
@@ -236,32 +233,17 @@ class CbtApi:
         return url
 
     async def _request(
-        self, method: str, url: URL, body: Any = None, params: dict[str, str] | None = None
+        self, method: str, url: str, body: Any = None, params: dict[str, str] | None = None
     ) -> tuple[int, Any]:
         """One call with the token, to a URL `on_agent` accepted (or built from --url)."""
         if origin(url) != self.origin:  # every caller checks first; this keeps it so
             raise BackupError(f"refused to send the token to {url}: not {self.base}")
-        try:
-            async with self.session.request(
-                method,
-                url,
-                json=body,
-                params=params,
-                headers={"Authorization": f"OAuth {self.token}"},
-                allow_redirects=False,  # a redirect could lead the token anywhere
-            ) as r:
-                try:
-                    data = await r.json(content_type=None)
-                except ValueError:
-                    data = await r.text()
-                return r.status, data
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackupError(
-                f"cannot reach the agent at {self.base}: {e or type(e).__name__}"
-            ) from None
+        return await self.conn.request(
+            method, url, body, params, headers={"Authorization": f"OAuth {self.token}"}
+        )
 
-    def _api_url(self, path: str) -> URL:
-        return URL(f"{self.base}{API_PREFIX}{path}")
+    def _api_url(self, path: str) -> str:
+        return f"{self.base}{API_PREFIX}{path}"
 
     async def call(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """An asynchronous API: 202 + location, polled until 200 (returned) or an error."""
@@ -269,7 +251,8 @@ class CbtApi:
         if status != 202 or not isinstance(reply, dict) or "location" not in reply:
             raise _error_message(what, status, reply)
         location = self.on_agent(what, str(reply["location"]))
-        deadline = time.monotonic() + self.job_timeout
+        began = time.monotonic()
+        deadline = began + self.job_timeout
         while True:
             status, result = await self._request("GET", location)
             if status == 200 and isinstance(result, dict):
@@ -278,7 +261,8 @@ class CbtApi:
                 raise _error_message(what, status, result)
             if time.monotonic() > deadline:
                 raise ApiError(f"{what}: no result after {self.job_timeout:.0f} s", status=202)
-            await asyncio.sleep(POLL_INTERVAL)
+            quick = time.monotonic() - began < POLL_QUICK
+            await asyncio.sleep(POLL_FIRST if quick else POLL_INTERVAL)
 
     async def find_task(self, vm_uuid: str) -> TaskRef | None:
         """The CBT task of the VM (one per VM), or None."""

@@ -25,9 +25,7 @@ import contextlib
 import fcntl
 import functools
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,10 +53,8 @@ from cbt_agent.client.chain import (
 )
 from cbt_agent.client.copy import (
     ALLOCATION,
-    copy_requests,
-    finish_target,
+    copy_into,
     open_source,
-    open_target,
     source_runs,
     trim_ranges,
     zero_ranges,
@@ -67,14 +63,13 @@ from cbt_agent.client.errors import ApiError, BackupError, CopyFailed
 from cbt_agent.client.manifest import load_manifest, save_manifest
 from cbt_agent.client.names import UUID_FORM, is_uuid
 from cbt_agent.client.progress import MIB, Progress
+from cbt_agent.client.qcow2 import Qcow2Writer
 from cbt_agent.client.target import (
-    QemuNbd,
-    create_exclusive,
-    create_image,
+    cluster_size,
     fsync_dir,
+    open_exclusive,
     path_in,
     publish,
-    sha256_file,
 )
 from cbt_agent.qemu import nbd as nbdio
 
@@ -178,7 +173,9 @@ def remove_leftovers(dest: Path) -> list[str]:
     """Delete `*.part` files of an interrupted run (they never carry a final name)."""
     removed = []
     for p in sorted(dest.iterdir()):
-        if p.name.endswith(PART_SUFFIX) and not p.is_dir():  # files, a qemu-nbd socket
+        if (
+            p.name.endswith(PART_SUFFIX) and not p.is_dir()
+        ):  # also an older client's qemu-nbd socket
             p.unlink()
             removed.append(p.name)
     return removed
@@ -267,16 +264,6 @@ async def _explain_break(api: CbtApi, vm_uuid: str, e: CopyFailed) -> None:
             )
 
 
-def _socket_path(dest: Path) -> tuple[Path, Path | None]:
-    """Where qemu-nbd listens: in the backup directory, as a `.part` a later run removes if
-    this one is killed; in a temporary directory (also returned) when that path is too long."""
-    path = dest / f"target.sock{PART_SUFFIX}"
-    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
-        return path, None
-    tmp = Path(tempfile.mkdtemp(prefix="cbt-backup-"))
-    return tmp / "target.sock", tmp
-
-
 async def _backup(
     api: CbtApi, task: TaskRef, manifest: Manifest, run: _Run
 ) -> tuple[Manifest, list[DiskResult]]:
@@ -302,18 +289,12 @@ async def _backup(
             f"the agent's new checkpoint {checkpoint} is already in {run.dest}/manifest.json "
             "(was the task recreated?): use a new backup directory"
         )
-    sock, sock_dir = _socket_path(run.dest)
-    try:
-        results: list[DiskResult] = []
-        for info in infos:
-            target = plan_target(
-                manifest, checkpoint, info.volume_uuid, info.mode, info.since, info.reason
-            )
-            results.append(await _backup_disk(run, info, target, sock))
-    finally:
-        sock.unlink(missing_ok=True)
-        if sock_dir is not None:
-            shutil.rmtree(sock_dir, ignore_errors=True)
+    results: list[DiskResult] = []
+    for info in infos:
+        target = plan_target(
+            manifest, checkpoint, info.volume_uuid, info.mode, info.since, info.reason
+        )
+        results.append(await _backup_disk(run, info, target))
     for r in results:  # every file complete: give them their names, then record them
         part = path_in(run.dest, r.disk.file + PART_SUFFIX)
         final = path_in(run.dest, r.disk.file)
@@ -327,9 +308,7 @@ async def _backup(
     return new, results
 
 
-async def _backup_disk(
-    run: _Run, info: VolumeBackupInfo, target: DiskTarget, sock: Path
-) -> DiskResult:
+async def _backup_disk(run: _Run, info: VolumeBackupInfo, target: DiskTarget) -> DiskResult:
     began = time.monotonic()
     gran = info.granularity
     context = ALLOCATION if target.mode == FULL else info.dirty_context
@@ -374,7 +353,6 @@ async def _backup_disk(
                 runs, await run.in_thread(zero_ranges, src), gran
             )
         reqs = list(extents.requests(data_runs, gran))
-        zeros = list(extents.requests(zero_runs, gran))
         trim = bool(src.can_trim())
         if trim:
             # what this backup never reads costs the agent's scratch nothing from now on (the
@@ -382,37 +360,30 @@ async def _backup_disk(
             skip = extents.gaps(data_runs, size)
             await run.in_thread(trim_ranges, src, extents.requests(skip, gran, max_request=1 << 30))
         backing = target.backing.file if target.backing is not None else None
-        create_exclusive(part)  # raises with nothing made when a file is already there
+        fd = open_exclusive(part)  # raises with nothing made when a file is already there
         run.made.append(part)
-        await create_image(part, size, gran, backing)
-        server = QemuNbd(part, sock)
         try:
-            await server.start()
-            dst = await run.in_thread(open_target, sock)
+            image = Qcow2Writer(fd, size, cluster_size(gran), reqs, zero_runs, backing)
             run.progress.start(f"disk {info.volume_uuid[:8]} {target.mode}", extents.total(runs))
+            run.progress.add(extents.total(zero_runs))  # stored as zero clusters, never read
             try:
                 await run.in_thread(
-                    copy_requests,
+                    copy_into,
                     src,
-                    dst,
-                    reqs,
-                    keep_zero=target.backing is not None,
+                    image,
                     on_done=run.on_request_done,
                     stop=run.stop,
-                    zeros=zeros,
                     trim=trim,
                 )
-                await run.in_thread(finish_target, dst)
+                digest = await run.in_thread(image.finish)
             except nbd.Error as e:
                 raise CopyFailed(f"disk {info.volume_uuid}: NBD copy failed: {e}") from None
             finally:
                 run.progress.finish()
-            await server.wait_exit()
         finally:
-            await server.stop()
+            os.close(fd)
     finally:
         nbdio.close(src)
-    digest = await asyncio.to_thread(sha256_file, part)
     disk = DiskBackup(
         volume_uuid=info.volume_uuid,
         file=target.file,

@@ -1,20 +1,18 @@
-"""Copying an export's clusters into the file being written, over two libnbd handles.
+"""Copying an export's clusters into the backup file being written (`qcow2.Qcow2Writer`).
 
-Blocking (libnbd): run it in a thread. Both handles are driven asynchronously from one loop:
-up to `MAX_IN_FLIGHT` requests (reads on the export, then writes on the target), each with a
-buffer from a pool that lives as long as the process: libnbd 1.14's Python binding never frees
-a buffer handed to `aio_pread`, so buffers are reused, never dropped.
+Blocking (libnbd): run it in a thread. The export's handle is driven asynchronously: up to
+`MAX_IN_FLIGHT` reads in flight, each stored in the file as soon as it and the reads before it
+are done, each into a buffer from a pool that lives as long as the process: libnbd 1.14's
+Python binding never frees a buffer handed to `aio_pread`, so buffers are reused, never
+dropped.
 """
 
 from __future__ import annotations
 
-import errno
 import select
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import nbd
@@ -22,6 +20,7 @@ import nbd
 from cbt_agent.client.chain import FULL
 from cbt_agent.client.errors import BackupError
 from cbt_agent.client.extents import cluster_runs
+from cbt_agent.client.qcow2 import Qcow2Writer
 from cbt_agent.qemu import nbd as nbdio
 
 MAX_IN_FLIGHT = 16
@@ -75,28 +74,6 @@ def zero_ranges(h: Any) -> list[tuple[int, int]]:
     return out
 
 
-CONNECT_RETRY = 2.0  # seconds
-
-
-def open_target(socket_path: Path, retry: float = CONNECT_RETRY) -> Any:
-    """A libnbd handle on the target's qemu-nbd. qemu-nbd creates its socket file (bind) a
-    moment before it listens: a connect in between is refused, so that is retried briefly
-    (a probe connection is no option: qemu-nbd serves one client, then exits)."""
-    deadline = time.monotonic() + retry
-    while True:
-        h = nbd.NBD()
-        try:
-            h.connect_unix(str(socket_path))
-            return h
-        except nbd.Error as e:
-            # libnbd 1.14's Python binding gives the errno's name, later ones its number
-            refused = e.errno in (errno.ECONNREFUSED, "ECONNREFUSED")
-            if refused and time.monotonic() < deadline:
-                time.sleep(0.01)
-                continue
-            raise BackupError(f"NBD connect to qemu-nbd at {socket_path} failed: {e}") from None
-
-
 def source_runs(h: Any, mode: str, context: str, granularity: int) -> list[tuple[int, int]]:
     """The cluster runs to copy: allocated non-zero extents for a full, dirty ones otherwise."""
     size = int(h.get_size())
@@ -134,50 +111,33 @@ def _wait(handles: list[Any]) -> None:
         by_fd[fd].aio_notify_write()
 
 
-def copy_requests(
+def copy_into(
     src: Any,
-    dst: Any,
-    reqs: Iterable[tuple[int, int]],
+    image: Qcow2Writer,
     *,
-    keep_zero: bool,
     on_done: Callable[[int], None],
     stop: threading.Event,
     pool: BufferPool = POOL,
     max_in_flight: int = MAX_IN_FLIGHT,
-    zeros: Iterable[tuple[int, int]] = (),
     trim: bool = False,
 ) -> None:
-    """Copy every (offset, length) of `reqs` from `src` to `dst` at the same offset.
+    """Read every request of `image` from `src`, `max_in_flight` at a time, and store each in
+    order as its read completes (reads complete in any order; they are stored in the order they
+    were made, which is the file's). A read of nothing but zeroes is stored as zero (no data).
 
     With `trim` each range read is trimmed on `src` at once: on the agent's export that frees
-    its scratch and ends the copies the guest's writes there would cost (best effort: a
-    refused trim changes nothing read).
-
-    A read that returns only zeroes is written as a write-zeroes when `keep_zero` (it must
-    shadow an older backing file) and skipped otherwise (a standalone file reads zero there).
-    `zeros` are written as zeroes without a read (the export reports them zero). `on_done(length)`
-    runs after each request is stored. Raises CopyInterrupted when `stop` is set, nbd.Error
-    when a request fails.
-    """
-    can_zero = bool(dst.can_zero())
-    if not can_zero:
-        reqs = [*zeros, *reqs]  # read them after all: the target cannot write zeroes
-        zeros = ()
-    zero_writes = iter(zeros)
-    pending = iter(reqs)
+    its scratch and ends the copies the guest's writes there would cost (best effort: a refused
+    trim changes nothing read).
+    `on_done(length)` runs after each request is stored. Raises CopyInterrupted when `stop` is
+    set, nbd.Error when a read fails."""
+    pending = iter(image.requests)
     reads: deque[tuple[int, Any, int, int]] = deque()
-    writes: deque[tuple[int, Any | None, int]] = deque()
     trims: deque[int] = deque()
     exhausted = False
     while True:
         if stop.is_set():
             raise CopyInterrupted("copy interrupted")
-        while len(writes) < max_in_flight:
-            zero = next(zero_writes, None)
-            if zero is None:
-                break
-            writes.append((dst.aio_zero(zero[1], zero[0]), None, zero[1]))
-        while not exhausted and len(reads) + len(writes) < max_in_flight:
+        while not exhausted and len(reads) < max_in_flight:
             req = next(pending, None)
             if req is None:
                 exhausted = True
@@ -191,26 +151,15 @@ def copy_requests(
             _, buf, offset, length = reads.popleft()
             if trim:
                 trims.append(src.aio_trim(length, offset))
-            if not buf.is_zero():
-                writes.append((dst.aio_pwrite(buf, offset), buf, length))
-            elif not keep_zero:
-                pool.give(buf, length)
-                on_done(length)
-            elif can_zero:
-                pool.give(buf, length)
-                writes.append((dst.aio_zero(length, offset), None, length))
+            if buf.is_zero():
+                image.store_zero()
             else:
-                writes.append((dst.aio_pwrite(buf, offset), buf, length))
-        while writes and dst.aio_command_completed(writes[0][0]):
-            _, buf, length = writes.popleft()
-            if buf is not None:
-                pool.give(buf, length)
+                image.store(buf.to_buffer())
+            pool.give(buf, length)
             on_done(length)
-        if exhausted and not reads and not writes and not trims:
+        if exhausted and not reads and not trims:
             return
-        busy = [h for h, q in ((src, reads or trims), (dst, writes)) if q]
-        if busy:
-            _wait(busy)
+        _wait([src])
 
 
 def trim_ranges(
@@ -242,9 +191,3 @@ def _trimmed(src: Any, cookie: int) -> bool:
         return bool(src.aio_command_completed(cookie))
     except nbd.Error:
         return True  # refused: the scratch keeps that range, nothing read is affected
-
-
-def finish_target(dst: Any) -> None:
-    """Flush the target (qemu-nbd fsyncs the file) and disconnect; qemu-nbd then exits."""
-    dst.flush()
-    dst.shutdown()

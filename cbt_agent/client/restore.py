@@ -1,15 +1,18 @@
 """`cbt-agent restore`: one standalone qcow2 per disk as of a checkpoint.
 
-Each disk's chain (full file, then its incrementals) is checked against the manifest: the
-checksums, each file's qcow2 header and the backing chain qemu really follows (`images.py`), so
-nothing outside the directory is read into an image. Then `qemu-img convert` follows the chain
-into `<out>/<volumeUuid>.qcow2`: made exclusively as `.part`, given its name when complete,
-never replacing a file.
+Each disk's chain (full file, then its incrementals) is checked against the manifest: each
+file's qcow2 header and the backing chain qemu really follows (`images.py`), so nothing outside
+the directory is read into an image. Then `qemu-img convert` follows the chain into
+`<out>/<volumeUuid>.qcow2`, made exclusively as `.part`; the files' checksums are computed
+beside it (on another core, reading what the convert reads), and the image is given its name
+only when every file of its chain matched the manifest: never replacing a file, never a
+restore from a corrupt backup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -80,28 +83,39 @@ async def run_restore(
     for path in outputs.values():
         if path.exists():
             raise BackupError(f"{path} exists: remove it or choose another --out")
-    checked: set[str] = set()
+    files: dict[str, str] = {}
     for chain in chains.values():
-        todo = [(d.file, d.sha256) for d in chain if d.file not in checked]
-        await check_chain_files(dest, todo)
-        checked.update(f for f, _ in todo)
+        for d in chain:
+            path = path_in(dest, d.file)
+            if not path.is_file():
+                raise BackupError(f"{path} is missing")
+            files[d.file] = d.sha256
         await asyncio.to_thread(check_chain, dest, chain)
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    # the checksums, beside the converts; awaited before the first image is published
+    checked = asyncio.create_task(check_chain_files(dest, list(files.items())))
     progress = progress or Progress()
     written: list[Path] = []
-    for vol, chain in chains.items():
-        final = outputs[vol]
-        part = path_in(out, final.name + PART_SUFFIX)
-        create_exclusive(part)  # raises with nothing made when a file is already there
-        try:
-            progress.start(f"disk {vol[:8]}", chain[-1].size)
-            await convert_with_progress(dest / chain[-1].file, part, progress)
-            progress.finish()
-            os.chmod(part, 0o600)
-            publish(part, final)
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        written.append(final)
-        print(f"restored disk {vol} as of {cp.name} ({len(chain)} file(s)) -> {final}")
+    try:
+        for vol, chain in chains.items():
+            final = outputs[vol]
+            part = path_in(out, final.name + PART_SUFFIX)
+            create_exclusive(part)  # raises with nothing made when a file is already there
+            try:
+                progress.start(f"disk {vol[:8]}", chain[-1].size)
+                await convert_with_progress(dest / chain[-1].file, part, progress)
+                progress.finish()
+                os.chmod(part, 0o600)
+                await checked
+                publish(part, final)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+            written.append(final)
+            print(f"restored disk {vol} as of {cp.name} ({len(chain)} file(s)) -> {final}")
+    finally:
+        if not checked.done():
+            checked.cancel()
+        with contextlib.suppress(BaseException):
+            await checked
     return written

@@ -1,16 +1,12 @@
-"""The write side of a backup: the qcow2 file being written (`X.part`), served by a qemu-nbd
-this process starts and stops by pid; plus the file tools (paths kept inside a directory,
-exclusive creation, publishing without replacing, checksum, atomic replace)."""
+"""The file tools of a backup: paths kept inside a directory, exclusive creation, publishing
+without replacing, checksums, atomic replace, and running qemu-img & co."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import os
-import signal
-import time
 from pathlib import Path
 
 from cbt_agent.client.errors import BackupError
@@ -18,8 +14,6 @@ from cbt_agent.client.names import is_plain_name
 
 QCOW2_MIN_CLUSTER = 512
 QCOW2_MAX_CLUSTER = 2 << 20
-START_TIMEOUT = 10.0  # qemu-nbd makes its socket in ~10 ms
-EXIT_TIMEOUT = 30.0  # after the client's NBD shutdown: close (and flush) the image
 
 
 async def run_tool(*cmd: str) -> str:
@@ -89,88 +83,6 @@ def publish(part: Path, final: Path) -> None:
         os.rename(part, final)
         return
     os.unlink(part)
-
-
-async def create_image(path: Path, size: int, granularity: int, backing: str | None) -> None:
-    """Make the empty file at `path` (made with `create_exclusive`) a qcow2; `backing` is a base
-    name in the same directory (the chain stays movable), so an incremental reads everything it
-    does not hold from the previous file."""
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    cmd += ["-o", f"cluster_size={cluster_size(granularity)}"]
-    if backing is not None:
-        cmd += ["-b", backing, "-F", "qcow2"]
-    await run_tool(*cmd, str(path), str(size))
-    os.chmod(path, 0o600)  # guest data
-
-
-class QemuNbd:
-    """`qemu-nbd -f qcow2 --cache=writeback -k SOCK FILE`: one client, exits when it leaves."""
-
-    def __init__(self, image: Path, socket_path: Path) -> None:
-        self.image = image
-        self.socket_path = socket_path
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.socket_path.unlink(missing_ok=True)
-        self.proc = await asyncio.create_subprocess_exec(
-            "qemu-nbd",
-            "-f",
-            "qcow2",
-            "--cache=writeback",
-            "-k",
-            str(self.socket_path),
-            str(self.image),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket_path.exists():
-            if self.proc.returncode is not None:
-                raise BackupError(f"qemu-nbd on {self.image.name} exited: {await self._stderr()}")
-            if time.monotonic() > deadline:
-                await self.stop()
-                raise BackupError(
-                    f"qemu-nbd on {self.image.name} did not start in {START_TIMEOUT} s"
-                )
-            await asyncio.sleep(0.005)
-
-    async def _stderr(self) -> str:
-        assert self.proc is not None and self.proc.stderr is not None
-        with contextlib.suppress(Exception):
-            return (await self.proc.stderr.read()).decode(errors="replace").strip()
-        return ""
-
-    async def wait_exit(self) -> None:
-        """After the client's NBD shutdown: qemu-nbd closes the image and exits 0."""
-        assert self.proc is not None
-        try:
-            code = await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
-        except TimeoutError:
-            await self.stop()
-            raise BackupError(
-                f"qemu-nbd on {self.image.name} did not exit after the copy"
-            ) from None
-        if code != 0:
-            raise BackupError(
-                f"qemu-nbd on {self.image.name} failed ({code}): {await self._stderr()}"
-            )
-        self.proc = None
-
-    async def stop(self) -> None:
-        """Stop it by pid if it still runs (after a failure): SIGTERM, then SIGKILL."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
 
 
 def sha256_file(path: Path) -> str:

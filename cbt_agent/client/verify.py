@@ -4,6 +4,8 @@ manifest does not know."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,33 +41,47 @@ def verify(dest: Path) -> VerifyReport:
     report = VerifyReport()
     known = files(manifest)
     good: set[str] = set()
-    for name, disk in known.items():
+    paths: dict[str, Path | str] = {}  # a path to check, or why it cannot be
+    for name in known:
         try:
             path = path_in(dest, name)
         except BackupError as e:
-            report.bad(f"UNSAFE   {name}: {e.message}")
+            paths[name] = f"UNSAFE   {name}: {e.message}"
             continue
-        if not path.is_file():
-            report.bad(f"MISSING  {name}")
-            continue
-        digest = sha256_file(path)
-        if digest != disk.sha256:
-            report.bad(f"CORRUPT  {name}: sha256 {digest}, manifest says {disk.sha256}")
-            continue
-        problem = file_problem(dest, disk)
-        if problem is not None:
-            report.bad(f"UNSAFE   {name}: {problem}")
-            continue
-        good.add(name)
-        report.good(f"OK       {name}")
-    for cp in manifest.checkpoints:
-        for top in cp.disks:
-            chain = chain_of(manifest, cp.name, top.volume_uuid)
-            if not all(d.file in good for d in chain):
-                continue  # its bad file is reported above; qemu is not asked to open it
-            problem = backing_chain_problem(dest, chain)
+        paths[name] = path if path.is_file() else f"MISSING  {name}"
+    # every file hashed and its header read at once: the hashes run on all cores (hashlib
+    # releases the GIL), qemu-img beside them
+    todo = {n: p for n, p in paths.items() if isinstance(p, Path)}
+    workers = max(1, min(len(todo), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = {n: pool.submit(sha256_file, p) for n, p in todo.items()}
+        headers = {n: pool.submit(file_problem, dest, known[n]) for n in todo}
+        for name, disk in known.items():
+            where = paths[name]
+            if isinstance(where, str):
+                report.bad(where)
+                continue
+            digest = digests[name].result()
+            if digest != disk.sha256:
+                report.bad(f"CORRUPT  {name}: sha256 {digest}, manifest says {disk.sha256}")
+                continue
+            problem = headers[name].result()
             if problem is not None:
-                report.bad(f"UNSAFE   {top.file}: {problem}")
+                report.bad(f"UNSAFE   {name}: {problem}")
+                continue
+            good.add(name)
+            report.good(f"OK       {name}")
+        problems = []
+        for cp in manifest.checkpoints:
+            for top in cp.disks:
+                chain = chain_of(manifest, cp.name, top.volume_uuid)
+                if not all(d.file in good for d in chain):
+                    continue  # its bad file is reported above; qemu is not asked to open it
+                problems.append((top.file, pool.submit(backing_chain_problem, dest, chain)))
+        for top_file, future in problems:
+            problem = future.result()
+            if problem is not None:
+                report.bad(f"UNSAFE   {top_file}: {problem}")
     for path in sorted(dest.iterdir()):
         if path.name == MANIFEST_NAME or path.name in known:
             continue

@@ -81,6 +81,9 @@ class WireModel(BaseModel):
         serialize_by_alias=True,
         extra="ignore",  # as ZStack's SDKs: unknown fields are dropped
         frozen=True,
+        # a model's validators are built when it is first used, not at import: the backup
+        # client uses three of them and starts once per backup
+        defer_build=True,
     )
     java_class: ClassVar[str | None] = None  # ZStack's class name, for the `schema` map
 
