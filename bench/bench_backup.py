@@ -194,7 +194,7 @@ class Bench:
             f'[state]\ndir = "{state}"\n[libvirt]\nuri = "{URI}"\n'
             f'[qmp]\nsocket_template = "{self.root}/{{vm_uuid}}-qmp.sock"\n'
             f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{PORTS}"\n'
-            "[checkpoints]\nquiesce = false\n"
+            "[checkpoints]\nquiesce = \"never\"\n"
         )
         config.chmod(0o600)
         self.agent = subprocess.Popen(
@@ -214,7 +214,8 @@ class Bench:
             except OSError:
                 pass
             if self.agent.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the agent did not start: see {self.root / 'agent.log'}")
+                log = (self.root / "agent.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the agent did not start:\n{log}")
             time.sleep(0.05)
 
     def stop_agent(self) -> None:
@@ -473,6 +474,7 @@ async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: 
             f"per incremental, {runs} runs; peer {peer.code}",
             flush=True,
         )
+        await b.hv.open()
         await asyncio.to_thread(b.make_image)
         await b.start_vm(b.agent_vm)
         await b.start_vm(b.peer_vm)
@@ -562,6 +564,8 @@ async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: 
         for vm in (b.agent_vm, b.peer_vm):
             with contextlib.suppress(Exception):
                 await asyncio.shield(b.remove_vm(vm))
+        with contextlib.suppress(Exception):
+            await b.hv.close()
         shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
 

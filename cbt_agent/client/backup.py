@@ -53,6 +53,9 @@ from cbt_agent.client.chain import (
 )
 from cbt_agent.client.copy import (
     ALLOCATION,
+    MAX_TRIM,
+    TRIM_STEP,
+    ZERO_PROBE_MIN,
     copy_into,
     open_source,
     source_runs,
@@ -338,27 +341,34 @@ async def _backup_disk(run: _Run, info: VolumeBackupInfo, target: DiskTarget) ->
             raise BackupError(
                 f"disk {info.volume_uuid}: export has {size} bytes, Enable said {info.size}"
             )
-        runs = await run.in_thread(source_runs, src, target.mode, context, gran)
         if target.mode == INCREMENTAL and info.bitmap_b64 is not None:
-            expected = extents.bitmap_runs(info.bitmap_b64, gran, size)
-            if expected != runs:
-                raise BackupError(
-                    f"disk {info.volume_uuid}: the dirty map over NBD ({extents.total(runs)} "
-                    f"bytes) differs from bitmapBase64 ({extents.total(expected)} bytes)"
-                )
+            # the Enable's own dirty map: the same bitmap the export serves, already here, so
+            # the export is not walked a second time
+            runs = extents.bitmap_runs(info.bitmap_b64, gran, size)
+        else:
+            runs = await run.in_thread(source_runs, src, target.mode, context, gran)
         zero_runs: list[tuple[int, int]] = []
         data_runs = runs
         if target.backing is not None:
-            data_runs, zero_runs = extents.split_zero(
-                runs, await run.in_thread(zero_ranges, src), gran
-            )
+            # long dirty runs that read as zero (trimmed, discarded in the guest) are stored as
+            # zero clusters without reading them; a short run costs less to read than to ask
+            probe = [r for r in runs if r[1] >= ZERO_PROBE_MIN]
+            if probe:
+                zero = await run.in_thread(zero_ranges, src, probe)
+                data_runs, zero_runs = extents.split_zero(runs, zero, gran)
         reqs = list(extents.requests(data_runs, gran))
         trim = bool(src.can_trim())
         if trim:
             # what this backup never reads costs the agent's scratch nothing from now on (the
-            # block-status queries above are done: a trimmed range no longer answers them)
-            skip = extents.gaps(data_runs, size)
-            await run.in_thread(trim_ranges, src, extents.requests(skip, gran, max_request=1 << 30))
+            # block-status queries above are done: a trimmed range no longer answers them); the
+            # rest is trimmed behind the copy
+            skip = extents.largest(
+                extents.gaps(data_runs, size), extents.total(data_runs) // TRIM_STEP
+            )
+            if skip:
+                await run.in_thread(
+                    trim_ranges, src, extents.requests(skip, gran, max_request=MAX_TRIM)
+                )
         backing = target.backing.file if target.backing is not None else None
         fd = open_exclusive(part)  # raises with nothing made when a file is already there
         run.made.append(part)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import select
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import nbd
@@ -23,7 +24,13 @@ from cbt_agent.client.extents import cluster_runs
 from cbt_agent.client.qcow2 import Qcow2Writer
 from cbt_agent.qemu import nbd as nbdio
 
-MAX_IN_FLIGHT = 16
+MAX_IN_FLIGHT = 16  # QEMU's NBD server serves 16 requests of a client at a time
+# Trims on the agent's export cost it a request each (~0.2 ms in QEMU, next to ~0.3 ms for a
+# 64 KiB read): what was read is trimmed behind the copy in one request per TRIM_STEP bytes
+# read, and up front at most one gap per TRIM_STEP of data is trimmed (the longest gaps)
+TRIM_STEP = 8 << 20
+MAX_TRIM = 1 << 30  # bytes per trim request
+ZERO_PROBE_MIN = 1 << 20  # dirty runs this long are asked whether they read as zero
 ALLOCATION = "base:allocation"
 WAIT_SLICE = 0.5  # seconds: how often a blocked loop looks at the stop flag
 
@@ -58,17 +65,20 @@ def open_source(address: nbdio.NbdAddress, *contexts: str) -> Any:
     return nbdio.connect(address, contexts)
 
 
-def zero_ranges(h: Any) -> list[tuple[int, int]]:
-    """The export's ranges that read as zero (`base:allocation`), merged."""
+def zero_ranges(h: Any, within: Iterable[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """The export's ranges that read as zero (`base:allocation`), merged: over the whole
+    export, or only within the sorted ranges `within`."""
     out: list[tuple[int, int]] = []
+    spans = [(0, None)] if within is None else list(within)
     try:
-        for pos, n, flags in nbdio.iter_extents(h, ALLOCATION):
-            if not flags & nbdio.STATE_ZERO:
-                continue
-            if out and out[-1][0] + out[-1][1] == pos:
-                out[-1] = (out[-1][0], out[-1][1] + n)
-            else:
-                out.append((pos, n))
+        for start, length in spans:
+            for pos, n, flags in nbdio.iter_extents(h, ALLOCATION, start, length):
+                if not flags & nbdio.STATE_ZERO:
+                    continue
+                if out and out[-1][0] + out[-1][1] == pos:
+                    out[-1] = (out[-1][0], out[-1][1] + n)
+                else:
+                    out.append((pos, n))
     except nbd.Error as e:
         raise BackupError(f"NBD block status ({ALLOCATION}) failed: {e}") from None
     return out
@@ -111,6 +121,15 @@ def _wait(handles: list[Any]) -> None:
         by_fd[fd].aio_notify_write()
 
 
+@dataclass
+class _Read:
+    cookie: int
+    buf: Any
+    offset: int
+    length: int
+    done: bool = False
+
+
 def copy_into(
     src: Any,
     image: Qcow2Writer,
@@ -120,46 +139,72 @@ def copy_into(
     pool: BufferPool = POOL,
     max_in_flight: int = MAX_IN_FLIGHT,
     trim: bool = False,
+    trim_step: int = TRIM_STEP,
 ) -> None:
-    """Read every request of `image` from `src`, `max_in_flight` at a time, and store each in
-    order as its read completes (reads complete in any order; they are stored in the order they
-    were made, which is the file's). A read of nothing but zeroes is stored as zero (no data).
+    """Read every request of `image` from `src` and store each, in order, in `image`.
 
-    With `trim` each range read is trimmed on `src` at once: on the agent's export that frees
-    its scratch and ends the copies the guest's writes there would cost (best effort: a refused
-    trim changes nothing read).
+    `max_in_flight` reads are kept outstanding whatever order they complete in; each is stored
+    once it and every read before it are done (the file is written in request order). A read
+    of nothing but zeroes is stored as zero (no data).
+
+    With `trim`, everything below the last stored request is trimmed on `src`, one request per
+    `trim_step` bytes stored: on the agent's export that frees its scratch and ends the copies
+    the guest's writes there would cost (best effort: a refused trim changes nothing read).
     `on_done(length)` runs after each request is stored. Raises CopyInterrupted when `stop` is
     set, nbd.Error when a read fails."""
     pending = iter(image.requests)
-    reads: deque[tuple[int, Any, int, int]] = deque()
+    window: deque[_Read] = deque()  # issued, in request order
+    outstanding: list[_Read] = []  # issued, not completed
     trims: deque[int] = deque()
+    trimmed = stored_to = since_trim = 0
     exhausted = False
     while True:
         if stop.is_set():
             raise CopyInterrupted("copy interrupted")
-        while not exhausted and len(reads) < max_in_flight:
+        while not exhausted and len(outstanding) < max_in_flight:
             req = next(pending, None)
             if req is None:
                 exhausted = True
                 break
             offset, length = req
             buf = pool.take(length)
-            reads.append((src.aio_pread(buf, offset), buf, offset, length))
-        while trims and _trimmed(src, trims[0]):
-            trims.popleft()
-        while reads and src.aio_command_completed(reads[0][0]):
-            _, buf, offset, length = reads.popleft()
-            if trim:
-                trims.append(src.aio_trim(length, offset))
-            if buf.is_zero():
+            r = _Read(src.aio_pread(buf, offset), buf, offset, length)
+            window.append(r)
+            outstanding.append(r)
+        if outstanding:
+            still = []
+            for r in outstanding:
+                if src.aio_command_completed(r.cookie):
+                    r.done = True
+                else:
+                    still.append(r)
+            outstanding = still
+        while window and window[0].done:
+            r = window.popleft()
+            if r.buf.is_zero():
                 image.store_zero()
             else:
-                image.store(buf.to_buffer())
-            pool.give(buf, length)
-            on_done(length)
-        if exhausted and not reads and not trims:
+                image.store(r.buf.to_buffer())
+            pool.give(r.buf, r.length)
+            on_done(r.length)
+            stored_to = r.offset + r.length
+            since_trim += r.length
+        if trim and since_trim >= trim_step and stored_to > trimmed:
+            for off, n in _pieces(trimmed, stored_to):
+                trims.append(src.aio_trim(n, off))
+            trimmed, since_trim = stored_to, 0
+        while trims and _trimmed(src, trims[0]):
+            trims.popleft()
+        if exhausted and not window and not trims:
             return
         _wait([src])
+
+
+def _pieces(start: int, end: int) -> Iterator[tuple[int, int]]:
+    while start < end:
+        n = min(MAX_TRIM, end - start)
+        yield start, n
+        start += n
 
 
 def trim_ranges(

@@ -119,3 +119,11 @@ def split_zero(
             pos = ze
             j += 1
     return data, zeroed
+
+
+def largest(runs: Iterable[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The `n` longest of `runs` (ties: the first), back in offset order."""
+    if n <= 0:
+        return []
+    ranked = sorted(enumerate(runs), key=lambda item: (-item[1][1], item[0]))[:n]
+    return [run for _, run in sorted(ranked)]
