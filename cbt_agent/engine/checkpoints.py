@@ -46,7 +46,7 @@ from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.qemu import bitmaps, blockdev, fds, fleece, images, nbd_server, transaction
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
-from cbt_agent.qemu.qmp import QmpChannel, execute_many, paused_seconds
+from cbt_agent.qemu.qmp import QmpChannel, execute_all, execute_many, paused_seconds
 from cbt_agent.store import NbdServer, Store, SyncStore, VolumeExport
 
 log = logging.getLogger(__name__)
@@ -267,18 +267,22 @@ async def enable(
     try:
         await ctx.at("enable:planned")
         await asyncio.gather(*(create_scratch(Path(e.scratch_path), e.size) for e in exports))
+        # each descriptor goes with its own add-fd; the nodes on them go in one round trip
+        nodes: list[tuple[str, dict[str, Any] | None]] = []
         for e in exports:
             scratch_file = await pass_scratch(qmp, task_uuid, e)
-            await fleece.add(qmp, fleece.scratch_args(e.scratch_node, scratch_file))
-            await fleece.add(
-                qmp,
-                fleece.filter_args(
-                    fleece.filter_node_name(e.volume_uuid),
-                    e.device_node,
-                    e.scratch_node,
-                    cfg.checkpoints.cbw_timeout,
-                ),
+            nodes.append(fleece.add_command(fleece.scratch_args(e.scratch_node, scratch_file)))
+            nodes.append(
+                fleece.add_command(
+                    fleece.filter_args(
+                        fleece.filter_node_name(e.volume_uuid),
+                        e.device_node,
+                        e.scratch_node,
+                        cfg.checkpoints.cbw_timeout,
+                    )
+                )
             )
+        await execute_all(qmp, nodes)
         await ctx.at("enable:scratch")
 
         sent = True
@@ -301,24 +305,38 @@ async def enable(
         await bitmaps.enable_migration(qmp)
         await ctx.at("enable:checkpoint")
 
-        for e in exports:
-            await fleece.add(
-                qmp,
+        # one round trip: each disk's snapshot-access node, the new bitmaps' granularity, and
+        # each change set on the access node (QEMU's NBD server looks for an export's bitmaps
+        # on the exported node and its filters only)
+        access = {e.device_node: fleece.access_node_name(e.volume_uuid) for e in exports}
+        views_batch: list[tuple[str, dict[str, Any] | None]] = [
+            fleece.add_command(
                 fleece.access_args(
                     fleece.access_node_name(e.volume_uuid), fleece.filter_node_name(e.volume_uuid)
-                ),
+                )
             )
-        after = await blockdev.named_nodes(qmp)
+            for e in exports
+        ]
+        views_batch.append(blockdev.named_nodes_command())
+        for m in plan.merges:
+            views_batch.append(
+                (
+                    "block-dirty-bitmap-add",
+                    bitmaps.temp_bitmap_args(access[m.node], m.target, m.granularity),
+                )
+            )
+            views_batch.append(
+                (
+                    "block-dirty-bitmap-merge",
+                    bitmaps.merge_args(access[m.node], m.target, m.sources),
+                )
+            )
+        batch_replies = await execute_all(qmp, views_batch)
+        after = blockdev.by_node_name(batch_replies[len(exports)])
         new_granularity: dict[str, int] = {}
         for e in exports:
             state = bitmaps.bitmaps_of(after.get(e.device_node)).get(plan.checkpoint)
             new_granularity[e.volume_uuid] = state.granularity if state else DEFAULT_GRANULARITY
-        # each change set lives on the disk's snapshot-access node: QEMU's NBD server looks
-        # for an export's bitmaps on the exported node and its filters only
-        access = {e.device_node: fleece.access_node_name(e.volume_uuid) for e in exports}
-        for m in plan.merges:
-            await bitmaps.add_temp_bitmap(qmp, access[m.node], m.target, m.granularity)
-            await bitmaps.merge(qmp, access[m.node], m.target, m.sources)
         exports = with_new_granularity(exports, new_granularity)
         await ctx.at("enable:bitmaps")
 
@@ -326,10 +344,17 @@ async def enable(
         key = await export_psk(cfg, server, task_uuid)
         await ctx.at("enable:nbd-server")
 
+        adds: list[tuple[str, dict[str, Any] | None]] = []
         for e in exports:
             node = fleece.access_node_name(e.volume_uuid)
             bitmap = (node, e.temp_bitmap) if e.temp_bitmap else None
-            await nbd_server.add_export(qmp, e.export_id, node, e.volume_uuid, bitmap, trim=True)
+            adds.append(
+                (
+                    "block-export-add",
+                    nbd_server.export_args(e.export_id, node, e.volume_uuid, bitmap, trim=True),
+                )
+            )
+        await execute_all(qmp, adds)
         await ctx.at("enable:exported")
 
         async def dirty_map(e: VolumeExport) -> tuple[bytes, int]:

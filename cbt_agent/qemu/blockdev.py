@@ -17,7 +17,7 @@ from typing import Any
 from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.model import Layer
 from cbt_agent.qemu.bitmaps import bitmaps_of
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_many
 from cbt_agent.qemu.refusals import absent
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,17 @@ async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
     return out
 
 
-async def named_nodes(qmp: QmpChannel) -> dict[str, dict[str, Any]]:
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+def named_nodes_command() -> tuple[str, dict[str, Any]]:
+    """The query behind `named_nodes`, for a batch; its reply goes to `by_node_name`."""
+    return "query-named-block-nodes", {"flat": True}
+
+
+def by_node_name(nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {str(n["node-name"]): n for n in nodes}
+
+
+async def named_nodes(qmp: QmpChannel) -> dict[str, dict[str, Any]]:
+    return by_node_name(await qmp.execute(*named_nodes_command()))
 
 
 async def chain_nodes(qmp: QmpChannel) -> list[dict[str, Any]]:
@@ -216,6 +224,17 @@ async def cancel_jobs(qmp: QmpChannel, ids: list[str]) -> None:
 
     if pending:
         await wait_until(f"jobs {', '.join(pending)} to end", gone, 30)
+
+
+async def delete_nodes(qmp: QmpChannel, node_names: list[str]) -> None:
+    """blockdev-del of every node in order, in one round trip; a node gone already is success,
+    one still in use is retried on its own (`delete_node`)."""
+    if not node_names:
+        return
+    replies = await execute_many(qmp, [("blockdev-del", {"node-name": n}) for n in node_names])
+    for name, reply in zip(node_names, replies, strict=True):
+        if isinstance(reply, QmpCommandError) and not absent(reply):
+            await delete_node(qmp, name)
 
 
 async def delete_node(qmp: QmpChannel, node_name: str, limit: float = 10.0) -> None:

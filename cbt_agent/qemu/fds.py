@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cbt_agent.errors import HypervisorError, QmpCommandError
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_many
 from cbt_agent.qemu.refusals import absent
 
 OPAQUE_PREFIX = "cbt-agent:"
@@ -102,8 +102,10 @@ async def add_fd(qmp: QmpChannel, fd: int, what: str) -> PassedFd:
 async def remove_task_fdsets(qmp: QmpChannel, task_uuid: str) -> list[int]:
     """Remove every fd set a task's exports put into QEMU (idempotent); their ids."""
     ids = fdsets_with_prefix(await qmp.execute("query-fdsets"), task_prefix(task_uuid))
-    for set_id in ids:
-        await remove_fdset(qmp, set_id)
+    replies = await execute_many(qmp, [("remove-fd", {"fdset-id": i}) for i in ids])
+    for reply in replies:
+        if isinstance(reply, QmpCommandError) and not absent(reply):
+            raise reply
     return ids
 
 

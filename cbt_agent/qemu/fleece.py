@@ -28,7 +28,7 @@ from typing import Any
 
 from cbt_agent.errors import QmpCommandError
 from cbt_agent.qemu import blockdev
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_many
 from cbt_agent.qemu.refusals import absent
 
 log = logging.getLogger(__name__)
@@ -81,17 +81,14 @@ def access_args(node_name: str, filter_node: str) -> dict[str, Any]:
     }
 
 
-async def add(qmp: QmpChannel, args: dict[str, Any]) -> None:
-    await qmp.execute("blockdev-add", args)
+def add_command(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`blockdev-add` of one of the view's nodes, for a batch (`qmp.execute_all`)."""
+    return "blockdev-add", args
 
 
 def set_drive_command(qdev: str, node: str) -> tuple[str, dict[str, Any]]:
     """Point the guest device at `qdev` to block node `node` (qom-set of its `drive`)."""
     return "qom-set", {"path": qdev, "property": "drive", "value": node}
-
-
-async def set_drive(qmp: QmpChannel, qdev: str, node: str) -> None:
-    await qmp.execute(*set_drive_command(qdev, node))
 
 
 async def running(qmp: QmpChannel) -> bool:
@@ -151,22 +148,33 @@ async def remove(qmp: QmpChannel, views: Sequence[View]) -> dict[str, dict[str, 
     views = [v for v in views if {v.access, v.filter_node, v.scratch} & present.keys()]
     if not views:
         return present
-    for v in views:
-        if v.access in present:
-            await blockdev.delete_node(qmp, v.access)
+    await blockdev.delete_nodes(qmp, [v.access for v in views if v.access in present])
     filters = {v.filter_node for v in views if v.filter_node in present}
     devices = await devices_on(qmp, filters) if filters else {}
     chain = await blockdev.chain_nodes(qmp) if devices else []
-    for v in views:
-        if v.filter_node in devices:
-            below = filtered_node(chain, v.filter_node, v.source)
-            try:
-                await set_drive(qmp, devices[v.filter_node], below)
-            except QmpCommandError as e:
-                if not absent(e):
-                    raise
-        if v.filter_node in present:
-            await blockdev.delete_node(qmp, v.filter_node)
-        if v.scratch in present:
-            await blockdev.delete_node(qmp, v.scratch)
+    # every device back in one round trip; a device that cannot go back keeps its filter
+    # (and the filter its scratch): that refusal is raised once the other disks are done
+    swapped = [v for v in views if v.filter_node in devices]
+    replies = await execute_many(
+        qmp,
+        [
+            set_drive_command(devices[v.filter_node], filtered_node(chain, v.filter_node, v.source))
+            for v in swapped
+        ],
+    )
+    refused = {
+        v.filter_node: r
+        for v, r in zip(swapped, replies, strict=True)
+        if isinstance(r, QmpCommandError) and not absent(r)
+    }
+    doomed = [
+        n
+        for v in views
+        if v.filter_node not in refused
+        for n in (v.filter_node, v.scratch)
+        if n in present
+    ]
+    await blockdev.delete_nodes(qmp, doomed)
+    if refused:
+        raise next(iter(refused.values()))
     return present

@@ -19,7 +19,7 @@ from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.model import Source
 from cbt_agent.qemu import fds
 from cbt_agent.qemu.blockdev import wait_until
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_many
 from cbt_agent.qemu.refusals import absent, says
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,18 @@ async def delete_exports(
         return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    for export_id in pending:
-        mode = "hard" if force else "safe"
+    first = "hard" if force else "safe"
+    # all in one round trip; one a client still holds is retried on its own below
+    replies = await execute_many(
+        qmp, [("block-export-del", {"id": x, "mode": first}) for x in pending]
+    )
+    retry = [
+        x
+        for x, r in zip(pending, replies, strict=True)
+        if isinstance(r, QmpCommandError) and not absent(r)
+    ]
+    for export_id in retry:
+        mode = first
         while True:
             try:
                 await qmp.execute("block-export-del", {"id": export_id, "mode": mode})

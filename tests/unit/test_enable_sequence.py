@@ -41,9 +41,9 @@ FIRST_ENABLE = [
     "query-block",  # the disks' top nodes
     "query-named-block-nodes",  # their chains and bitmaps
     "add-fd",  # the scratch file of disk 0, opened by the agent, handed to QEMU
+    "add-fd",  # disk 1's; then every disk's nodes in one round trip:
     "blockdev-add",  # scratch of disk 0 (on /dev/fdset/N)
     "blockdev-add",  # its copy-before-write filter over the disk, into the scratch
-    "add-fd",
     "blockdev-add",  # scratch of disk 1
     "blockdev-add",  # its filter
     "query-status",  # a running VM is paused for the cut:
@@ -53,34 +53,34 @@ FIRST_ENABLE = [
     "transaction",  # the bitmaps, at the same instant for both disks
     "cont",
     "migrate-set-capabilities",  # bitmaps follow a live migration
-    "blockdev-add",  # disk 0's snapshot-access node (what the export serves)
-    "blockdev-add",  # disk 1's
-    "query-named-block-nodes",  # the new bitmaps' granularity
+    "blockdev-add",  # disk 0's snapshot-access node (what the export serves), in one round
+    "blockdev-add",  # trip with disk 1's,
+    "query-named-block-nodes",  # the new bitmaps' granularity (and the change sets, if any)
     "nbd-server-start",
-    "block-export-add",
+    "block-export-add",  # both exports in one round trip
     "block-export-add",
 ]
 TEARDOWN = [
     "query-block-exports",
-    "block-export-del",
+    "block-export-del",  # both in one round trip
     "block-export-del",
     "query-block-exports",  # until QEMU let go of them
     "nbd-server-stop",
     "query-jobs",  # an older agent's fleecing jobs: none
     "query-named-block-nodes",
-    "blockdev-del",  # disk 0's snapshot-access node
-    "blockdev-del",  # disk 1's
+    "blockdev-del",  # disk 0's snapshot-access node, in one round trip with disk 1's
+    "blockdev-del",
     "query-block",  # which devices are on a filter
     "query-named-block-nodes",  # and what is under each filter now
-    "qom-set",  # disk 0's device back onto its own node
-    "blockdev-del",  # its filter
-    "blockdev-del",  # its scratch
+    "qom-set",  # disk 0's device back onto its own node, in one round trip with disk 1's
     "qom-set",
+    "blockdev-del",  # disk 0's filter, its scratch, then disk 1's: one round trip
+    "blockdev-del",
     "blockdev-del",
     "blockdev-del",
     "query-fdsets",  # the task's descriptors in QEMU
-    "remove-fd",  # scratch of disk 0
-    "remove-fd",  # scratch of disk 1
+    "remove-fd",  # scratch of disk 0, in one round trip with disk 1's
+    "remove-fd",
 ]
 
 
@@ -296,9 +296,9 @@ async def test_a_reply_lost_after_the_transaction_ran_keeps_the_checkpoint(
         "query-block",
         "query-named-block-nodes",
         "qom-set",
-        "blockdev-del",
-        "blockdev-del",
         "qom-set",
+        "blockdev-del",
+        "blockdev-del",
         "blockdev-del",
         "blockdev-del",
         "query-fdsets",
