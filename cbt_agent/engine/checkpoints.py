@@ -113,8 +113,7 @@ def _volume_info(
 
 async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
     """Every disk of the VM with its backing chain and bitmaps, as QEMU holds them now."""
-    devices = await blockdev.block_devices(qmp)
-    nodes = await blockdev.chain_nodes(qmp)
+    devices, nodes = await blockdev.devices_and_chains(qmp)
     views: list[DiskView] = []
     for disk in vm.disks:
         dev = devices.get(disk.alias)

@@ -17,7 +17,7 @@ from typing import Any
 from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.model import Layer
 from cbt_agent.qemu.bitmaps import bitmaps_of
-from cbt_agent.qemu.qmp import QmpChannel, execute_many
+from cbt_agent.qemu.qmp import QmpChannel, execute_all, execute_many
 from cbt_agent.qemu.refusals import absent
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,23 @@ def _alias_of(entry: dict[str, Any]) -> str:
 async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
     """Guest disks with a medium, by device alias. While a disk is exported the node shown is
     its copy-before-write filter: callers use the node names recorded before."""
+    return devices_of(await qmp.execute("query-block"))
+
+
+async def devices_and_chains(
+    qmp: QmpChannel,
+) -> tuple[dict[str, BlockDevice], list[dict[str, Any]]]:
+    """`block_devices` and `chain_nodes` read in one round trip."""
+    blocks, nodes = await execute_all(
+        qmp, [("query-block", None), ("query-named-block-nodes", {"flat": False})]
+    )
+    return devices_of(blocks), list(nodes)
+
+
+def devices_of(query_block: list[dict[str, Any]]) -> dict[str, BlockDevice]:
+    """`block_devices` from a `query-block` reply."""
     out: dict[str, BlockDevice] = {}
-    for entry in await qmp.execute("query-block"):
+    for entry in query_block:
         inserted = entry.get("inserted")
         if not inserted:
             continue
