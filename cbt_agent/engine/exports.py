@@ -28,6 +28,10 @@ from cbt_agent.qemu.qmp import QmpChannel
 from cbt_agent.secretfiles import NotPrivate
 from cbt_agent.store import NbdServer, Store, SyncStore
 
+# NBD ports this process is starting a server on and has not recorded yet: concurrent Enables
+# (a hundred VMs at once) read the same recorded ports, and would otherwise all try the first
+# free one, each failing on every port the others took before (n^2/2 QMP round trips)
+STARTING_PORTS: set[int] = set()
 TLS_CREDS_ID = "cbt-nbd-tls"  # the VM's tls-creds-x509 object with [nbd] tls = "x509"
 PSK_CREDS_ID = "cbt-nbd-psk"  # the VM's tls-creds-psk object with [nbd] tls = "psk"
 
@@ -202,9 +206,12 @@ async def start_nbd_server(
         return server
     used = await store.run(SyncStore.used_nbd_ports)
     ports = [p for p in range(cfg.nbd.port_first, cfg.nbd.port_last + 1) if p not in used]
-    port = await nbd_server.start_inet(qmp, cfg.nbd.listen, ports, creds)
-    server = NbdServer(cfg.nbd.listen, port, None, tls, with_psk)
-    await store.run(SyncStore.set_server, task_uuid, server)
+    port = await nbd_server.start_inet(qmp, cfg.nbd.listen, ports, creds, STARTING_PORTS)
+    try:
+        server = NbdServer(cfg.nbd.listen, port, None, tls, with_psk)
+        await store.run(SyncStore.set_server, task_uuid, server)
+    finally:
+        STARTING_PORTS.discard(port)  # recorded now: `used_nbd_ports` has it
     return server
 
 

@@ -260,18 +260,33 @@ async def delete_object(qmp: QmpChannel, object_id: str) -> None:
 
 
 async def start_inet(
-    qmp: QmpChannel, host: str, ports: list[int], tls_creds: str | None = None
+    qmp: QmpChannel,
+    host: str,
+    ports: list[int],
+    tls_creds: str | None = None,
+    claimed: set[int] | None = None,
 ) -> int:
     """Start the VM's NBD server on the first free port of `ports`. A server left running by an
-    earlier, interrupted operation is stopped first (it would make every later start fail)."""
+    earlier, interrupted operation is stopped first (it would make every later start fail).
+
+    `claimed`: the ports other starts of this process are trying right now (skipped, so a
+    hundred Enables at once do not all try the same port first); the port tried is added to
+    it and, unless the start succeeded, removed again: the caller removes a started port once
+    it is recorded."""
     restarted = False
     last: QmpCommandError | None = None
+    claims = claimed if claimed is not None else set()
     for port in ports:
+        if port in claims:
+            continue
+        claims.add(port)
         args: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
         if tls_creds:
             args["tls-creds"] = tls_creds
+        started = False
         try:
             await qmp.execute("nbd-server-start", args)
+            started = True
             return port
         except QmpCommandError as e:
             last = e
@@ -281,12 +296,16 @@ async def start_inet(
                 restarted = True
                 try:
                     await qmp.execute("nbd-server-start", args)
+                    started = True
                     return port
                 except QmpCommandError as e2:
                     last = e2
             if says(last, "address already in use", "failed to bind", "in use"):
                 continue
             raise
+        finally:
+            if not started:
+                claims.discard(port)
     raise HypervisorError(
         f"no free NBD port in the configured range ({last.reply if last else ''})"
     )
