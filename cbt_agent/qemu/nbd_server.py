@@ -65,20 +65,26 @@ async def delete_exports(
 ) -> None:
     """Remove NBD exports and wait until QEMU has let go of them. Safe mode first (refused
     while a client is connected); after `grace` seconds, or at once with `force`, hard mode."""
-    live = await export_ids_of(qmp)
-    pending = [x for x in export_ids if x in live]
-    if not pending:
+    if not export_ids:
         return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     first = "hard" if force else "safe"
-    # all in one round trip; one a client still holds is retried on its own below
+    # all in one round trip (one that is gone already answers "not found": nothing to wait
+    # for); one a client still holds is retried on its own below
     replies = await execute_many(
-        qmp, [("block-export-del", {"id": x, "mode": first}) for x in pending]
+        qmp, [("block-export-del", {"id": x, "mode": first}) for x in export_ids]
     )
+    pending = [
+        x
+        for x, r in zip(export_ids, replies, strict=True)
+        if not (isinstance(r, QmpCommandError) and absent(r))
+    ]
+    if not pending:
+        return
     retry = [
         x
-        for x, r in zip(pending, replies, strict=True)
+        for x, r in zip(export_ids, replies, strict=True)
         if isinstance(r, QmpCommandError) and not absent(r)
     ]
     for export_id in retry:

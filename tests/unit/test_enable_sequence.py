@@ -61,26 +61,27 @@ FIRST_ENABLE = [
     "block-export-add",
 ]
 TEARDOWN = [
-    "query-block-exports",
-    "block-export-del",  # both in one round trip
+    "block-export-del",  # both exports in one round trip (one gone already: "not found")
     "block-export-del",
     "query-block-exports",  # until QEMU let go of them
     "nbd-server-stop",
+    # what is left, in one round trip:
     "query-jobs",  # an older agent's fleecing jobs: none
-    "query-named-block-nodes",
-    "blockdev-del",  # disk 0's snapshot-access node, in one round trip with disk 1's
-    "blockdev-del",
+    "query-named-block-nodes",  # the nodes
     "query-block",  # which devices are on a filter
     "query-named-block-nodes",  # and what is under each filter now
-    "qom-set",  # disk 0's device back onto its own node, in one round trip with disk 1's
-    "qom-set",
-    "blockdev-del",  # disk 0's filter, its scratch, then disk 1's: one round trip
-    "blockdev-del",
-    "blockdev-del",
-    "blockdev-del",
     "query-fdsets",  # the task's descriptors in QEMU
-    "remove-fd",  # scratch of disk 0, in one round trip with disk 1's
-    "remove-fd",
+    # then all of this in one round trip, in the order QEMU allows:
+    "blockdev-del",  # disk 0's snapshot-access node
+    "blockdev-del",  # disk 1's
+    "qom-set",  # disk 0's device back onto its own node
+    "qom-set",
+    "blockdev-del",  # disk 0's filter, its scratch, then disk 1's
+    "blockdev-del",
+    "blockdev-del",
+    "blockdev-del",
+    "remove-fd",  # scratch of disk 0
+    "remove-fd",  # scratch of disk 1
 ]
 
 
@@ -288,20 +289,21 @@ async def test_a_reply_lost_after_the_transaction_ran_keeps_the_checkpoint(
         "query-named-block-nodes",  # QEMU's state read back: did the transaction run?
         # then everything made is removed (no export yet): the server if one was left, an
         # older agent's fleecing jobs (none), each device back on its disk, the filters and
-        # the scratch nodes, then the descriptors of the scratch files
-        "query-block-exports",
+        # the scratch nodes, and the descriptors of the scratch files
+        "block-export-del",  # none was made yet: both answer "not found"
+        "block-export-del",
         "nbd-server-stop",
         "query-jobs",
         "query-named-block-nodes",
         "query-block",
         "query-named-block-nodes",
-        "qom-set",
-        "qom-set",
-        "blockdev-del",
-        "blockdev-del",
-        "blockdev-del",
-        "blockdev-del",
         "query-fdsets",
+        "qom-set",
+        "qom-set",
+        "blockdev-del",
+        "blockdev-del",
+        "blockdev-del",
+        "blockdev-del",
         "remove-fd",
         "remove-fd",
     ]
