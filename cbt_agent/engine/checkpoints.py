@@ -71,6 +71,7 @@ class EnableContext:
     found_inconsistent: int = 0  # the task's bitmaps QEMU reported inconsistent (removed)
     # the disks as the caller just read them under the VM's lock (None: read them here)
     views: list[DiskView] | None = None
+    foreign_jobs: list[str] = field(default_factory=list)  # read with `views`
     paused_ms: float | None = None  # how long the VM was paused for the cut (None: not paused)
     held_paused: bool = False  # the agent paused the VM and has not seen it run again
     room_note: str = ""  # the scratch budget and the room for it, for the task's history
@@ -114,6 +115,27 @@ def _volume_info(
 async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
     """Every disk of the VM with its backing chain and bitmaps, as QEMU holds them now."""
     devices, nodes = await blockdev.devices_and_chains(qmp)
+    return views_of(vm, devices, nodes)
+
+
+async def read_disks_and_jobs(qmp: QmpChannel, vm: VmInfo) -> tuple[list[DiskView], list[str]]:
+    """`read_disks` and the block jobs not the agent's (`blockdev.foreign_jobs_of`), read
+    in one round trip."""
+    jobs, blocks, nodes = await execute_all(
+        qmp,
+        [
+            blockdev.BLOCK_JOBS_QUERY,
+            ("query-block", None),
+            ("query-named-block-nodes", {"flat": False}),
+        ],
+    )
+    views = views_of(vm, blockdev.devices_of(blocks), list(nodes))
+    return views, blockdev.foreign_jobs_of(jobs)
+
+
+def views_of(
+    vm: VmInfo, devices: dict[str, blockdev.BlockDevice], nodes: list[dict[str, Any]]
+) -> list[DiskView]:
     views: list[DiskView] = []
     for disk in vm.disks:
         dev = devices.get(disk.alias)
@@ -128,10 +150,10 @@ async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
     return views
 
 
-async def refuse_block_jobs(qmp: QmpChannel, vm_uuid: str) -> None:
+def refuse_block_jobs(jobs: list[str], vm_uuid: str) -> None:
     """A commit, stream or copy moves bitmaps between layers when it ends: a checkpoint cut in
-    the middle of one could miss them. Refused with the job named; retried once it ended."""
-    jobs = await blockdev.foreign_block_jobs(qmp)
+    the middle of one could miss them. Refused with the job named (`jobs`: the foreign block
+    jobs running); retried once it ended."""
     if jobs:
         raise OperationError(
             f"VM [uuid: {vm_uuid}] has a block job running ({', '.join(jobs)}): "
@@ -219,8 +241,11 @@ async def enable(
     cfg, store, qmp, task_uuid = ctx.config, ctx.store, ctx.qmp, ctx.task_uuid
     if not ctx.vm.disks:
         raise OperationError(f"VM [uuid: {ctx.vm.vm_uuid}] has no disk with a volume uuid (serial)")
-    await refuse_block_jobs(qmp, ctx.vm.vm_uuid)
-    views = ctx.views if ctx.views is not None else await read_disks(qmp, ctx.vm)
+    if ctx.views is not None:
+        views, jobs = ctx.views, ctx.foreign_jobs
+    else:
+        views, jobs = await read_disks_and_jobs(qmp, ctx.vm)
+    refuse_block_jobs(jobs, ctx.vm.vm_uuid)
     refuse_untrackable(views)
     ctx.notes.extend(
         f"adopted checkpoint {n} found on the disks"
@@ -281,7 +306,8 @@ async def enable(
                     )
                 )
             )
-        await execute_all(qmp, nodes)
+        # and, with them, the capability that makes the bitmaps follow a live migration
+        await execute_all(qmp, [*nodes, bitmaps.migration_command()])
         await ctx.at("enable:scratch")
 
         sent = True
@@ -301,7 +327,6 @@ async def enable(
         if ctx.paused_ms is not None:
             head.append(f"VM paused {ctx.paused_ms:.1f} ms for the cut")
         ctx.notes[0:0] = [*head, freeze.note()]
-        await bitmaps.enable_migration(qmp)
         await ctx.at("enable:checkpoint")
 
         # one round trip: each disk's snapshot-access node, the new bitmaps' granularity, and

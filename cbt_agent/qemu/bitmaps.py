@@ -75,9 +75,13 @@ async def remove_bitmap(qmp: QmpChannel, node: str, name: str) -> bool:
     return True
 
 
-async def enable_migration(qmp: QmpChannel) -> None:
+def migration_command() -> tuple[str, dict[str, Any]]:
     """Persistent bitmaps follow the VM in a live migration only with this capability on."""
-    await qmp.execute(
+    return (
         "migrate-set-capabilities",
         {"capabilities": [{"capability": "dirty-bitmaps", "state": True}]},
     )
+
+
+async def enable_migration(qmp: QmpChannel) -> None:
+    await qmp.execute(*migration_command())

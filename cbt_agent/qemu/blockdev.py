@@ -170,13 +170,17 @@ def file_child(nodes: list[dict[str, Any]], layer: Layer) -> str | None:
     return None
 
 
-async def foreign_block_jobs(qmp: QmpChannel) -> list[str]:
+BLOCK_JOBS_QUERY: tuple[str, None] = ("query-block-jobs", None)
+
+
+def foreign_jobs_of(query_block_jobs: list[dict[str, Any]]) -> list[str]:
     """Block jobs not started by the agent (commit, stream, mirror, backup), as 'type id'."""
     return [
         f"{j.get('type', 'block')} job {j.get('device')}"
-        for j in await qmp.execute("query-block-jobs")
+        for j in query_block_jobs
         if not str(j.get("device", "")).startswith("cbtjob-")
     ]
+
 
 
 async def reopen(

@@ -37,7 +37,7 @@ MIB = 1 << 20
 C1, C2, C3 = (checkpoint_name(TASK, s) for s in (1, 2, 3))
 
 FIRST_ENABLE = [
-    "query-block-jobs",  # a commit/stream/copy running: refused
+    "query-block-jobs",  # a commit/stream/copy running: refused; in one round trip with
     "query-block",  # the disks' top nodes
     "query-named-block-nodes",  # their chains and bitmaps
     "add-fd",  # the scratch file of disk 0, opened by the agent, handed to QEMU
@@ -46,13 +46,13 @@ FIRST_ENABLE = [
     "blockdev-add",  # its copy-before-write filter over the disk, into the scratch
     "blockdev-add",  # scratch of disk 1
     "blockdev-add",  # its filter
+    "migrate-set-capabilities",  # bitmaps follow a live migration
     "query-status",  # a running VM is paused for the cut:
     "stop",
     "qom-set",  # disk 0's device onto its filter
     "qom-set",  # disk 1's
     "transaction",  # the bitmaps, at the same instant for both disks
     "cont",
-    "migrate-set-capabilities",  # bitmaps follow a live migration
     "blockdev-add",  # disk 0's snapshot-access node (what the export serves), in one round
     "blockdev-add",  # trip with disk 1's,
     "query-named-block-nodes",  # the new bitmaps' granularity (and the change sets, if any)
