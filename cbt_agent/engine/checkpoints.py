@@ -43,7 +43,16 @@ from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.qemu import bitmaps, blockdev, fds, fleece, images, nbd_server, transaction
+from cbt_agent.qemu import (
+    bitmaps,
+    blockdev,
+    empty_image,
+    fds,
+    fleece,
+    images,
+    nbd_server,
+    transaction,
+)
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel, execute_all, execute_many, paused_seconds
@@ -82,9 +91,20 @@ class EnableContext:
 
 
 async def create_scratch(path: Path, size: int) -> None:
-    await asyncio.to_thread(private_dir, path.parent)
-    await images.create(str(path), size)
-    await asyncio.to_thread(os.chmod, path, 0o600)  # holds guest data from before the checkpoint
+    """The empty qcow2 the disk's filter copies into, owner-only (it holds guest data from
+    before the checkpoint); written by the agent, or by qemu-img for a size it cannot."""
+
+    def write() -> bool:
+        private_dir(path.parent)
+        try:
+            empty_image.write_empty_qcow2(str(path), size)
+        except ValueError:
+            return False
+        return True
+
+    if not await asyncio.to_thread(write):
+        await images.create(str(path), size)
+        await asyncio.to_thread(os.chmod, path, 0o600)
 
 
 async def pass_scratch(qmp: QmpChannel, task_uuid: str, export: VolumeExport) -> str:

@@ -182,7 +182,6 @@ def foreign_jobs_of(query_block_jobs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-
 async def reopen(
     qmp: QmpChannel,
     node: str,
