@@ -43,6 +43,7 @@ from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
+from cbt_agent.model import Checkpoint
 from cbt_agent.qemu import (
     bitmaps,
     blockdev,
@@ -271,15 +272,25 @@ async def enable(
         f"adopted checkpoint {n} found on the disks"
         for n in await adopt_unknown_checkpoints(store, task_uuid, views)
     )
+
+    def chain(s: SyncStore) -> tuple[int, list[Checkpoint], list[str], dict[str, str]]:
+        return (
+            s.next_checkpoint_seq(task_uuid),
+            s.checkpoints(task_uuid),
+            s.removed_checkpoint_names(task_uuid),
+            s.pending_breaks(task_uuid),
+        )
+
+    seq, recorded, removed, pending = await store.run(chain)  # one trip to the store thread
     plan = plan_enable(
         task_uuid,
-        await store.run(SyncStore.next_checkpoint_seq, task_uuid),
+        seq,
         views,
-        await store.run(SyncStore.checkpoints, task_uuid),
+        recorded,
         scratch_dir=cfg.scratch_dir,
         since_name=since_name,
-        removed=await store.run(SyncStore.removed_checkpoint_names, task_uuid),
-        pending=await store.run(SyncStore.pending_breaks, task_uuid),
+        removed=removed,
+        pending=pending,
         lost=lost,
     )
     for stale in plan.stale:
