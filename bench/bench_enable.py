@@ -720,7 +720,7 @@ def report(n_disks: int, cycles: int, agent: Series, raw: Series) -> Outcome:
     ms = agent.meters
     parts = {
         "QMP round trips": [m.qmp_s for m in ms],
-        "qemu-img create (summed over disks, run at once)": [m.img_s for m in ms],
+        "scratch creation (summed over disks, run at once)": [m.img_s for m in ms],
         "NBD dirty-map reads (summed over disks, run at once)": [m.nbd_s for m in ms],
         "SQLite (store.run)": [m.store_s for m in ms],
         "libvirt find_vm": [m.libvirt_s for m in ms],
