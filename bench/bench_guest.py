@@ -102,7 +102,7 @@ class Bench:
             self.vm_uuid,
             disks,
             self.work / f"{self.vm_uuid}.sock",
-            description=f"{VM_MARK} pid={os.getpid()} (bench)",
+            description=f"{VM_MARK} (bench) pid={os.getpid()}",
         )
         conn = await self.hv.connection()
         await asyncio.to_thread(conn.defineXML, xml)

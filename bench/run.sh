@@ -10,4 +10,7 @@ for b in bench_enable bench_extents bench_quiesce bench_guest; do
     timeout 170 "$PY" -m "bench.$b" || status=1
     echo
 done
+# 100 VMs: starting and removing them alone takes a minute or two (its own budget: 540 s)
+echo "=== bench_scale ==="
+timeout 600 "$PY" -m bench.bench_scale || status=1
 exit $status

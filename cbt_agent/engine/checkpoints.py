@@ -43,10 +43,20 @@ from cbt_agent.engine.steps import StepHook as StepHook
 from cbt_agent.engine.tracking import apply_retention
 from cbt_agent.errors import HypervisorError, OperationError, QmpCommandError, QmpInterrupted
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
-from cbt_agent.qemu import bitmaps, blockdev, fds, fleece, images, nbd_server, transaction
+from cbt_agent.model import Checkpoint
+from cbt_agent.qemu import (
+    bitmaps,
+    blockdev,
+    empty_image,
+    fds,
+    fleece,
+    images,
+    nbd_server,
+    transaction,
+)
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
-from cbt_agent.qemu.qmp import QmpChannel, execute_many, paused_seconds
+from cbt_agent.qemu.qmp import QmpChannel, execute_all, execute_many, paused_seconds
 from cbt_agent.store import NbdServer, Store, SyncStore, VolumeExport
 
 log = logging.getLogger(__name__)
@@ -71,6 +81,7 @@ class EnableContext:
     found_inconsistent: int = 0  # the task's bitmaps QEMU reported inconsistent (removed)
     # the disks as the caller just read them under the VM's lock (None: read them here)
     views: list[DiskView] | None = None
+    foreign_jobs: list[str] = field(default_factory=list)  # read with `views`
     paused_ms: float | None = None  # how long the VM was paused for the cut (None: not paused)
     held_paused: bool = False  # the agent paused the VM and has not seen it run again
     room_note: str = ""  # the scratch budget and the room for it, for the task's history
@@ -81,9 +92,20 @@ class EnableContext:
 
 
 async def create_scratch(path: Path, size: int) -> None:
-    await asyncio.to_thread(private_dir, path.parent)
-    await images.create(str(path), size)
-    await asyncio.to_thread(os.chmod, path, 0o600)  # holds guest data from before the checkpoint
+    """The empty qcow2 the disk's filter copies into, owner-only (it holds guest data from
+    before the checkpoint); written by the agent, or by qemu-img for a size it cannot."""
+
+    def write() -> bool:
+        private_dir(path.parent)
+        try:
+            empty_image.write_empty_qcow2(str(path), size)
+        except ValueError:
+            return False
+        return True
+
+    if not await asyncio.to_thread(write):
+        await images.create(str(path), size)
+        await asyncio.to_thread(os.chmod, path, 0o600)
 
 
 async def pass_scratch(qmp: QmpChannel, task_uuid: str, export: VolumeExport) -> str:
@@ -113,8 +135,28 @@ def _volume_info(
 
 async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
     """Every disk of the VM with its backing chain and bitmaps, as QEMU holds them now."""
-    devices = await blockdev.block_devices(qmp)
-    nodes = await blockdev.chain_nodes(qmp)
+    devices, nodes = await blockdev.devices_and_chains(qmp)
+    return views_of(vm, devices, nodes)
+
+
+async def read_disks_and_jobs(qmp: QmpChannel, vm: VmInfo) -> tuple[list[DiskView], list[str]]:
+    """`read_disks` and the block jobs not the agent's (`blockdev.foreign_jobs_of`), read
+    in one round trip."""
+    jobs, blocks, nodes = await execute_all(
+        qmp,
+        [
+            blockdev.BLOCK_JOBS_QUERY,
+            ("query-block", None),
+            ("query-named-block-nodes", {"flat": False}),
+        ],
+    )
+    views = views_of(vm, blockdev.devices_of(blocks), list(nodes))
+    return views, blockdev.foreign_jobs_of(jobs)
+
+
+def views_of(
+    vm: VmInfo, devices: dict[str, blockdev.BlockDevice], nodes: list[dict[str, Any]]
+) -> list[DiskView]:
     views: list[DiskView] = []
     for disk in vm.disks:
         dev = devices.get(disk.alias)
@@ -129,10 +171,10 @@ async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
     return views
 
 
-async def refuse_block_jobs(qmp: QmpChannel, vm_uuid: str) -> None:
+def refuse_block_jobs(jobs: list[str], vm_uuid: str) -> None:
     """A commit, stream or copy moves bitmaps between layers when it ends: a checkpoint cut in
-    the middle of one could miss them. Refused with the job named; retried once it ended."""
-    jobs = await blockdev.foreign_block_jobs(qmp)
+    the middle of one could miss them. Refused with the job named (`jobs`: the foreign block
+    jobs running); retried once it ended."""
     if jobs:
         raise OperationError(
             f"VM [uuid: {vm_uuid}] has a block job running ({', '.join(jobs)}): "
@@ -220,22 +262,35 @@ async def enable(
     cfg, store, qmp, task_uuid = ctx.config, ctx.store, ctx.qmp, ctx.task_uuid
     if not ctx.vm.disks:
         raise OperationError(f"VM [uuid: {ctx.vm.vm_uuid}] has no disk with a volume uuid (serial)")
-    await refuse_block_jobs(qmp, ctx.vm.vm_uuid)
-    views = ctx.views if ctx.views is not None else await read_disks(qmp, ctx.vm)
+    if ctx.views is not None:
+        views, jobs = ctx.views, ctx.foreign_jobs
+    else:
+        views, jobs = await read_disks_and_jobs(qmp, ctx.vm)
+    refuse_block_jobs(jobs, ctx.vm.vm_uuid)
     refuse_untrackable(views)
     ctx.notes.extend(
         f"adopted checkpoint {n} found on the disks"
         for n in await adopt_unknown_checkpoints(store, task_uuid, views)
     )
+
+    def chain(s: SyncStore) -> tuple[int, list[Checkpoint], list[str], dict[str, str]]:
+        return (
+            s.next_checkpoint_seq(task_uuid),
+            s.checkpoints(task_uuid),
+            s.removed_checkpoint_names(task_uuid),
+            s.pending_breaks(task_uuid),
+        )
+
+    seq, recorded, removed, pending = await store.run(chain)  # one trip to the store thread
     plan = plan_enable(
         task_uuid,
-        await store.run(SyncStore.next_checkpoint_seq, task_uuid),
+        seq,
         views,
-        await store.run(SyncStore.checkpoints, task_uuid),
+        recorded,
         scratch_dir=cfg.scratch_dir,
         since_name=since_name,
-        removed=await store.run(SyncStore.removed_checkpoint_names, task_uuid),
-        pending=await store.run(SyncStore.pending_breaks, task_uuid),
+        removed=removed,
+        pending=pending,
         lost=lost,
     )
     for stale in plan.stale:
@@ -267,18 +322,23 @@ async def enable(
     try:
         await ctx.at("enable:planned")
         await asyncio.gather(*(create_scratch(Path(e.scratch_path), e.size) for e in exports))
+        # each descriptor goes with its own add-fd; the nodes on them go in one round trip
+        nodes: list[tuple[str, dict[str, Any] | None]] = []
         for e in exports:
             scratch_file = await pass_scratch(qmp, task_uuid, e)
-            await fleece.add(qmp, fleece.scratch_args(e.scratch_node, scratch_file))
-            await fleece.add(
-                qmp,
-                fleece.filter_args(
-                    fleece.filter_node_name(e.volume_uuid),
-                    e.device_node,
-                    e.scratch_node,
-                    cfg.checkpoints.cbw_timeout,
-                ),
+            nodes.append(fleece.add_command(fleece.scratch_args(e.scratch_node, scratch_file)))
+            nodes.append(
+                fleece.add_command(
+                    fleece.filter_args(
+                        fleece.filter_node_name(e.volume_uuid),
+                        e.device_node,
+                        e.scratch_node,
+                        cfg.checkpoints.cbw_timeout,
+                    )
+                )
             )
+        # and, with them, the capability that makes the bitmaps follow a live migration
+        await execute_all(qmp, [*nodes, bitmaps.migration_command()])
         await ctx.at("enable:scratch")
 
         sent = True
@@ -298,27 +358,40 @@ async def enable(
         if ctx.paused_ms is not None:
             head.append(f"VM paused {ctx.paused_ms:.1f} ms for the cut")
         ctx.notes[0:0] = [*head, freeze.note()]
-        await bitmaps.enable_migration(qmp)
         await ctx.at("enable:checkpoint")
 
-        for e in exports:
-            await fleece.add(
-                qmp,
+        # one round trip: each disk's snapshot-access node, the new bitmaps' granularity, and
+        # each change set on the access node (QEMU's NBD server looks for an export's bitmaps
+        # on the exported node and its filters only)
+        access = {e.device_node: fleece.access_node_name(e.volume_uuid) for e in exports}
+        views_batch: list[tuple[str, dict[str, Any] | None]] = [
+            fleece.add_command(
                 fleece.access_args(
                     fleece.access_node_name(e.volume_uuid), fleece.filter_node_name(e.volume_uuid)
-                ),
+                )
             )
-        after = await blockdev.named_nodes(qmp)
+            for e in exports
+        ]
+        views_batch.append(blockdev.named_nodes_command())
+        for m in plan.merges:
+            views_batch.append(
+                (
+                    "block-dirty-bitmap-add",
+                    bitmaps.temp_bitmap_args(access[m.node], m.target, m.granularity),
+                )
+            )
+            views_batch.append(
+                (
+                    "block-dirty-bitmap-merge",
+                    bitmaps.merge_args(access[m.node], m.target, m.sources),
+                )
+            )
+        batch_replies = await execute_all(qmp, views_batch)
+        after = blockdev.by_node_name(batch_replies[len(exports)])
         new_granularity: dict[str, int] = {}
         for e in exports:
             state = bitmaps.bitmaps_of(after.get(e.device_node)).get(plan.checkpoint)
             new_granularity[e.volume_uuid] = state.granularity if state else DEFAULT_GRANULARITY
-        # each change set lives on the disk's snapshot-access node: QEMU's NBD server looks
-        # for an export's bitmaps on the exported node and its filters only
-        access = {e.device_node: fleece.access_node_name(e.volume_uuid) for e in exports}
-        for m in plan.merges:
-            await bitmaps.add_temp_bitmap(qmp, access[m.node], m.target, m.granularity)
-            await bitmaps.merge(qmp, access[m.node], m.target, m.sources)
         exports = with_new_granularity(exports, new_granularity)
         await ctx.at("enable:bitmaps")
 
@@ -326,10 +399,17 @@ async def enable(
         key = await export_psk(cfg, server, task_uuid)
         await ctx.at("enable:nbd-server")
 
+        adds: list[tuple[str, dict[str, Any] | None]] = []
         for e in exports:
             node = fleece.access_node_name(e.volume_uuid)
             bitmap = (node, e.temp_bitmap) if e.temp_bitmap else None
-            await nbd_server.add_export(qmp, e.export_id, node, e.volume_uuid, bitmap, trim=True)
+            adds.append(
+                (
+                    "block-export-add",
+                    nbd_server.export_args(e.export_id, node, e.volume_uuid, bitmap, trim=True),
+                )
+            )
+        await execute_all(qmp, adds)
         await ctx.at("enable:exported")
 
         async def dirty_map(e: VolumeExport) -> tuple[bytes, int]:

@@ -24,10 +24,15 @@ from cbt_agent.qemu import bitmaps, blockdev, fds, fleece, nbd_server, process, 
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.process import QemuUser
 from cbt_agent.qemu.psk import Psk
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_all
 from cbt_agent.secretfiles import NotPrivate
 from cbt_agent.store import NbdServer, Store, SyncStore
 
+# NBD ports this process is starting a server on and has not recorded yet: concurrent Enables
+# (a hundred VMs at once) read the same recorded ports, and would otherwise all try the first
+# free one, each failing on every port the others took before (n^2/2 QMP round trips)
+STARTING_PORTS: set[int] = set()
+FDSETS_QUERY: tuple[str, None] = ("query-fdsets", None)
 TLS_CREDS_ID = "cbt-nbd-tls"  # the VM's tls-creds-x509 object with [nbd] tls = "x509"
 PSK_CREDS_ID = "cbt-nbd-psk"  # the VM's tls-creds-psk object with [nbd] tls = "psk"
 
@@ -202,9 +207,12 @@ async def start_nbd_server(
         return server
     used = await store.run(SyncStore.used_nbd_ports)
     ports = [p for p in range(cfg.nbd.port_first, cfg.nbd.port_last + 1) if p not in used]
-    port = await nbd_server.start_inet(qmp, cfg.nbd.listen, ports, creds)
-    server = NbdServer(cfg.nbd.listen, port, None, tls, with_psk)
-    await store.run(SyncStore.set_server, task_uuid, server)
+    port = await nbd_server.start_inet(qmp, cfg.nbd.listen, ports, creds, STARTING_PORTS)
+    try:
+        server = NbdServer(cfg.nbd.listen, port, None, tls, with_psk)
+        await store.run(SyncStore.set_server, task_uuid, server)
+    finally:
+        STARTING_PORTS.discard(port)  # recorded now: `used_nbd_ports` has it
     return server
 
 
@@ -239,16 +247,27 @@ async def teardown_exports(
         # the key dies with the object and the file (QEMU reads the file at each handshake)
         await nbd_server.delete_object(qmp, PSK_CREDS_ID)
         await remove_psk_dir(cfg, task_uuid)
-    # an export made by an agent before the copy-before-write filter ran a fleecing job
-    await blockdev.cancel_jobs(qmp, [e.job_id for e in exports])
+    # what is left, read in one round trip: an older agent's fleecing jobs (an export made
+    # before the copy-before-write filter ran one), the block graph, the task's fd sets
+    state = await execute_all(qmp, [("query-jobs", None), *fleece.GRAPH_QUERIES, FDSETS_QUERY])
+    live_jobs = {str(j["id"]) for j in state[0]}
+    old_jobs = [e.job_id for e in exports if e.job_id in live_jobs]
+    if old_jobs:
+        await blockdev.cancel_jobs(qmp, old_jobs)
+        state = [[], *await execute_all(qmp, [*fleece.GRAPH_QUERIES, FDSETS_QUERY])]
     if step:
         await step("disable:jobs")
+    # the views off the disks and, in the same round trip, the descriptors of the scratch
+    # files and of the key's directory (closed by QEMU once no node uses them)
     present = await fleece.remove(
-        qmp, [fleece.view_of(e.volume_uuid, e.scratch_node, e.device_node) for e in exports]
+        qmp,
+        [fleece.view_of(e.volume_uuid, e.scratch_node, e.device_node) for e in exports],
+        fleece.graph_of(state[1:4]),
+        then=[
+            fds.remove_command(i)
+            for i in fds.fdsets_with_prefix(state[4], fds.task_prefix(task_uuid))
+        ],
     )
-    # the descriptors of the scratch files and of the key's directory (closed by QEMU once
-    # no node uses them: the scratch nodes are gone now)
-    await fds.remove_task_fdsets(qmp, task_uuid)
     for e in exports:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, e.scratch_path)

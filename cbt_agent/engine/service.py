@@ -198,7 +198,7 @@ class CbtService:
             # a disk that cannot hold persistent bitmaps (raw, qcow2 v2): refused before anything
             # changes, the task as it was
             qmp = await self.qmp.channel(vm_uuid)
-            views = await checkpoints.read_disks(qmp, vm)
+            views, jobs = await checkpoints.read_disks_and_jobs(qmp, vm)
             refuse_untrackable(views)
             room_note = await self._refuse_unless_room(task.uuid, views)
             await self._status(
@@ -222,6 +222,7 @@ class CbtService:
                     quiesce=cmd.quiesce or self.config.checkpoints.quiesce,
                     freeze_timeout=self.config.checkpoints.freeze_timeout,
                     views=views,
+                    foreign_jobs=jobs,
                     room_note=room_note,
                 )
                 lost = await self.store.run(SyncStore.tracking_lost, task.uuid)

@@ -12,7 +12,8 @@ from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.hypervisor.libvirt import VmInfo
 from cbt_agent.model import Layer, retention_victims, tracking_break
 from cbt_agent.qemu import bitmaps, blockdev
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_many
+from cbt_agent.qemu.refusals import absent
 from cbt_agent.reasons import TRACKING_LOST
 from cbt_agent.store import Store, SyncStore
 
@@ -89,9 +90,9 @@ async def remove_bitmaps(
     """Remove every bitmap whose name is `wanted` from every node of the VM, backing layers
     included: a read-only layer is reopened read-write for it (as libvirt does) and read-only
     again. Returns ('node/name' removed, 'node/name: why' left)."""
-    nodes = await blockdev.chain_nodes(qmp)
+    devices, nodes = await blockdev.devices_and_chains(qmp)
     layers: dict[str, tuple[Layer, str | None]] = {}
-    for dev in (await blockdev.block_devices(qmp)).values():
+    for dev in devices.values():
         chain = blockdev.disk_chain(nodes, dev.node_name)
         for i, layer in enumerate(chain):
             layers.setdefault(
@@ -99,10 +100,26 @@ async def remove_bitmaps(
             )
     removed: list[str] = []
     left: list[str] = []
+    # the writable nodes' bitmaps in one round trip
+    writable = [
+        (str(node.get("node-name")), name)
+        for node in nodes
+        if not node.get("ro")
+        for name in bitmaps.bitmaps_of(node)
+        if wanted(name)
+    ]
+    replies = await execute_many(
+        qmp, [("block-dirty-bitmap-remove", {"node": n, "name": b}) for n, b in writable]
+    )
+    for (node_name, name), reply in zip(writable, replies, strict=True):
+        if not isinstance(reply, QmpCommandError):
+            removed.append(f"{node_name}/{name}")
+        elif not absent(reply, "dirty bitmap"):
+            left.append(f"{node_name}/{name}: {reply.reply}")
     for node in nodes:
         node_name = str(node.get("node-name"))
         names = [n for n in bitmaps.bitmaps_of(node) if wanted(n)]
-        if not names:
+        if not names or not node.get("ro"):
             continue
         reopened = False
         if node.get("ro"):

@@ -1,7 +1,9 @@
-"""The watcher of open exports' scratch: one asyncio task per task with exports, looking every
-`checkpoints.scratch_poll` seconds at each disk's scratch file and at the filesystem, and calling
-`on_break(task_uuid, reason)` once when the export must end (`scratch.why_break`). The files are
-looked at in a thread (a stat and a statvfs each time)."""
+"""The watcher of open exports' scratch: one asyncio task for every task with exports, looking
+every `checkpoints.scratch_poll` seconds at each disk's scratch file and at the filesystem, and
+calling `on_break(task_uuid, reason)` once when a task's export must end (`scratch.why_break`).
+The files are looked at in one thread hop per look (a stat per scratch file, one statvfs): a
+host with a hundred open exports costs the agent one wake-up a poll, not a hundred.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ class ScratchWatch:
         self.on_break = on_break
         self.disks: dict[str, list[DiskScratch]] = {}  # task -> its exported disks
         self.use: dict[str, list[int]] = {}  # task -> bytes each disk's scratch takes now
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._broken: set[str] = set()  # tasks whose break was called (looked at no more)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._breaks: set[asyncio.Task[None]] = set()
 
     def disks_of(self, exports: list[VolumeExport]) -> list[DiskScratch]:
         budgets = scratch.budgets(self.config.checkpoints, (e.size for e in exports))
@@ -60,26 +64,24 @@ class ScratchWatch:
         self.stop(task_uuid)
         self.disks[task_uuid] = self.disks_of(exports)
         self.use[task_uuid] = [0] * len(exports)
-        self._tasks[task_uuid] = asyncio.create_task(
-            self._loop(task_uuid), name=f"scratch-watch-{task_uuid}"
-        )
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._loop(), name="scratch-watch")
 
     def stop(self, task_uuid: str) -> None:
-        """Stop watching (not from inside the watch itself: its break ends it)."""
-        task = self._tasks.pop(task_uuid, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        """Stop watching the task (its break, if running, goes on)."""
         self.disks.pop(task_uuid, None)
         self.use.pop(task_uuid, None)
+        self._broken.discard(task_uuid)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [t for t in (self._loop_task, *self._breaks) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self._tasks.clear()
+        self._loop_task = None
+        self._breaks.clear()
 
     def totals(self) -> tuple[int, int]:
         """(bytes used, bytes of budget) over every watched export."""
@@ -87,33 +89,50 @@ class ScratchWatch:
         budget = sum(d.budget for disks in self.disks.values() for d in disks)
         return used, budget
 
-    async def look(self, task_uuid: str) -> str | None:
-        """One look: the use is recorded; the reason to break, if there is one."""
-        disks = self.disks.get(task_uuid)
-        if not disks:
-            return None
-        use = await asyncio.to_thread(lambda: [scratch.used(d.path) for d in disks])
-        self.use[task_uuid] = use
-        return scratch.why_break(self.config.checkpoints, disks, use, await self.room())
+    async def look_all(self) -> dict[str, str]:
+        """One look at every watched task: the use is recorded; the tasks that must break now,
+        with why (those already broken are left out)."""
+        watched = {t: d for t, d in self.disks.items() if t not in self._broken}
+        if not watched:
+            return {}
+        where = existing(self.config.scratch_dir)
 
-    async def _loop(self, task_uuid: str) -> None:
-        poll = self.config.checkpoints.scratch_poll
+        def measure() -> tuple[dict[str, list[int]], Room]:
+            use = {t: [scratch.used(d.path) for d in disks] for t, disks in watched.items()}
+            return use, scratch.room(where)
+
+        use, fs = await asyncio.to_thread(measure)
+        out: dict[str, str] = {}
+        for task_uuid, disks in watched.items():
+            if task_uuid not in self.disks:  # stopped while the thread looked
+                continue
+            self.use[task_uuid] = use[task_uuid]
+            why = scratch.why_break(self.config.checkpoints, disks, use[task_uuid], fs)
+            if why is not None:
+                out[task_uuid] = why
+        return out
+
+    async def _break(self, task_uuid: str, why: str) -> None:
+        log.warning("task %s: export breaks: %s", task_uuid, why)
         try:
-            while task_uuid in self.disks:
-                await asyncio.sleep(poll)
-                try:
-                    why = await self.look(task_uuid)
-                except OSError as e:
-                    log.warning("task %s: cannot look at the scratch: %s", task_uuid, e)
-                    continue
-                if why is not None:
-                    log.warning("task %s: export breaks: %s", task_uuid, why)
-                    try:
-                        await self.on_break(task_uuid, why)
-                    except Exception:
-                        # the export may be half ended: a Disable (or the next start) finishes it
-                        log.exception("task %s: breaking the export failed", task_uuid)
-                    return
-        finally:
-            if self._tasks.get(task_uuid) is asyncio.current_task():
-                self._tasks.pop(task_uuid, None)
+            await self.on_break(task_uuid, why)
+        except Exception:
+            # the export may be half ended: a Disable (or the next start) finishes it
+            log.exception("task %s: breaking the export failed", task_uuid)
+
+    async def _loop(self) -> None:
+        poll = self.config.checkpoints.scratch_poll
+        while self.disks:
+            await asyncio.sleep(poll)
+            try:
+                broken = await self.look_all()
+            except OSError as e:
+                log.warning("cannot look at the scratch: %s", e)
+                continue
+            for task_uuid, why in broken.items():
+                # once per export; each break on its own (it takes the VM's lock and tears
+                # the export down), the others still watched meanwhile
+                self._broken.add(task_uuid)
+                task = asyncio.create_task(self._break(task_uuid, why), name=f"break-{task_uuid}")
+                self._breaks.add(task)
+                task.add_done_callback(self._breaks.discard)

@@ -476,20 +476,27 @@ class Hypervisor:
         """Freeze the guest's filesystems through its qemu-guest-agent; how many it froze.
         Raises GuestAgentUnavailable when the VM has no connected, answering agent."""
         dom = await self._domain(vm_uuid)
-        return int(await self._agent_call(dom.fsFreeze))
+        return int(await self._agent_call(dom, dom.fsFreeze))
 
     async def fs_thaw(self, vm_uuid: str) -> int:
         """Thaw the guest's filesystems; how many it thawed (0: none was frozen)."""
         dom = await self._domain(vm_uuid)
-        return int(await self._agent_call(dom.fsThaw))
+        return int(await self._agent_call(dom, dom.fsThaw))
 
     @staticmethod
-    async def _agent_call(fn: Callable[[], T]) -> T:
+    async def _agent_call(dom: Any, fn: Callable[[], T]) -> T:
         try:
             return await asyncio.to_thread(fn)
         except libvirt.libvirtError as e:
             if e.get_error_code() in _NO_AGENT:
                 raise GuestAgentUnavailable(str(e)) from e
+            # a paused VM's agent is not asked ("domain is not running"): its guest runs no
+            # code, so it writes nothing and has nothing to freeze
+            if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                with contextlib.suppress(libvirt.libvirtError):
+                    state, _reason = await asyncio.to_thread(dom.state)
+                    if state == libvirt.VIR_DOMAIN_PAUSED:
+                        raise GuestAgentUnavailable(f"the VM is paused: {e}") from e
             raise HypervisorError(str(e)) from e
 
     # ---- monitor ----------------------------------------------------------------------------

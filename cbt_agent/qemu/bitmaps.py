@@ -33,19 +33,21 @@ def bitmaps_of(node: dict[str, Any] | None) -> dict[str, BitmapState]:
     return out
 
 
+def temp_bitmap_args(node: str, name: str, granularity: int) -> dict[str, Any]:
+    """`block-dirty-bitmap-add` of a disabled, non-persistent bitmap on `node`: a change set to
+    merge into and export (an exported bitmap must be disabled; a temporary one must not reach
+    the image)."""
+    return {
+        "node": node,
+        "name": name,
+        "granularity": granularity,
+        "disabled": True,
+        "persistent": False,
+    }
+
+
 async def add_temp_bitmap(qmp: QmpChannel, node: str, name: str, granularity: int) -> None:
-    """A disabled, non-persistent bitmap on `node`: a change set to merge into and export (an
-    exported bitmap must be disabled; a temporary one must not reach the image)."""
-    await qmp.execute(
-        "block-dirty-bitmap-add",
-        {
-            "node": node,
-            "name": name,
-            "granularity": granularity,
-            "disabled": True,
-            "persistent": False,
-        },
-    )
+    await qmp.execute("block-dirty-bitmap-add", temp_bitmap_args(node, name, granularity))
 
 
 def merge_args(node: str, target: str, sources: Sequence[Source]) -> dict[str, Any]:
@@ -73,9 +75,13 @@ async def remove_bitmap(qmp: QmpChannel, node: str, name: str) -> bool:
     return True
 
 
-async def enable_migration(qmp: QmpChannel) -> None:
+def migration_command() -> tuple[str, dict[str, Any]]:
     """Persistent bitmaps follow the VM in a live migration only with this capability on."""
-    await qmp.execute(
+    return (
         "migrate-set-capabilities",
         {"capabilities": [{"capability": "dirty-bitmaps", "state": True}]},
     )
+
+
+async def enable_migration(qmp: QmpChannel) -> None:
+    await qmp.execute(*migration_command())

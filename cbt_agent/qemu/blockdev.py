@@ -17,7 +17,7 @@ from typing import Any
 from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.model import Layer
 from cbt_agent.qemu.bitmaps import bitmaps_of
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_all, execute_many
 from cbt_agent.qemu.refusals import absent
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,23 @@ def _alias_of(entry: dict[str, Any]) -> str:
 async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
     """Guest disks with a medium, by device alias. While a disk is exported the node shown is
     its copy-before-write filter: callers use the node names recorded before."""
+    return devices_of(await qmp.execute("query-block"))
+
+
+async def devices_and_chains(
+    qmp: QmpChannel,
+) -> tuple[dict[str, BlockDevice], list[dict[str, Any]]]:
+    """`block_devices` and `chain_nodes` read in one round trip."""
+    blocks, nodes = await execute_all(
+        qmp, [("query-block", None), ("query-named-block-nodes", {"flat": False})]
+    )
+    return devices_of(blocks), list(nodes)
+
+
+def devices_of(query_block: list[dict[str, Any]]) -> dict[str, BlockDevice]:
+    """`block_devices` from a `query-block` reply."""
     out: dict[str, BlockDevice] = {}
-    for entry in await qmp.execute("query-block"):
+    for entry in query_block:
         inserted = entry.get("inserted")
         if not inserted:
             continue
@@ -69,9 +84,17 @@ async def block_devices(qmp: QmpChannel) -> dict[str, BlockDevice]:
     return out
 
 
-async def named_nodes(qmp: QmpChannel) -> dict[str, dict[str, Any]]:
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+def named_nodes_command() -> tuple[str, dict[str, Any]]:
+    """The query behind `named_nodes`, for a batch; its reply goes to `by_node_name`."""
+    return "query-named-block-nodes", {"flat": True}
+
+
+def by_node_name(nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {str(n["node-name"]): n for n in nodes}
+
+
+async def named_nodes(qmp: QmpChannel) -> dict[str, dict[str, Any]]:
+    return by_node_name(await qmp.execute(*named_nodes_command()))
 
 
 async def chain_nodes(qmp: QmpChannel) -> list[dict[str, Any]]:
@@ -147,11 +170,14 @@ def file_child(nodes: list[dict[str, Any]], layer: Layer) -> str | None:
     return None
 
 
-async def foreign_block_jobs(qmp: QmpChannel) -> list[str]:
+BLOCK_JOBS_QUERY: tuple[str, None] = ("query-block-jobs", None)
+
+
+def foreign_jobs_of(query_block_jobs: list[dict[str, Any]]) -> list[str]:
     """Block jobs not started by the agent (commit, stream, mirror, backup), as 'type id'."""
     return [
         f"{j.get('type', 'block')} job {j.get('device')}"
-        for j in await qmp.execute("query-block-jobs")
+        for j in query_block_jobs
         if not str(j.get("device", "")).startswith("cbtjob-")
     ]
 
@@ -216,6 +242,17 @@ async def cancel_jobs(qmp: QmpChannel, ids: list[str]) -> None:
 
     if pending:
         await wait_until(f"jobs {', '.join(pending)} to end", gone, 30)
+
+
+async def delete_nodes(qmp: QmpChannel, node_names: list[str]) -> None:
+    """blockdev-del of every node in order, in one round trip; a node gone already is success,
+    one still in use is retried on its own (`delete_node`)."""
+    if not node_names:
+        return
+    replies = await execute_many(qmp, [("blockdev-del", {"node-name": n}) for n in node_names])
+    for name, reply in zip(node_names, replies, strict=True):
+        if isinstance(reply, QmpCommandError) and not absent(reply):
+            await delete_node(qmp, name)
 
 
 async def delete_node(qmp: QmpChannel, node_name: str, limit: float = 10.0) -> None:

@@ -99,18 +99,15 @@ async def add_fd(qmp: QmpChannel, fd: int, what: str) -> PassedFd:
         raise HypervisorError(f"add-fd: unexpected reply {reply!r}") from None
 
 
-async def remove_task_fdsets(qmp: QmpChannel, task_uuid: str) -> list[int]:
-    """Remove every fd set a task's exports put into QEMU (idempotent); their ids."""
-    ids = fdsets_with_prefix(await qmp.execute("query-fdsets"), task_prefix(task_uuid))
-    for set_id in ids:
-        await remove_fdset(qmp, set_id)
-    return ids
+def remove_command(set_id: int) -> tuple[str, dict[str, Any]]:
+    """`remove-fd` of a whole fd set (QEMU closes its descriptors once nothing uses them)."""
+    return "remove-fd", {"fdset-id": set_id}
 
 
 async def remove_fdset(qmp: QmpChannel, set_id: int) -> None:
     """`remove-fd` of a whole fd set; a set that is gone already is success."""
     try:
-        await qmp.execute("remove-fd", {"fdset-id": set_id})
+        await qmp.execute(*remove_command(set_id))
     except QmpCommandError as e:
         if not absent(e):
             raise

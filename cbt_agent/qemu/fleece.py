@@ -28,7 +28,7 @@ from typing import Any
 
 from cbt_agent.errors import QmpCommandError
 from cbt_agent.qemu import blockdev
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_all, execute_many
 from cbt_agent.qemu.refusals import absent
 
 log = logging.getLogger(__name__)
@@ -81,17 +81,14 @@ def access_args(node_name: str, filter_node: str) -> dict[str, Any]:
     }
 
 
-async def add(qmp: QmpChannel, args: dict[str, Any]) -> None:
-    await qmp.execute("blockdev-add", args)
+def add_command(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`blockdev-add` of one of the view's nodes, for a batch (`qmp.execute_all`)."""
+    return "blockdev-add", args
 
 
 def set_drive_command(qdev: str, node: str) -> tuple[str, dict[str, Any]]:
     """Point the guest device at `qdev` to block node `node` (qom-set of its `drive`)."""
     return "qom-set", {"path": qdev, "property": "drive", "value": node}
-
-
-async def set_drive(qmp: QmpChannel, qdev: str, node: str) -> None:
-    await qmp.execute(*set_drive_command(qdev, node))
 
 
 async def running(qmp: QmpChannel) -> bool:
@@ -106,10 +103,11 @@ async def resume(qmp: QmpChannel) -> None:
     await qmp.execute("cont")
 
 
-async def devices_on(qmp: QmpChannel, node_names: set[str]) -> dict[str, str]:
-    """The guest devices (qdev path) whose backend is one of `node_names`, by node name."""
+def devices_on(blocks: list[dict[str, Any]], node_names: set[str]) -> dict[str, str]:
+    """The guest devices (qdev path) whose backend is one of `node_names`, by node name, from a
+    `query-block` reply."""
     out: dict[str, str] = {}
-    for entry in await qmp.execute("query-block"):
+    for entry in blocks:
         inserted = entry.get("inserted") or {}
         node = str(inserted.get("node-name", ""))
         if node in node_names and entry.get("qdev"):
@@ -142,31 +140,85 @@ def view_of(volume_uuid: str, scratch_node: str, device_node: str) -> View:
     )
 
 
-async def remove(qmp: QmpChannel, views: Sequence[View]) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class Graph:
+    """What `remove` reads of QEMU's block graph (in one round trip, see GRAPH_QUERIES)."""
+
+    present: dict[str, dict[str, Any]]  # named nodes by name (query-named-block-nodes)
+    blocks: list[dict[str, Any]]  # the guest devices (query-block)
+    chain: list[dict[str, Any]]  # nodes with their backing chains (flat: false)
+
+
+GRAPH_QUERIES: tuple[tuple[str, dict[str, Any] | None], ...] = (
+    blockdev.named_nodes_command(),
+    ("query-block", None),
+    ("query-named-block-nodes", {"flat": False}),
+)
+
+
+def graph_of(replies: Sequence[Any]) -> Graph:
+    """The Graph from the replies to GRAPH_QUERIES, in their order."""
+    nodes, blocks, chain = replies
+    return Graph(blockdev.by_node_name(nodes), list(blocks), list(chain))
+
+
+async def read_graph(qmp: QmpChannel) -> Graph:
+    return graph_of(await execute_all(qmp, GRAPH_QUERIES))
+
+
+async def remove(
+    qmp: QmpChannel,
+    views: Sequence[View],
+    graph: Graph | None = None,
+    then: Sequence[tuple[str, dict[str, Any] | None]] = (),
+) -> dict[str, dict[str, Any]]:
     """Take the views off their disks again, in the order QEMU allows: the access node, then the
-    device back onto the node under the filter, then the filter and the scratch. Idempotent:
-    what is already gone is skipped, so it can be re-run after a crash at any point. Returns
-    the named nodes as they were before."""
-    present = await blockdev.named_nodes(qmp)
+    device back onto the node under the filter, then the filter and the scratch; all of it,
+    and the commands `then`, in one round trip (QEMU runs them in order). A node still in use
+    (an export winding down) is retried on its own; a device that cannot go back keeps its
+    filter and scratch, and that refusal is raised once the rest is done, as is a failure of
+    `then` (a thing gone already is no failure). Idempotent: what is gone is skipped, so it can
+    be re-run after a crash at any point. `graph`: QEMU's graph as just read (read here when
+    None). Returns the named nodes as they were before."""
+    graph = graph if graph is not None else await read_graph(qmp)
+    present = graph.present
     views = [v for v in views if {v.access, v.filter_node, v.scratch} & present.keys()]
-    if not views:
+    devices = devices_on(graph.blocks, {v.filter_node for v in views if v.filter_node in present})
+    swapped = [v for v in views if v.filter_node in devices]
+    deletes = [(v, v.access) for v in views if v.access in present]
+    swaps = [
+        set_drive_command(
+            devices[v.filter_node], filtered_node(graph.chain, v.filter_node, v.source)
+        )
+        for v in swapped
+    ]
+    below = [(v, n) for v in views for n in (v.filter_node, v.scratch) if n in present]
+    commands = [
+        *(("blockdev-del", {"node-name": n}) for _v, n in deletes),
+        *swaps,
+        *(("blockdev-del", {"node-name": n}) for _v, n in below),
+        *then,
+    ]
+    if not commands:
         return present
-    for v in views:
-        if v.access in present:
-            await blockdev.delete_node(qmp, v.access)
-    filters = {v.filter_node for v in views if v.filter_node in present}
-    devices = await devices_on(qmp, filters) if filters else {}
-    chain = await blockdev.chain_nodes(qmp) if devices else []
-    for v in views:
-        if v.filter_node in devices:
-            below = filtered_node(chain, v.filter_node, v.source)
-            try:
-                await set_drive(qmp, devices[v.filter_node], below)
-            except QmpCommandError as e:
-                if not absent(e):
-                    raise
-        if v.filter_node in present:
-            await blockdev.delete_node(qmp, v.filter_node)
-        if v.scratch in present:
-            await blockdev.delete_node(qmp, v.scratch)
+    replies = await execute_many(qmp, commands)
+
+    def failed(reply: Any) -> bool:
+        return isinstance(reply, QmpCommandError) and not absent(reply)
+
+    head, rest = replies[: len(deletes)], replies[len(deletes) :]
+    swapped_replies, rest = rest[: len(swaps)], rest[len(swaps) :]
+    below_replies, then_replies = rest[: len(below)], rest[len(below) :]
+    refused = {v.filter_node: r for v, r in zip(swapped, swapped_replies, strict=True) if failed(r)}
+    for (_v, node), reply in zip(deletes, head, strict=True):
+        if failed(reply):
+            await blockdev.delete_node(qmp, node)
+    for (v, node), reply in zip(below, below_replies, strict=True):
+        if failed(reply) and v.filter_node not in refused:
+            await blockdev.delete_node(qmp, node)
+    if refused:
+        raise next(iter(refused.values()))
+    for reply in then_replies:
+        if failed(reply):
+            raise reply
     return present

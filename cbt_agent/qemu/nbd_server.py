@@ -19,7 +19,7 @@ from cbt_agent.errors import HypervisorError, QmpCommandError
 from cbt_agent.model import Source
 from cbt_agent.qemu import fds
 from cbt_agent.qemu.blockdev import wait_until
-from cbt_agent.qemu.qmp import QmpChannel
+from cbt_agent.qemu.qmp import QmpChannel, execute_many
 from cbt_agent.qemu.refusals import absent, says
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,30 @@ async def delete_exports(
 ) -> None:
     """Remove NBD exports and wait until QEMU has let go of them. Safe mode first (refused
     while a client is connected); after `grace` seconds, or at once with `force`, hard mode."""
-    live = await export_ids_of(qmp)
-    pending = [x for x in export_ids if x in live]
-    if not pending:
+    if not export_ids:
         return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    for export_id in pending:
-        mode = "hard" if force else "safe"
+    first = "hard" if force else "safe"
+    # all in one round trip (one that is gone already answers "not found": nothing to wait
+    # for); one a client still holds is retried on its own below
+    replies = await execute_many(
+        qmp, [("block-export-del", {"id": x, "mode": first}) for x in export_ids]
+    )
+    pending = [
+        x
+        for x, r in zip(export_ids, replies, strict=True)
+        if not (isinstance(r, QmpCommandError) and absent(r))
+    ]
+    if not pending:
+        return
+    retry = [
+        x
+        for x, r in zip(export_ids, replies, strict=True)
+        if isinstance(r, QmpCommandError) and not absent(r)
+    ]
+    for export_id in retry:
+        mode = first
         while True:
             try:
                 await qmp.execute("block-export-del", {"id": export_id, "mode": mode})
@@ -250,18 +266,33 @@ async def delete_object(qmp: QmpChannel, object_id: str) -> None:
 
 
 async def start_inet(
-    qmp: QmpChannel, host: str, ports: list[int], tls_creds: str | None = None
+    qmp: QmpChannel,
+    host: str,
+    ports: list[int],
+    tls_creds: str | None = None,
+    claimed: set[int] | None = None,
 ) -> int:
     """Start the VM's NBD server on the first free port of `ports`. A server left running by an
-    earlier, interrupted operation is stopped first (it would make every later start fail)."""
+    earlier, interrupted operation is stopped first (it would make every later start fail).
+
+    `claimed`: the ports other starts of this process are trying right now (skipped, so a
+    hundred Enables at once do not all try the same port first); the port tried is added to
+    it and, unless the start succeeded, removed again: the caller removes a started port once
+    it is recorded."""
     restarted = False
     last: QmpCommandError | None = None
+    claims = claimed if claimed is not None else set()
     for port in ports:
+        if port in claims:
+            continue
+        claims.add(port)
         args: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
         if tls_creds:
             args["tls-creds"] = tls_creds
+        started = False
         try:
             await qmp.execute("nbd-server-start", args)
+            started = True
             return port
         except QmpCommandError as e:
             last = e
@@ -271,12 +302,16 @@ async def start_inet(
                 restarted = True
                 try:
                     await qmp.execute("nbd-server-start", args)
+                    started = True
                     return port
                 except QmpCommandError as e2:
                     last = e2
             if says(last, "address already in use", "failed to bind", "in use"):
                 continue
             raise
+        finally:
+            if not started:
+                claims.discard(port)
     raise HypervisorError(
         f"no free NBD port in the configured range ({last.reply if last else ''})"
     )

@@ -234,6 +234,20 @@ async def execute_many(
     return out
 
 
+async def execute_all(
+    qmp: QmpChannel, commands: Sequence[tuple[str, Mapping[str, object] | None]]
+) -> list[Any]:
+    """`commands` in one round trip where the channel can (see `execute_many`); their return
+    values. Raises the first command's QmpCommandError (the commands after it ran too: each
+    must be harmless after a failed one, as a rollback removes what exists), or QmpInterrupted
+    when a reply is lost."""
+    replies = await execute_many(qmp, commands)
+    for reply in replies:
+        if isinstance(reply, QmpCommandError):
+            raise reply
+    return replies
+
+
 class QmpRouter:
     """Gives each VM its QMP channel: the held socket connection when the socket exists,
     otherwise libvirt's passthrough. A broken connection is dropped and made anew."""

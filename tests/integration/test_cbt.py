@@ -433,3 +433,27 @@ async def test_qmp_errors_keep_their_class_on_the_held_socket(
     with pytest.raises(QmpCommandError) as err:
         await qmp.execute("no-such-command")
     assert err.value.error_class == "CommandNotFound"
+
+
+async def test_a_paused_vm_is_enabled_without_a_freeze_and_stays_paused(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    """libvirt refuses the guest agent of a paused domain ("domain is not running"): with
+    quiesce "auto" that is no guest agent to freeze (the paused guest writes nothing), not a
+    failed Enable; the VM is neither resumed nor paused again by the cut."""
+    vm = vm_factory(disks_mib=[32])
+    ((v0, _, _),) = vm.volumes
+    agent = await make_agent()
+    task = await agent.create(vm)
+    await vm.write(v0, 0, MIB, 0xAA)
+    dom = vm.domain()
+    await asyncio.to_thread(dom.suspend)
+    try:
+        (info,) = await agent.enable(task)
+        assert info["mode"] == "full" and info["quiesced"] is False
+        assert read_export(info, 0, 128 * KIB) == b"\xaa" * (128 * KIB)
+        assert vm.qmp("query-status")["status"] == "paused"
+        await agent.disable(task)
+        assert qemu_state(vm) == {"exports": [], "jobs": [], "scratch": []}
+    finally:
+        await asyncio.to_thread(dom.resume)

@@ -37,48 +37,49 @@ MIB = 1 << 20
 C1, C2, C3 = (checkpoint_name(TASK, s) for s in (1, 2, 3))
 
 FIRST_ENABLE = [
-    "query-block-jobs",  # a commit/stream/copy running: refused
+    "query-block-jobs",  # a commit/stream/copy running: refused; in one round trip with
     "query-block",  # the disks' top nodes
     "query-named-block-nodes",  # their chains and bitmaps
     "add-fd",  # the scratch file of disk 0, opened by the agent, handed to QEMU
+    "add-fd",  # disk 1's; then every disk's nodes in one round trip:
     "blockdev-add",  # scratch of disk 0 (on /dev/fdset/N)
     "blockdev-add",  # its copy-before-write filter over the disk, into the scratch
-    "add-fd",
     "blockdev-add",  # scratch of disk 1
     "blockdev-add",  # its filter
+    "migrate-set-capabilities",  # bitmaps follow a live migration
     "query-status",  # a running VM is paused for the cut:
     "stop",
     "qom-set",  # disk 0's device onto its filter
     "qom-set",  # disk 1's
     "transaction",  # the bitmaps, at the same instant for both disks
     "cont",
-    "migrate-set-capabilities",  # bitmaps follow a live migration
-    "blockdev-add",  # disk 0's snapshot-access node (what the export serves)
-    "blockdev-add",  # disk 1's
-    "query-named-block-nodes",  # the new bitmaps' granularity
+    "blockdev-add",  # disk 0's snapshot-access node (what the export serves), in one round
+    "blockdev-add",  # trip with disk 1's,
+    "query-named-block-nodes",  # the new bitmaps' granularity (and the change sets, if any)
     "nbd-server-start",
-    "block-export-add",
+    "block-export-add",  # both exports in one round trip
     "block-export-add",
 ]
 TEARDOWN = [
-    "query-block-exports",
-    "block-export-del",
+    "block-export-del",  # both exports in one round trip (one gone already: "not found")
     "block-export-del",
     "query-block-exports",  # until QEMU let go of them
     "nbd-server-stop",
+    # what is left, in one round trip:
     "query-jobs",  # an older agent's fleecing jobs: none
-    "query-named-block-nodes",
-    "blockdev-del",  # disk 0's snapshot-access node
-    "blockdev-del",  # disk 1's
+    "query-named-block-nodes",  # the nodes
     "query-block",  # which devices are on a filter
     "query-named-block-nodes",  # and what is under each filter now
-    "qom-set",  # disk 0's device back onto its own node
-    "blockdev-del",  # its filter
-    "blockdev-del",  # its scratch
-    "qom-set",
-    "blockdev-del",
-    "blockdev-del",
     "query-fdsets",  # the task's descriptors in QEMU
+    # then all of this in one round trip, in the order QEMU allows:
+    "blockdev-del",  # disk 0's snapshot-access node
+    "blockdev-del",  # disk 1's
+    "qom-set",  # disk 0's device back onto its own node
+    "qom-set",
+    "blockdev-del",  # disk 0's filter, its scratch, then disk 1's
+    "blockdev-del",
+    "blockdev-del",
+    "blockdev-del",
     "remove-fd",  # scratch of disk 0
     "remove-fd",  # scratch of disk 1
 ]
@@ -288,20 +289,21 @@ async def test_a_reply_lost_after_the_transaction_ran_keeps_the_checkpoint(
         "query-named-block-nodes",  # QEMU's state read back: did the transaction run?
         # then everything made is removed (no export yet): the server if one was left, an
         # older agent's fleecing jobs (none), each device back on its disk, the filters and
-        # the scratch nodes, then the descriptors of the scratch files
-        "query-block-exports",
+        # the scratch nodes, and the descriptors of the scratch files
+        "block-export-del",  # none was made yet: both answer "not found"
+        "block-export-del",
         "nbd-server-stop",
         "query-jobs",
         "query-named-block-nodes",
         "query-block",
         "query-named-block-nodes",
-        "qom-set",
-        "blockdev-del",
-        "blockdev-del",
-        "qom-set",
-        "blockdev-del",
-        "blockdev-del",
         "query-fdsets",
+        "qom-set",
+        "qom-set",
+        "blockdev-del",
+        "blockdev-del",
+        "blockdev-del",
+        "blockdev-del",
         "remove-fd",
         "remove-fd",
     ]

@@ -362,3 +362,49 @@ def test_giving_follows_no_symlink(tmp_path: Path) -> None:
     process.give(link, STRANGER)
     assert target.stat().st_uid == os.geteuid()
     assert link.lstat().st_uid == STRANGER.uid
+
+
+class PortsOfTheHost:
+    """QEMUs binding NBD ports on one host: a port bound by one is refused to the others."""
+
+    def __init__(self) -> None:
+        self.bound: set[int] = set()
+        self.tries = 0
+
+    def channel(self) -> PortChannel:
+        return PortChannel(self)
+
+
+class PortChannel:
+    kind = "fake"
+
+    def __init__(self, host: PortsOfTheHost) -> None:
+        self.host = host
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        assert command == "nbd-server-start" and arguments is not None
+        self.host.tries += 1
+        await asyncio.sleep(0.001)  # a round trip: the other starts go on meanwhile
+        port = int(arguments["addr"]["data"]["port"])  # type: ignore[index]
+        if port in self.host.bound:
+            raise QmpCommandError(command, arguments, "Failed to bind socket: Address in use")
+        self.host.bound.add(port)
+        return {}
+
+
+async def test_concurrent_starts_each_try_a_port_no_other_start_is_trying() -> None:
+    host = PortsOfTheHost()
+    host.bound.add(11001)  # taken by someone else
+    claimed: set[int] = set()
+    ports = list(range(11000, 11100))
+
+    started = await asyncio.gather(
+        *(
+            nbd_server.start_inet(host.channel(), "127.0.0.1", ports, None, claimed)  # type: ignore[arg-type]
+            for _ in range(50)
+        )
+    )
+
+    assert len(set(started)) == 50 and 11001 not in started
+    assert host.tries == 51  # one refusal (the foreign port), not one per start before
+    assert claimed == set(started)  # the caller releases each once it is recorded

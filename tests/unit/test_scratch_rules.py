@@ -4,6 +4,7 @@ breaks, the watcher that calls the break once, and what `cbt-agent status` shows
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -114,6 +115,36 @@ async def test_the_watcher_breaks_once_when_the_scratch_passes_its_budget(
     assert "over its budget of 1 MiB" in breaks[0][1]
     watch.stop(TASK)
     assert watch.totals() == (0, 0)
+    await watch.close()
+
+
+async def test_one_watcher_looks_at_every_task_and_a_break_leaves_the_others_watched(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path, scratch_budget="1M", scratch_poll=0.05)
+    breaks: list[str] = []
+
+    async def on_break(task: str, why: str) -> None:
+        breaks.append(task)
+
+    watch = ScratchWatch(cfg, on_break)  # type: ignore[arg-type]
+    tasks = [f"{i:02x}" * 16 for i in range(20)]
+    for i, task in enumerate(tasks):
+        e = dataclasses.replace(
+            export(tmp_path), task_uuid=task, scratch_path=str(tmp_path / f"s{i}.qcow2")
+        )
+        size = 2 * MIB if i == 3 else 4096
+        await asyncio.to_thread(Path(e.scratch_path).write_bytes, b"\x01" * size)
+        watch.start(task, [e])
+    watchers = [t for t in asyncio.all_tasks() if t.get_name() == "scratch-watch"]
+    assert len(watchers) == 1  # one loop for every task, not one each
+    await asyncio.sleep(0.3)
+    assert breaks == [tasks[3]]  # once
+    assert watch.use[tasks[0]] == [4096] and watch.use[tasks[19]] == [4096]
+    watch.stop(tasks[3])
+    await asyncio.to_thread(Path(tmp_path / "s0.qcow2").write_bytes, b"\x01" * (2 * MIB))
+    await asyncio.sleep(0.3)
+    assert breaks == [tasks[3], tasks[0]]
     await watch.close()
 
 
