@@ -37,7 +37,7 @@ from cbt_agent.qemu import images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.reasons import TRACKING_LOST
-from cbt_agent.store import Store, SyncStore
+from cbt_agent.store import Store, SyncStore, VolumeExport
 from cbt_agent.units import size
 
 log = logging.getLogger(__name__)
@@ -568,18 +568,24 @@ class CbtService:
     ) -> ChangedAreas:
         """The changed areas of one disk of a Running task's current checkpoint (VMware
         QueryChangedDiskAreas): maximal runs, at most `limit` a page; `nextOffset` continues."""
-        task = await self.store.run(SyncStore.require_task, task_uuid)
+
+        def read(s: SyncStore) -> tuple[CbtTask, list[VolumeExport]]:
+            # one trip to the store's thread a page: a listing asks for many pages
+            task = s.require_task(task_uuid)
+            if task.status is not TaskStatus.RUNNING:
+                return task, []
+            exports = s.exports(task_uuid)
+            if not exports:  # an offline export's disks, served by the VM's storage daemon
+                daemon = s.daemon_exports(task.vm_uuid)
+                exports = [offline.as_volume_export(task_uuid, e) for e in daemon]
+            return task, exports
+
+        task, exports = await self.store.run(read)
         if task.status is not TaskStatus.RUNNING:
             raise OperationError(
                 f"CbtTask [uuid: {task_uuid}] is {task.status}: changed areas need a Running task"
             )
-        exports = {e.volume_uuid: e for e in await self.store.run(SyncStore.exports, task_uuid)}
-        if not exports:  # an offline export's disks, served by the VM's storage daemon
-            offline_exports = await self.store.run(SyncStore.daemon_exports, task.vm_uuid)
-            exports = {
-                e.volume_uuid: offline.as_volume_export(task_uuid, e) for e in offline_exports
-            }
-        export = exports.get(volume_uuid)
+        export = next((e for e in exports if e.volume_uuid == volume_uuid), None)
         if export is None:
             raise NotFound(
                 f"volume [uuid: {volume_uuid}] is not exported by CbtTask [uuid: {task_uuid}]",
