@@ -162,18 +162,21 @@ def changed_areas(page: ChangedAreas) -> dict[str, Any]:
     return body
 
 
-# one area as json.dumps writes it (ints only: nothing to escape)
-_AREA_JSON = f"{{{json.dumps(_START)}: %d, {json.dumps(_LENGTH)}: %d}}"
-_NO_AREAS = f"{json.dumps(_AREAS)}: []"
+# compact JSON for the pages: a client parses up to 10,000 areas a page (~10 % faster without
+# the spaces json.dumps puts by default)
+_COMPACT = (",", ":")
+_AREA_JSON = f"{{{json.dumps(_START)}:%d,{json.dumps(_LENGTH)}:%d}}"  # ints: nothing to escape
+_NO_AREAS = f"{json.dumps(_AREAS)}:[]"
 
 
 def changed_areas_json(page: ChangedAreas) -> str:
-    """`changed_areas(page)` as JSON text, the same as json.dumps of it: the areas written
-    with a format string, ~4x faster than json.dumps of 10,000 small objects."""
-    head = json.dumps(_areas_page(page))
-    areas = ", ".join([_AREA_JSON % area for area in page.areas])
+    """`changed_areas(page)` as compact JSON text, the same as json.dumps of it with
+    separators (",", ":"): the areas written with a format string, ~4x faster than json.dumps
+    of 10,000 small objects."""
+    head = json.dumps(_areas_page(page), separators=_COMPACT)
+    areas = ",".join([_AREA_JSON % area for area in page.areas])
     # the only place this text can occur: inside a JSON string a quote would be escaped
-    return head.replace(_NO_AREAS, f"{json.dumps(_AREAS)}: [{areas}]", 1)
+    return head.replace(_NO_AREAS, f"{json.dumps(_AREAS)}:[{areas}]", 1)
 
 
 def _areas_page(page: ChangedAreas) -> dict[str, Any]:
