@@ -29,7 +29,7 @@ node (the domain's device has share-rw, set with libvirt's <qemu:override>), sen
 libvirt's QMP passthrough while no export of the agent is open: 100,000 writes take seconds,
 and the recording bitmap's count is checked after each batch.
 
-Run: .venv/bin/python -m bench.bench_dirtymap [--reps 7]
+Run: .venv/bin/python -m bench.bench_dirtymap [--reps 9]
 """
 
 from __future__ import annotations
@@ -521,7 +521,7 @@ async def main_async(reps: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--reps", type=int, default=7, help="runs of each measurement per level")
+    parser.add_argument("--reps", type=int, default=9, help="runs of each measurement per level")
     args = parser.parse_args()
 
     run_guarded(__name__, lambda: main_async(args.reps))
