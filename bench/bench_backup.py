@@ -65,7 +65,7 @@ MIB = 1 << 20
 CLUSTER = 64 << 10
 TOKEN = "bench-backup-token-0123456789"
 VM_MARK = "cbt-agent test VM"  # tests/stack.py reaps these when their pid is gone
-PORTS = "13200:13299"
+PORTS = "13400:13499"
 IN_FLIGHT = 16
 TIME_BUDGET = 900.0
 
@@ -155,7 +155,7 @@ class Bench:
             vm.name,
             [(self.volume, vm.image)],
             vm.qmp,
-            description=f"{VM_MARK} pid={os.getpid()} (bench_backup)",
+            description=f"{VM_MARK} (bench_backup) pid={os.getpid()}",
         )
         conn = await self.hv.connection()
         await asyncio.to_thread(conn.defineXML, xml)
@@ -194,7 +194,7 @@ class Bench:
             f'[state]\ndir = "{state}"\n[libvirt]\nuri = "{URI}"\n'
             f'[qmp]\nsocket_template = "{self.root}/{{vm_uuid}}-qmp.sock"\n'
             f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{PORTS}"\n'
-            "[checkpoints]\nquiesce = \"never\"\n"
+            '[checkpoints]\nquiesce = "never"\n'
         )
         config.chmod(0o600)
         self.agent = subprocess.Popen(

@@ -199,16 +199,16 @@ class Instrument:
 
             self._patch(checkpoints, "create_scratch", create_scratch)
 
-        orig_extents = nbdio.dirty_extents
+        orig_read = nbdio.read_dirty_map  # Enable's map read (engine.exports.read_changes)
 
-        def dirty_extents(*args: Any, **kwargs: Any) -> Any:
+        def read_dirty_map(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return orig_extents(*args, **kwargs)
+                return orig_read(*args, **kwargs)
             finally:
                 m.nbd_s += time.perf_counter() - t0
 
-        self._patch(nbdio, "dirty_extents", dirty_extents)
+        self._patch(nbdio, "read_dirty_map", read_dirty_map)
 
     def _patch(self, obj: Any, name: str, value: Any) -> None:
         if isinstance(obj, types.ModuleType):

@@ -5,7 +5,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 status=0
-for b in bench_enable bench_extents bench_quiesce bench_guest; do
+for b in bench_enable bench_extents bench_quiesce bench_guest bench_dirtymap; do
     echo "=== $b ==="
     timeout 170 "$PY" -m "bench.$b" || status=1
     echo

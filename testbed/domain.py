@@ -16,11 +16,14 @@ def throwaway_domain_xml(
     description: str = "cbt-agent throwaway VM",
     kernel: tuple[Path, Path] | None = None,
     console_log: Path | None = None,
+    share_rw: bool = False,
 ) -> str:
     """A ZStack-style TCG domain: name = vm uuid, disk serial = volume uuid, optionally ZStack's
     extra QMP socket through <qemu:commandline>. Without `kernel` it has no OS; with (vmlinuz,
     initrd) it boots Linux from them with the first disk as root, a serial console (to
-    `console_log`) and the qemu-guest-agent channel, like a real guest."""
+    `console_log`) and the qemu-guest-agent channel, like a real guest. With `share_rw` each
+    disk's device shares write access (QEMU's `share-rw`, through libvirt's <qemu:override>),
+    so another writer, e.g. a writable NBD export of the disk's node, can write beside it."""
     parts = []
     # a real guest's trims reach the image (and its dirty bitmaps) as discards
     discard = " discard='unmap'" if kernel is not None else ""
@@ -36,6 +39,18 @@ def throwaway_domain_xml(
         arg = quoteattr(f"unix:{qmp_socket},server=on,wait=off")
         cmdline = (
             f"<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value={arg}/></qemu:commandline>"
+        )
+    if share_rw:
+        # libvirt names a disk's device virtio-disk<i> (its alias); override takes that name
+        cmdline += (
+            "<qemu:override>"
+            + "".join(
+                f"<qemu:device alias='virtio-disk{i}'><qemu:frontend>"
+                "<qemu:property name='share-rw' type='bool' value='true'/>"
+                "</qemu:frontend></qemu:device>"
+                for i in range(len(disks))
+            )
+            + "</qemu:override>"
         )
     return (
         "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from cbt_agent.config import Config
-from cbt_agent.dirtymap import bitmap_from_extents, changed_bytes, full_bitmap
+from cbt_agent.dirtymap import DirtyMap, full_bitmap
 from cbt_agent.engine import scratch
 from cbt_agent.engine.exports import (
     export_psk,
     nbd_address,
     private_dir,
+    read_changes,
     start_nbd_server,
     teardown_exports,
 )
@@ -54,7 +55,6 @@ from cbt_agent.qemu import (
     nbd_server,
     transaction,
 )
-from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import QmpChannel, execute_all, execute_many, paused_seconds
 from cbt_agent.store import NbdServer, Store, SyncStore, VolumeExport
@@ -129,8 +129,9 @@ def _volume_info(
     quiesced: bool,
     key: Psk | None,
     budget: int,
+    dirty: DirtyMap | None,
 ) -> VolumeBackup:
-    return VolumeBackup(disk, export, server, bits, changed, quiesced, key, budget)
+    return VolumeBackup(disk, export, server, bits, changed, quiesced, key, budget, dirty)
 
 
 async def read_disks(qmp: QmpChannel, vm: VmInfo) -> list[DiskView]:
@@ -412,25 +413,22 @@ async def enable(
         await execute_all(qmp, adds)
         await ctx.at("enable:exported")
 
-        async def dirty_map(e: VolumeExport) -> tuple[bytes, int]:
+        async def dirty_map(e: VolumeExport) -> tuple[bytes, int, DirtyMap | None]:
             if not e.temp_bitmap:
-                return full_bitmap(e.size, e.granularity), e.size
+                return full_bitmap(e.size, e.granularity), e.size, None
             address = nbd_address(cfg, server, e.volume_uuid, key)
-            extents = await asyncio.to_thread(
-                nbdio.dirty_extents, address, f"qemu:dirty-bitmap:{e.temp_bitmap}"
-            )
-            return (
-                bitmap_from_extents(extents, e.size, e.granularity),
-                changed_bytes(extents, e.size, e.granularity),
-            )
+            context = f"qemu:dirty-bitmap:{e.temp_bitmap}"
+            return await asyncio.to_thread(read_changes, address, context, e.size, e.granularity)
 
         # one NBD connection per disk, all at once: a TCP connect to QEMU's NBD server costs
         # ~90 ms of protocol round trips here, whatever the disk's size
         maps = await asyncio.gather(*(dirty_map(e) for e in exports))
         budgets = scratch.budgets(cfg.checkpoints, (e.size for e in exports))
         infos = [
-            _volume_info(v.disk, e, server, bits, changed, freeze.quiesced, key, budget)
-            for e, v, (bits, changed), budget in zip(exports, views, maps, budgets, strict=True)
+            _volume_info(v.disk, e, server, bits, changed, freeze.quiesced, key, budget, dirty)
+            for e, v, (bits, changed, dirty), budget in zip(
+                exports, views, maps, budgets, strict=True
+            )
         ]
 
         def exported(s: SyncStore) -> None:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from cbt_agent.config import NBD_TLS_FILES, NBD_TLS_OPTIONAL_FILES, UNIX_PATH_MAX, Config
+from cbt_agent.dirtymap import DirtyMap, bitmap_changed_bytes
 from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import OperationError
 from cbt_agent.qemu import bitmaps, blockdev, fds, fleece, nbd_server, process, psk
@@ -88,6 +89,17 @@ def nbd_address(
             )
         tls_dir = str(cfg.nbd.tls_cert_dir)
     return nbdio.NbdAddress(server.host, server.port, server.socket, export_name, tls_dir)
+
+
+def read_changes(
+    address: nbdio.NbdAddress, context: str, size: int, granularity: int
+) -> tuple[bytes, int, DirtyMap]:
+    """An export's change set, read once (blocking: run it in a thread): the cluster bitmap of
+    Enable's `bitmapBase64`, the bytes it changes (`changedBytes`), and the dirty runs as QEMU
+    reported them (kept for the changed-areas pages, see `engine.exportmaps`)."""
+    dirty = nbdio.read_dirty_map(address, context)
+    bits = dirty.bitmap(size, granularity)
+    return bits, bitmap_changed_bytes(bits, size, granularity), dirty
 
 
 def tls_copy_dir(cfg: Config, task_uuid: str) -> Path:

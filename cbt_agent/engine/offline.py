@@ -23,13 +23,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cbt_agent.config import UNIX_PATH_MAX, Config
-from cbt_agent.dirtymap import bitmap_from_extents, changed_bytes, full_bitmap
+from cbt_agent.dirtymap import DirtyMap, full_bitmap
 from cbt_agent.engine import offline_plan
 from cbt_agent.engine.checkpoints import adopt_unknown_checkpoints
 from cbt_agent.engine.exports import (
     export_psk,
     nbd_address,
     private_dir,
+    read_changes,
     remove_psk_dir,
     start_nbd_server,
 )
@@ -38,7 +39,6 @@ from cbt_agent.engine.steps import StepHook
 from cbt_agent.errors import HypervisorError, NotFound, OperationError
 from cbt_agent.hypervisor.libvirt import DiskInfo, VmInfo
 from cbt_agent.qemu import bitmaps, images, nbd_server, storage_daemon
-from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.psk import Psk
 from cbt_agent.qemu.qmp import SocketQmp
 from cbt_agent.store import (
@@ -122,17 +122,12 @@ def select_disks(vm: VmInfo, volume_uuids: list[str]) -> list[DiskInfo]:
 
 async def _dirty_map(
     cfg: Config, server: NbdServer, e: DaemonExport, key: Psk | None
-) -> tuple[bytes, int]:
+) -> tuple[bytes, int, DirtyMap | None]:
     if not e.temp_bitmap:
-        return full_bitmap(e.size, e.granularity), e.size
+        return full_bitmap(e.size, e.granularity), e.size, None
     address = nbd_address(cfg, server, e.volume_uuid, key)
-    extents = await asyncio.to_thread(
-        nbdio.dirty_extents, address, f"qemu:dirty-bitmap:{e.temp_bitmap}"
-    )
-    return (
-        bitmap_from_extents(extents, e.size, e.granularity),
-        changed_bytes(extents, e.size, e.granularity),
-    )
+    context = f"qemu:dirty-bitmap:{e.temp_bitmap}"
+    return await asyncio.to_thread(read_changes, address, context, e.size, e.granularity)
 
 
 @dataclass
@@ -270,8 +265,17 @@ async def export_volumes(
 
         maps = await asyncio.gather(*(_dirty_map(cfg, server, e, key) for e in exports))
         volumes = [
-            VolumeBackup(d, as_volume_export(task_uuid, e), server, bits, changed, False, key)
-            for d, e, (bits, changed) in zip(disks, exports, maps, strict=True)
+            VolumeBackup(
+                d,
+                as_volume_export(task_uuid, e),
+                server,
+                bits,
+                changed,
+                False,
+                key,
+                dirty_map=dirty,
+            )
+            for d, e, (bits, changed, dirty) in zip(disks, exports, maps, strict=True)
         ]
 
         def exported(s: SyncStore) -> None:

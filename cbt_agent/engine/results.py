@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cbt_agent.dirtymap import DirtyMap
 from cbt_agent.hypervisor.libvirt import DiskInfo
 from cbt_agent.model import CbtTask
 from cbt_agent.qemu.psk import Psk
@@ -32,6 +33,9 @@ class VolumeBackup:
     quiesced: bool  # the guest's filesystems were frozen for the checkpoint
     psk: Psk | None = None  # what a client proves itself with ([nbd] tls = "psk")
     scratch_budget: int | None = None  # bytes its scratch may fill (None: no scratch)
+    # the change set's dirty runs as QEMU reported them (None for a full): the service keeps
+    # them for the changed-areas pages while the export lives
+    dirty_map: DirtyMap | None = None
 
     @property
     def dirty_bitmap_context(self) -> str | None:

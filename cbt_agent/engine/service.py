@@ -17,6 +17,7 @@ from cbt_agent import commands, logctx
 from cbt_agent.config import Config
 from cbt_agent.engine import checkpoints, offline, scratch, tracking
 from cbt_agent.engine.checkpoints import EnableContext
+from cbt_agent.engine.exportmaps import ExportMaps
 from cbt_agent.engine.exports import export_psk, nbd_address, remove_psk_dir, teardown_exports
 from cbt_agent.engine.plan import DiskView, found_on, is_temp, ours, refuse_untrackable
 from cbt_agent.engine.results import ChangedAreas, TaskView, Unexported, VolumeBackup
@@ -36,7 +37,7 @@ from cbt_agent.qemu import images, nbd_server
 from cbt_agent.qemu import nbd as nbdio
 from cbt_agent.qemu.qmp import QmpChannel, QmpRouter
 from cbt_agent.reasons import TRACKING_LOST
-from cbt_agent.store import Store, SyncStore
+from cbt_agent.store import Store, SyncStore, VolumeExport
 from cbt_agent.units import size
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class CbtService:
         self.metrics = metrics
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.watch = ScratchWatch(config, self.break_export)
+        self.maps = ExportMaps()  # the open exports' change sets, for changed-areas pages
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -245,6 +247,7 @@ class CbtService:
                     )
 
             await self.store.run(running)
+            self._keep_maps(task.uuid, infos)
             self.watch.start(task.uuid, [i.export for i in infos])
             if self.metrics is not None:
                 if ctx.paused_ms is not None:
@@ -321,7 +324,15 @@ class CbtService:
                     return s.set_status(task.uuid, TaskStatus.RUNNING, reason)
 
             await self.store.run(running)
+            self._keep_maps(task.uuid, infos)
         return infos
+
+    def _keep_maps(self, task_uuid: str, infos: list[VolumeBackup]) -> None:
+        """Keep the change sets Enable read, for the changed-areas pages of these exports."""
+        self.maps.drop(task_uuid)
+        for i in infos:
+            if i.dirty_map is not None:
+                self.maps.put(i.export, i.dirty_map)
 
     async def unexport_volumes(self, cmd: commands.UnexportVolumes) -> Unexported:
         """UnexportNbdVolumes: the VM's offline export ends (its daemon opened every exported
@@ -348,6 +359,7 @@ class CbtService:
             if task is not None:
                 logctx.TASK.set(task.uuid)
                 await self.store.run(SyncStore.set_operation, task.uuid, "unexport")
+            self.maps.drop(daemon.task_uuid)
             try:
                 ended = await offline.end_export(
                     self.config, self.store, cmd.vm_uuid, daemon.task_uuid, force=True
@@ -417,6 +429,7 @@ class CbtService:
         """End the task's exports, wherever the VM is. With the VM gone, only files remain.
         An offline export's qemu-storage-daemon is stopped (its image locks released)."""
         self.watch.stop(task.uuid)
+        self.maps.drop(task.uuid)
         await offline.end_export(self.config, self.store, task.vm_uuid, task.uuid, force=force)
         exports = await self.store.run(SyncStore.exports, task.uuid)
         vm = await self.hypervisor.find_vm(task.vm_uuid)
@@ -556,18 +569,24 @@ class CbtService:
     ) -> ChangedAreas:
         """The changed areas of one disk of a Running task's current checkpoint (VMware
         QueryChangedDiskAreas): maximal runs, at most `limit` a page; `nextOffset` continues."""
-        task = await self.store.run(SyncStore.require_task, task_uuid)
+
+        def read(s: SyncStore) -> tuple[CbtTask, list[VolumeExport]]:
+            # one trip to the store's thread a page: a listing asks for many pages
+            task = s.require_task(task_uuid)
+            if task.status is not TaskStatus.RUNNING:
+                return task, []
+            exports = s.exports(task_uuid)
+            if not exports:  # an offline export's disks, served by the VM's storage daemon
+                daemon = s.daemon_exports(task.vm_uuid)
+                exports = [offline.as_volume_export(task_uuid, e) for e in daemon]
+            return task, exports
+
+        task, exports = await self.store.run(read)
         if task.status is not TaskStatus.RUNNING:
             raise OperationError(
                 f"CbtTask [uuid: {task_uuid}] is {task.status}: changed areas need a Running task"
             )
-        exports = {e.volume_uuid: e for e in await self.store.run(SyncStore.exports, task_uuid)}
-        if not exports:  # an offline export's disks, served by the VM's storage daemon
-            offline_exports = await self.store.run(SyncStore.daemon_exports, task.vm_uuid)
-            exports = {
-                e.volume_uuid: offline.as_volume_export(task_uuid, e) for e in offline_exports
-            }
-        export = exports.get(volume_uuid)
+        export = next((e for e in exports if e.volume_uuid == volume_uuid), None)
         if export is None:
             raise NotFound(
                 f"volume [uuid: {volume_uuid}] is not exported by CbtTask [uuid: {task_uuid}]",
@@ -578,14 +597,32 @@ class CbtService:
                 f"startOffset {start} is beyond the disk's size {export.size}",
                 field="startOffset",
             )
-        server = await self.store.run(SyncStore.nbd_server, task_uuid)
-        key = await export_psk(self.config, server, task_uuid)
-        address = nbd_address(self.config, server, volume_uuid, key)
+        end = export.size if length is None else min(export.size, start + length)
+        if export.temp_bitmap and not self.maps.too_large(export):
+            # a change set: frozen while exported, kept from its Enable
+            dirty = self.maps.get(export)
+            if dirty is None:  # not kept (the agent restarted since): read it once, keep it
+                generation = self.maps.generation(task_uuid)
+                address = await self._address(task_uuid, volume_uuid)
+                context = f"qemu:dirty-bitmap:{export.temp_bitmap}"
+                dirty = await asyncio.to_thread(nbdio.read_dirty_map, address, context)
+                self.maps.put(export, dirty, generation)
+            areas, page_end, done = dirty.page(start, end, limit)
+            return ChangedAreas(export, start, page_end, areas, done)
+        # a full (the allocated areas of the point-in-time view, which a client's trims change)
+        # or a change set too large to keep: read from the export each time
         context = (
             f"qemu:dirty-bitmap:{export.temp_bitmap}" if export.temp_bitmap else "base:allocation"
         )
+        address = await self._address(task_uuid, volume_uuid)
         page = await asyncio.to_thread(nbdio.changed_areas, address, context, start, length, limit)
         return ChangedAreas(export, start, page.end, list(page.areas), page.done)
+
+    async def _address(self, task_uuid: str, volume_uuid: str) -> nbdio.NbdAddress:
+        """How the agent reaches the task's export of `volume_uuid`."""
+        server = await self.store.run(SyncStore.nbd_server, task_uuid)
+        key = await export_psk(self.config, server, task_uuid)
+        return nbd_address(self.config, server, volume_uuid, key)
 
     async def _remove_bitmaps(self, task: CbtTask) -> None:
         if task.released is not None:

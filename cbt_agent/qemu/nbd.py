@@ -14,7 +14,7 @@ from typing import Any
 
 import nbd
 
-from cbt_agent.dirtymap import DirtyExtent
+from cbt_agent.dirtymap import DirtyExtent, DirtyMap
 from cbt_agent.errors import HypervisorError
 from cbt_agent.qemu.psk import Psk, client_file
 
@@ -225,6 +225,18 @@ def dirty_extents(
         size = int(h.get_size())
         end = size if length is None else min(size, start + length)
         return [DirtyExtent(s, n, True) for s, n in dirty_runs(h, context, start, end)]
+    except nbd.Error as e:
+        raise HypervisorError(f"NBD block status on {address.uri()} failed: {e}") from None
+    finally:
+        close(h)
+
+
+def read_dirty_map(address: NbdAddress, context: str) -> DirtyMap:
+    """The export's whole change set (`context`, a `qemu:dirty-bitmap:`) as merged runs: one
+    connection, block status in just-under-4-GiB steps."""
+    h = connect(address, (context,))
+    try:
+        return DirtyMap.from_runs(dirty_runs(h, context, 0, int(h.get_size())))
     except nbd.Error as e:
         raise HypervisorError(f"NBD block status on {address.uri()} failed: {e}") from None
     finally:

@@ -353,6 +353,54 @@ async def test_changed_areas_pages_equal_a_direct_nbd_read(
         await agent.service.changed_areas(task, v0, 0, None, 10)
 
 
+async def test_changed_areas_come_from_the_kept_map_which_is_qemu_s_and_dropped_at_the_end(
+    vm_factory: Callable[..., stack.TestVm], make_agent: Callable[..., Awaitable[Agent]]
+) -> None:
+    vm = vm_factory(disks_mib=[64])
+    v0, _, size = vm.volumes[0]
+    agent = await make_agent()
+    task = await agent.create(vm)
+    await agent.enable(task)
+    assert len(agent.service.maps) == 0  # a full keeps no map: its areas are read each time
+    await agent.disable(task)
+    writes = [(MIB + 5, 3 * G), (9 * MIB, G), (9 * MIB + 2 * G, 100), (size - 10, 10)]
+    for off, n in writes:
+        await vm.write(v0, off, n, 0x3C)
+    info = (await agent.enable(task))[0]
+    (export,) = await agent.store.run(SyncStore.exports, task)
+    kept = agent.service.maps.get(export)
+    assert kept is not None  # the map Enable read for bitmapBase64
+    direct = dirty_runs(info)  # QEMU's answer, on a connection of our own
+    assert direct == expected_runs(writes, size)
+    assert [(e.start, e.length) for e in kept.extents()] == direct
+    assert base64.b64decode(info["bitmapBase64"]) == kept.bitmap(size, G)
+
+    async def listing(limit: int) -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = replies.changed_areas(
+                await agent.service.changed_areas(task, v0, offset, None, limit)
+            )
+            got += [(a["start"], a["length"]) for a in page["changedAreas"]]
+            offset = page["nextOffset"]
+        return got
+
+    assert await listing(1) == await listing(10_000) == direct
+    # not kept (as after a restart of the agent): read once from the export, then kept again
+    agent.service.maps.drop(task)
+    assert await listing(2) == direct
+    assert agent.service.maps.get(export) is not None
+    await agent.disable(task)
+    assert len(agent.service.maps) == 0  # dropped when the export ended
+    # the next Enable's map is its own: nothing of the last one answers for it
+    await vm.write(v0, 30 * MIB, G, 0x3D)
+    info = (await agent.enable(task))[0]
+    assert await listing(10_000) == dirty_runs(info) == [(30 * MIB, G)]
+    await agent.disable(task)
+    assert len(agent.service.maps) == 0
+
+
 async def test_disks_added_resized_and_removed(
     vm_factory: Callable[..., stack.TestVm],
     make_agent: Callable[..., Awaitable[Agent]],

@@ -17,7 +17,12 @@ from cbt_agent.client.errors import BackupError
 from cbt_agent.contract import openapi as contract_openapi
 from cbt_agent.contract.constants import DEFAULT_GRANULARITY, TASK_STATUSES
 from cbt_agent.contract.dates import format_date
-from cbt_agent.contract.replies import CbtTaskInventory, ErrorCode, VolumeCbtBackupInfo
+from cbt_agent.contract.replies import (
+    CbtTaskInventory,
+    ChangedAreasPage,
+    ErrorCode,
+    VolumeCbtBackupInfo,
+)
 from cbt_agent.engine.results import ChangedAreas, TaskView, VolumeBackup
 from cbt_agent.hypervisor.libvirt import DiskInfo
 from cbt_agent.model import CbtTask, TaskStatus
@@ -166,6 +171,20 @@ def test_changed_areas_page() -> None:
     done = replies.changed_areas(ChangedAreas(export, 0, 1 << 20, [], True))
     assert done["nextOffset"] is None  # present: null means done
     assert OAS31Validator(_doc_schema("ChangedAreasPage")).is_valid(done)
+    # the areas go in as plain objects (fast): the same JSON as the wire model's own
+    areas = [(i * 8192, 4096) for i in range(100)]
+    full = replies.changed_areas(ChangedAreas(export, 4096, 1 << 20, areas, True))
+    assert full == ChangedAreasPage.model_validate(full).wire()
+    assert list(full) == list(ChangedAreasPage.model_validate(full).wire())  # the key order
+    assert full["changedAreas"][1] == {"start": 8192, "length": 4096}
+    # and as the handler writes it: the same text as (compact) json.dumps of the page
+    for p in (
+        ChangedAreas(export, 4096, 1 << 20, areas, True),
+        ChangedAreas(export, 0, 5, [], False),
+    ):
+        text = replies.changed_areas_json(p)
+        assert text == json.dumps(replies.changed_areas(p), separators=(",", ":"))
+    assert OAS31Validator(_doc_schema("ChangedAreasPage")).is_valid(full)
 
 
 def test_error_code_drops_absent_fields_and_nests() -> None:

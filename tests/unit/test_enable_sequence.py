@@ -17,7 +17,7 @@ from fakeqmp import FakeQmp
 
 from cbt_agent.api import replies
 from cbt_agent.config import Config, parse_config
-from cbt_agent.dirtymap import DirtyExtent
+from cbt_agent.dirtymap import DirtyMap
 from cbt_agent.engine import checkpoints
 from cbt_agent.engine.checkpoints import EnableContext
 from cbt_agent.engine.exports import teardown_exports
@@ -175,11 +175,11 @@ async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     async def create_scratch(path: Path, size: int) -> None:  # no qemu-img in unit tests
         await asyncio.to_thread(touch, path)
 
-    def no_reads(*_args: Any) -> list[DirtyExtent]:
+    def no_reads(*_args: Any) -> DirtyMap:
         raise AssertionError("a full reads no dirty map")
 
     monkeypatch.setattr(checkpoints, "create_scratch", create_scratch)
-    monkeypatch.setattr(nbdio, "dirty_extents", no_reads)
+    monkeypatch.setattr(nbdio, "read_dirty_map", no_reads)
     r = Rig(fake, qemu, config, store, VmInfo(VM, True, tuple(disks)), [])
     yield r
     for chan in r.channels:
@@ -188,8 +188,8 @@ async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     await fake.close()
 
 
-def one_dirty_cluster(*_args: Any) -> list[DirtyExtent]:
-    return [DirtyExtent(0, 65536, True), DirtyExtent(65536, 16 * MIB - 65536, False)]
+def one_dirty_cluster(*_args: Any) -> DirtyMap:
+    return DirtyMap.from_runs([(0, 65536)])
 
 
 async def test_first_enable_then_disable(rig: Rig) -> None:
@@ -218,7 +218,7 @@ async def test_incremental_freezes_merges_and_exports_the_change_set(
     await rig.enable()
     await rig.disable()
     rig.sent()
-    monkeypatch.setattr(nbdio, "dirty_extents", one_dirty_cluster)
+    monkeypatch.setattr(nbdio, "read_dirty_map", one_dirty_cluster)
 
     infos = await rig.enable()
 
@@ -315,7 +315,7 @@ async def test_a_reply_lost_after_the_transaction_ran_keeps_the_checkpoint(
     assert await rig.checkpoint_names() == [C1, C2]
 
     # the next Enable counts from C1 (the latest handed out) and merges through C2: no write lost
-    monkeypatch.setattr(nbdio, "dirty_extents", one_dirty_cluster)
+    monkeypatch.setattr(nbdio, "read_dirty_map", one_dirty_cluster)
     infos = await rig.enable()
     assert [(i["mode"], i["sinceBitmapName"], i["bitmapName"]) for i in infos] == [
         ("incremental", C1, C3)
