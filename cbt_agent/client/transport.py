@@ -14,6 +14,7 @@ import asyncio
 import http.client
 import json
 import ssl
+import time
 from typing import Any
 from urllib.parse import SplitResult, urlencode, urljoin, urlsplit
 
@@ -21,6 +22,10 @@ from cbt_agent.client.errors import BackupError
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 TIMEOUT = 60.0  # seconds for one request
+# a connection idle this long is not reused: the agent (any server) may close an idle
+# connection at any moment after its keep-alive timeout (the agent's: 15 s), and a request
+# sent just then is lost without an answer; a fresh connection costs a connect
+IDLE_REUSE = 2.0
 
 
 def split(url: str) -> SplitResult:
@@ -58,6 +63,7 @@ class Connection:
         self.scheme, self.host, self.port = origin(base)
         self.context = context
         self._conn: http.client.HTTPConnection | None = None
+        self._used = 0.0  # monotonic time the connection last answered
         self._lock = asyncio.Lock()
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -100,20 +106,38 @@ class Connection:
     def _send(
         self, method: str, target: str, data: bytes | None, headers: dict[str, str]
     ) -> tuple[int, Any]:
-        conn = self._connection()
+        if self._conn is not None and time.monotonic() - self._used > IDLE_REUSE:
+            self.close()
+        reused = self._conn is not None
         try:
-            conn.request(method, target, body=data, headers=headers)
-            reply = conn.getresponse()
-            raw = reply.read()
+            status, raw, closing = self._exchange(method, target, data, headers)
         except (OSError, http.client.HTTPException) as e:
             self.close()
-            raise BackupError(
-                f"cannot reach the agent at {self.base}: {e or type(e).__name__}"
-            ) from None
-        if reply.will_close:
+            if not (reused and method == "GET"):
+                raise self._unreachable(e) from None
+            # the server closed the kept-alive connection as the request went out: a GET is
+            # asked again on a new one (anything else may have been received: never twice)
+            try:
+                status, raw, closing = self._exchange(method, target, data, headers)
+            except (OSError, http.client.HTTPException) as e2:
+                self.close()
+                raise self._unreachable(e2) from None
+        self._used = time.monotonic()
+        if closing:
             self.close()
         text = raw.decode("utf-8", "replace")
         try:
-            return reply.status, json.loads(text)
+            return status, json.loads(text)
         except ValueError:
-            return reply.status, text
+            return status, text
+
+    def _exchange(
+        self, method: str, target: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes, bool]:
+        conn = self._connection()
+        conn.request(method, target, body=data, headers=headers)
+        reply = conn.getresponse()
+        return reply.status, reply.read(), reply.will_close
+
+    def _unreachable(self, e: BaseException) -> BackupError:
+        return BackupError(f"cannot reach the agent at {self.base}: {e or type(e).__name__}")
