@@ -5,9 +5,11 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 status=0
-for b in bench_enable bench_extents bench_quiesce bench_guest; do
+for b in bench_enable bench_extents bench_quiesce bench_guest bench_api; do
     echo "=== $b ==="
-    timeout 170 "$PY" -m "bench.$b" || status=1
+    limit=170
+    [ "$b" = bench_api ] && limit=450  # three agent starts and 15 wrk runs
+    timeout "$limit" "$PY" -m "bench.$b" || status=1
     echo
 done
 exit $status

@@ -1,0 +1,254 @@
+"""QueryCbtTask's inventories, kept in memory: a query reads no SQLite and, most of the time,
+makes no thread hop.
+
+Each task is held three ways (`Inventory`): its query item (Python values, what conditions and
+sorts read), its wire form (what `fields=` cuts down) and its JSON text (a page is a join).
+Before each answer they are brought up to date: a connection of the store's own tells in a few
+microseconds whether anyone committed since they were read (`Store.data_version`); only then
+does one hop to the store thread read back the tasks its triggers saw written (every task, when
+another process wrote). Nothing committed before a query starts is missed by its answer.
+
+The common query (no condition, default order) is a slice of the ordered list and a join:
+O(limit) on the event loop. `GET /cbt-task/{uuid}` and `q=uuid=...` look the task up. Anything
+else runs the query language over every item, in a thread when they are many (it holds the GIL
+there too, but the loop gets its turns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cbt_agent.api import query, replies
+from cbt_agent.contract.constants import QUERY_FIELDS
+from cbt_agent.contract.replies import INVENTORY_FIELDS
+from cbt_agent.contract.schema_map import REPLY_SCHEMA_CLASSES, schema_map
+from cbt_agent.engine.results import TaskView
+from cbt_agent.errors import InvalidArgument
+from cbt_agent.store import Store, SyncStore, TaskChanges, TaskRow
+
+INLINE_ITEMS: Final = 200  # a general query over more items than this runs in a thread
+
+_TASK_CLASS: Final = json.dumps(REPLY_SCHEMA_CLASSES["inventories[]"])
+_REF_CLASS: Final = json.dumps(REPLY_SCHEMA_CLASSES["inventories[].resourceRefs[]"])
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """One task as QueryCbtTask answers it. Never changed: a new one replaces it."""
+
+    uuid: str
+    order: tuple[str, int]  # its place in the default order (create date as written, rowid)
+    item: dict[str, Any]  # `replies.query_item`
+    wire: dict[str, Any]  # `replies.inventory_wire`
+    text: bytes  # json.dumps(wire)
+    refs: int  # how many resource refs (its entries in the schema map)
+
+
+def inventory(row: TaskRow) -> Inventory:
+    view = TaskView(row.task, row.refs)
+    wire = replies.inventory_wire(view)
+    return Inventory(
+        row.task.uuid,
+        row.order,
+        replies.query_item(view),
+        wire,
+        json.dumps(wire).encode(),
+        len(row.refs),
+    )
+
+
+@dataclass(frozen=True)
+class TaskQuery:
+    """A QueryCbtTask's parameters, parsed."""
+
+    conditions: list[query.Condition]
+    sort: str | None = None
+    start: int = 0
+    limit: int | None = None
+    count: bool = False
+    with_count: bool = False
+    fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What one hop to the store thread brought back, built there (not on the loop)."""
+
+    full: bool
+    changed: list[Inventory]  # full: every task, in order
+    gone: frozenset[str]
+
+
+def _read(s: SyncStore, full: bool) -> _Read:
+    changes = s.task_changes()
+    if full and not changes.full:
+        changes = TaskChanges(True, s.task_rows(), frozenset())
+    return _Read(changes.full, [inventory(r) for r in changes.rows], changes.gone)
+
+
+class Inventories:
+    """Every task's `Inventory`, in the default order, kept current with the database."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._by_uuid: dict[str, Inventory] = {}
+        self._keys: list[tuple[tuple[str, int], str]] = []  # sorted; (order, uuid)
+        self._listed: list[Inventory] = []  # in the order of _keys
+        self._version: int | None = None  # data_version when the last refresh began
+        self._need_full = True
+        self._refresh: asyncio.Future[None] | None = None
+        self._started = 0  # refreshes started
+        self._completed = 0  # the last refresh that completed
+        # replies to the default query, by (start, limit, count, with_count, fields): pollers
+        # ask the same page again and again; emptied by every change
+        self._pages: dict[tuple[int, int | None, bool, bool, tuple[str, ...]], bytes] = {}
+
+    async def current(self) -> None:
+        """Bring the inventories up to date with every commit made before this call."""
+        version = self._store.data_version()
+        if version is not None and version == self._version and not self._need_full:
+            return
+        need = self._started + 1  # a refresh starting from now on covers this call
+        while self._completed < need:
+            if self._refresh is None:
+                self._started += 1
+                self._refresh = asyncio.ensure_future(self._reload(self._started))
+            # shielded: a caller that goes away does not cancel a refresh that has already
+            # taken the store's list of changes
+            await asyncio.shield(self._refresh)
+
+    async def _reload(self, seq: int) -> None:
+        try:
+            version = self._store.data_version()
+            read = await self._store.run(_read, self._need_full)
+            self._apply(read)
+            self._need_full = False
+            self._version = version
+            self._completed = seq
+        except BaseException:
+            self._need_full = True  # the changes taken are lost: read everything next time
+            self._version = None
+            raise
+        finally:
+            self._refresh = None
+
+    def _apply(self, read: _Read) -> None:
+        if read.full or read.changed or read.gone:
+            self._pages.clear()
+        if read.full:
+            self._by_uuid = {inv.uuid: inv for inv in read.changed}
+            self._keys = [(inv.order, inv.uuid) for inv in read.changed]
+            self._listed = list(read.changed)
+            if any(a > b for a, b in zip(self._keys, self._keys[1:], strict=False)):
+                pairs = sorted(zip(self._keys, self._listed, strict=True), key=lambda p: p[0])
+                self._keys = [k for k, _ in pairs]
+                self._listed = [inv for _, inv in pairs]
+            return
+        for uuid in read.gone:
+            self._remove(uuid)
+        for inv in read.changed:
+            self._remove(inv.uuid)
+            key = (inv.order, inv.uuid)
+            at = bisect.bisect_left(self._keys, key)
+            self._keys.insert(at, key)
+            self._listed.insert(at, inv)
+            self._by_uuid[inv.uuid] = inv
+
+    def _remove(self, uuid: str) -> None:
+        old = self._by_uuid.pop(uuid, None)
+        if old is not None:
+            at = bisect.bisect_left(self._keys, (old.order, uuid))
+            del self._keys[at]
+            del self._listed[at]
+
+    async def answer(self, q: TaskQuery) -> bytes:
+        """The reply body of a QueryCbtTask (JSON, ZStack's schema map included), current
+        with every commit made before the call. Raises `InvalidArgument` as `apply_query`
+        does, and for an unknown name in `fields`."""
+        await self.current()
+        if not q.conditions and q.sort is None:
+            key = (q.start, q.limit, q.count, q.with_count, q.fields)
+            body = self._pages.get(key)
+            if body is None:
+                if q.start < 0 or (q.limit is not None and q.limit < 0):
+                    query.apply_query([], [], fields=QUERY_FIELDS, start=q.start, limit=q.limit)
+                end = None if q.limit is None else q.start + q.limit
+                body = _reply(self._listed[q.start : end], len(self._listed), q)
+                if len(self._pages) >= 64:
+                    self._pages.clear()
+                self._pages[key] = body
+            return body
+        candidates = self._by_index(q.conditions)
+        listed = self._listed if candidates is None else candidates
+        if len(listed) <= INLINE_ITEMS:
+            page, total = _select(listed, q)
+            return _reply(page, total, q)
+        snapshot = list(listed)  # the thread reads a copy: the loop may apply changes meanwhile
+
+        def answer() -> bytes:
+            page, total = _select(snapshot, q)
+            return _reply(page, total, q)
+
+        return await asyncio.to_thread(answer)
+
+    def _by_index(self, conditions: Sequence[query.Condition]) -> list[Inventory] | None:
+        """The only tasks a `uuid=` condition lets through (the rest still apply to them)."""
+        for c in conditions:
+            if c.field == "uuid" and c.op == "=" and c.value is not None:
+                found = self._by_uuid.get(c.value)
+                return [found] if found is not None else []
+        return None
+
+
+def _select(listed: Sequence[Inventory], q: TaskQuery) -> tuple[list[Inventory], int]:
+    of_item = {id(inv.item): inv for inv in listed}
+    items, total = query.apply_query(
+        [inv.item for inv in listed],
+        q.conditions,
+        fields=QUERY_FIELDS,
+        sort=q.sort,
+        start=q.start,
+        limit=q.limit,
+    )
+    return [of_item[id(item)] for item in items], total
+
+
+def _reply(page: Sequence[Inventory], total: int, q: TaskQuery) -> bytes:
+    """The body, byte for byte what json.dumps of the reply dict (schema included) gives."""
+    if q.count:
+        return json.dumps({"total": total}).encode()
+    if q.fields:
+        unknown = [f for f in q.fields if f not in INVENTORY_FIELDS]
+        if unknown:
+            raise InvalidArgument(f"unknown field {unknown[0]!r} in fields", field="fields")
+        body: dict[str, Any] = {
+            "inventories": [{k: v for k, v in i.wire.items() if k in q.fields} for i in page]
+        }
+        if q.with_count:
+            body["total"] = total
+        schema = schema_map(body, REPLY_SCHEMA_CLASSES)
+        return json.dumps({**body, "schema": schema} if schema else body).encode()
+    parts = [b'{"inventories": [', b", ".join([inv.text for inv in page]), b"]"]
+    if q.with_count:
+        parts.append(b', "total": %d' % total)
+    if page:
+        parts += [b', "schema": {', _schema(tuple([inv.refs for inv in page])), b"}"]
+    parts.append(b"}")
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _schema(refs: tuple[int, ...]) -> bytes:
+    """The schema map's entries for a page whose tasks have `refs` resource refs each (pages
+    of a kind repeat: tasks with the same number of disks)."""
+    parts: list[str] = []
+    for i, n in enumerate(refs):
+        parts.append(f'"inventories[{i}]": {_TASK_CLASS}')
+        parts += [f'"inventories[{i}].resourceRefs[{j}]": {_REF_CLASS}' for j in range(n)]
+    return ", ".join(parts).encode()
