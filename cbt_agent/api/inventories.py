@@ -78,18 +78,26 @@ class TaskQuery:
 
 @dataclass(frozen=True)
 class _Read:
-    """What one hop to the store thread brought back, built there (not on the loop)."""
+    """What one hop to the store thread brought back, built there (not on the loop). `full`:
+    `changed` is every task, `keys` and `by_uuid` its index (the loop only assigns them)."""
 
     full: bool
-    changed: list[Inventory]  # full: every task, in order
+    changed: list[Inventory]
     gone: frozenset[str]
+    keys: list[tuple[tuple[str, int], str]]
+    by_uuid: dict[str, Inventory]
 
 
 def _read(s: SyncStore, full: bool) -> _Read:
     changes = s.task_changes()
     if full and not changes.full:
         changes = TaskChanges(True, s.task_rows(), frozenset())
-    return _Read(changes.full, [inventory(r) for r in changes.rows], changes.gone)
+    changed = [inventory(r) for r in changes.rows]
+    if not changes.full:
+        return _Read(False, changed, changes.gone, [], {})
+    changed.sort(key=lambda inv: inv.order)  # already in order, as the store lists them
+    keys = [(inv.order, inv.uuid) for inv in changed]
+    return _Read(True, changed, frozenset(), keys, {inv.uuid: inv for inv in changed})
 
 
 class Inventories:
@@ -142,13 +150,7 @@ class Inventories:
         if read.full or read.changed or read.gone:
             self._pages.clear()
         if read.full:
-            self._by_uuid = {inv.uuid: inv for inv in read.changed}
-            self._keys = [(inv.order, inv.uuid) for inv in read.changed]
-            self._listed = list(read.changed)
-            if any(a > b for a, b in zip(self._keys, self._keys[1:], strict=False)):
-                pairs = sorted(zip(self._keys, self._listed, strict=True), key=lambda p: p[0])
-                self._keys = [k for k, _ in pairs]
-                self._listed = [inv for _, inv in pairs]
+            self._by_uuid, self._keys, self._listed = read.by_uuid, read.keys, read.changed
             return
         for uuid in read.gone:
             self._remove(uuid)

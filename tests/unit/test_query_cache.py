@@ -304,6 +304,15 @@ async def test_a_write_by_another_process_shows(client: Client) -> None:
         assert await _status(client, theirs) == "Failed"
         other.db.execute("UPDATE tasks SET name = 'renamed' WHERE uuid = ?", (theirs,))
         assert await _names(client) == ["mine", "renamed"]
+        # the default order: create date, then the order written (rowid)
+        other.db.execute("UPDATE tasks SET create_date = '2020-01-01T00:00:00.000000+00:00'")
+        assert await _names(client) == ["mine", "renamed"]
+        other.db.execute(
+            "UPDATE tasks SET create_date = '2019-01-01T00:00:00.000000+00:00' WHERE uuid = ?",
+            (theirs,),
+        )
+        assert await _names(client) == ["renamed", "mine"]
+        await _agrees(client, {"sort": "createDate"})
     finally:
         other.close()
 
