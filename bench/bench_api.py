@@ -69,11 +69,13 @@ _WRK_LINE = re.compile(r"^WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", re.MULTILIN
 
 @dataclass(frozen=True)
 class Load:
-    """One wrk run: requests per second, p50 and p99 latency."""
+    """One wrk run: requests per second, p50 and p99 latency, and the requests that failed
+    (socket errors and timeouts: wrk gives up on a request after 5 s)."""
 
     rps: float
     p50_ms: float
     p99_ms: float
+    errors: int = 0
 
 
 class Agent:
@@ -203,9 +205,9 @@ async def wrk(url: str, seconds: float, script: Path, auth: bool) -> Load:
     if proc.returncode != 0 or m is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{text}")
     requests, duration_us, p50, p99, non2xx, errors = (int(g) for g in m.groups())
-    if non2xx or errors:
-        raise RuntimeError(f"{url}: {non2xx} replies not 2xx, {errors} socket errors:\n{text}")
-    return Load(requests / (duration_us / 1e6), p50 / 1000, p99 / 1000)
+    if non2xx:  # a wrong answer is no figure: stop here
+        raise RuntimeError(f"{url}: {non2xx} replies not 2xx:\n{text}")
+    return Load(requests / (duration_us / 1e6), p50 / 1000, p99 / 1000, errors)
 
 
 def _row(label: str, runs: list[Load]) -> str:
@@ -213,12 +215,14 @@ def _row(label: str, runs: list[Load]) -> str:
     p99 = statistics.median(r.p99_ms for r in runs)
     p50 = statistics.median(r.p50_ms for r in runs)
     n = f"n={len(runs)}"
-    return f"  {label:<44} {n:<5} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
+    errors = sum(r.errors for r in runs)
+    failed = f"   {errors} requests failed or timed out" if errors else ""
+    return f"  {label:<44} {n:<5} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms{failed}"
 
 
 def _ratio(label: str, runs: list[Load], limit: list[Load], allowed: float) -> bool:
     ratio = statistics.median(r.rps for r in runs) / statistics.median(r.rps for r in limit)
-    ok = ratio >= allowed
+    ok = ratio >= allowed and not any(r.errors for r in runs)
     print(
         f"  RATIO {label}: {ratio:.2f}x  limit >= {allowed:.1f}x  -> {'PASS' if ok else 'FAIL'}",
         flush=True,
