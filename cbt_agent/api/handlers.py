@@ -205,14 +205,19 @@ async def delete_task(request: web.Request) -> web.Response:
 
 async def query_tasks(request: web.Request) -> web.Response:
     """QueryCbtTask, answered from the inventories kept in memory (`api.inventories`): the
-    default query is a slice and a join on the event loop; a query with conditions or a sort
-    over many tasks runs in a thread."""
+    same query again is a lookup, the default query a slice and a join on the event loop; a
+    query with conditions or a sort over many tasks runs in a thread."""
+    inventories = request.app[INVENTORIES]
+    uuid = request.match_info.get("uuid")
+    asked = (uuid, request.query_string)
+    body = await inventories.cached(asked)
+    if body is not None:
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
     try:
         conditions = query.parse_conditions(request.query.getall("q", []))
     except query.QuerySyntaxError as e:
         return _plain(400, str(e))
     try:
-        uuid = request.match_info.get("uuid")
         if uuid is not None:
             conditions.append(query.Condition("uuid", "=", uuid))
         q = request.query
@@ -225,7 +230,7 @@ async def query_tasks(request: web.Request) -> web.Response:
             with_count=query.parse_bool_param("replyWithCount", q.get("replyWithCount"), False),
             fields=tuple(f for f in (q.get("fields") or "").split(",") if f.strip()),
         )
-        body = await request.app[INVENTORIES].answer(wanted)
+        body = await inventories.answer(wanted, asked)
     except CbtError as e:
         return _error(e)
     return web.Response(body=body, content_type="application/json", charset="utf-8")

@@ -11,7 +11,8 @@ another process wrote). Nothing committed before a query starts is missed by its
 The common query (no condition, default order) is a slice of the ordered list and a join:
 O(limit) on the event loop. `GET /cbt-task/{uuid}` and `q=uuid=...` look the task up. Anything
 else runs the query language over every item, in a thread when they are many (it holds the GIL
-there too, but the loop gets its turns).
+there too, but the loop gets its turns). A reply is kept for the same request (its uuid and
+query string) until the next change: a poller asking the same page again costs a lookup.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import bisect
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,6 +34,8 @@ from cbt_agent.errors import InvalidArgument
 from cbt_agent.store import Store, SyncStore, TaskChanges, TaskRow
 
 INLINE_ITEMS: Final = 200  # a general query over more items than this runs in a thread
+KEEP_REPLIES: Final = 1024  # replies kept for repeated queries, at most (and in bytes:)
+KEEP_BYTES: Final = 32 << 20
 
 _TASK_CLASS: Final = json.dumps(REPLY_SCHEMA_CLASSES["inventories[]"])
 _REF_CLASS: Final = json.dumps(REPLY_SCHEMA_CLASSES["inventories[].resourceRefs[]"])
@@ -113,9 +116,11 @@ class Inventories:
         self._refresh: asyncio.Future[None] | None = None
         self._started = 0  # refreshes started
         self._completed = 0  # the last refresh that completed
-        # replies to the default query, by (start, limit, count, with_count, fields): pollers
-        # ask the same page again and again; emptied by every change
-        self._pages: dict[tuple[int, int | None, bool, bool, tuple[str, ...]], bytes] = {}
+        self._generation = 0  # changes applied
+        # whole replies by the request that asked (pollers ask the same again and again),
+        # valid until the next change
+        self._replies: dict[Hashable, bytes] = {}
+        self._replies_bytes = 0
 
     async def current(self) -> None:
         """Bring the inventories up to date with every commit made before this call."""
@@ -148,7 +153,9 @@ class Inventories:
 
     def _apply(self, read: _Read) -> None:
         if read.full or read.changed or read.gone:
-            self._pages.clear()
+            self._generation += 1
+            self._replies.clear()
+            self._replies_bytes = 0
         if read.full:
             self._by_uuid, self._keys, self._listed = read.by_uuid, read.keys, read.changed
             return
@@ -169,23 +176,29 @@ class Inventories:
             del self._keys[at]
             del self._listed[at]
 
-    async def answer(self, q: TaskQuery) -> bytes:
-        """The reply body of a QueryCbtTask (JSON, ZStack's schema map included), current
-        with every commit made before the call. Raises `InvalidArgument` as `apply_query`
-        does, and for an unknown name in `fields`."""
+    async def cached(self, request: Hashable) -> bytes | None:
+        """The reply kept for the same `request` (e.g. its uuid and query string), current
+        with every commit made before the call; None when there is none."""
         await self.current()
+        return self._replies.get(request)
+
+    async def answer(self, q: TaskQuery, request: Hashable | None = None) -> bytes:
+        """The reply body of a QueryCbtTask (JSON, ZStack's schema map included), current
+        with every commit made before the call, kept for `request` until the next change.
+        Raises `InvalidArgument` as `apply_query` does, and for an unknown name in `fields`."""
+        await self.current()
+        generation = self._generation
+        body = await self._answer(q)
+        if request is not None and generation == self._generation:  # nothing changed since
+            self._keep(request, body)
+        return body
+
+    async def _answer(self, q: TaskQuery) -> bytes:
         if not q.conditions and q.sort is None:
-            key = (q.start, q.limit, q.count, q.with_count, q.fields)
-            body = self._pages.get(key)
-            if body is None:
-                if q.start < 0 or (q.limit is not None and q.limit < 0):
-                    query.apply_query([], [], fields=QUERY_FIELDS, start=q.start, limit=q.limit)
-                end = None if q.limit is None else q.start + q.limit
-                body = _reply(self._listed[q.start : end], len(self._listed), q)
-                if len(self._pages) >= 64:
-                    self._pages.clear()
-                self._pages[key] = body
-            return body
+            if q.start < 0 or (q.limit is not None and q.limit < 0):
+                query.apply_query([], [], fields=QUERY_FIELDS, start=q.start, limit=q.limit)
+            end = None if q.limit is None else q.start + q.limit
+            return _reply(self._listed[q.start : end], len(self._listed), q)
         candidates = self._by_index(q.conditions)
         listed = self._listed if candidates is None else candidates
         if len(listed) <= INLINE_ITEMS:
@@ -198,6 +211,15 @@ class Inventories:
             return _reply(page, total, q)
 
         return await asyncio.to_thread(answer)
+
+    def _keep(self, request: Hashable, body: bytes) -> None:
+        if len(body) > KEEP_BYTES // 8:
+            return
+        if self._replies_bytes + len(body) > KEEP_BYTES or len(self._replies) >= KEEP_REPLIES:
+            self._replies.clear()
+            self._replies_bytes = 0
+        self._replies_bytes += len(body) - len(self._replies.get(request, b""))
+        self._replies[request] = body
 
     def _by_index(self, conditions: Sequence[query.Condition]) -> list[Inventory] | None:
         """The only tasks a `uuid=` condition lets through (the rest still apply to them)."""

@@ -63,6 +63,7 @@ class Store:
         self.metrics = metrics
         self.sync: SyncStore | None = None
         self._watch: sqlite3.Connection | None = None
+        self._watch_cursor: sqlite3.Cursor | None = None
 
     async def open(self) -> None:
         def open_store() -> SyncStore:
@@ -70,6 +71,7 @@ class Store:
             sync.track_task_changes()
             self._watch = sqlite3.connect(self.path, check_same_thread=False, timeout=0)
             self._watch.execute("PRAGMA query_only = ON")
+            self._watch_cursor = self._watch.cursor()
             if self.metrics is not None:
                 sync.metrics = self.metrics
                 self.metrics.tasks_counted(sync.counts()[0])  # then kept current by commits
@@ -84,11 +86,11 @@ class Store:
         writes. Costs a few microseconds and no thread hop, so the event loop asks it to know
         whether what it keeps in memory may be out of date. None: it could not tell (take it
         as a change)."""
-        if self._watch is None:
+        if self._watch is None or self._watch_cursor is None:
             return None
         try:
             # fetchall: the statement runs to its end, so no read transaction stays open
-            return int(self._watch.execute("PRAGMA data_version").fetchall()[0][0])
+            return int(self._watch_cursor.execute("PRAGMA data_version").fetchall()[0][0])
         except sqlite3.Error:
             return None
 
@@ -97,7 +99,7 @@ class Store:
             await self.run(SyncStore.close)
             self.sync = None
         if self._watch is not None:
-            watch, self._watch = self._watch, None
+            watch, self._watch, self._watch_cursor = self._watch, None, None
             await asyncio.get_running_loop().run_in_executor(self._executor, watch.close)
         self._executor.shutdown(wait=True)
 

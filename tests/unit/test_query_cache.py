@@ -365,6 +365,47 @@ async def test_a_query_that_goes_away_loses_no_change(
     assert await _status(client, a) == "Failed"
 
 
+async def test_a_reply_computed_across_a_change_is_not_kept(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query answered in a thread while a change is applied: its reply describes the moment
+    it started, so it is not kept for the next asker."""
+    monkeypatch.setattr(inventories, "INLINE_ITEMS", 0)
+    a = await _add(client, "a")
+    params = {"sort": "-name", "q": "name~=%"}
+    await _agrees(client, params)
+    started, release = threading.Event(), threading.Event()
+    real = inventories._select
+
+    def slow(listed: Any, q: Any) -> Any:
+        started.set()
+        release.wait(10)
+        return real(listed, q)
+
+    monkeypatch.setattr(inventories, "_select", slow)
+    await _store(client).run(SyncStore.set_status, a, TaskStatus.FAILED, "x")
+    cache = client.server.app[INVENTORIES]
+    first = asyncio.create_task(
+        cache.answer(
+            inventories.TaskQuery(conditions=query.parse_conditions(["name~=%"]), sort="-name"),
+            ("x", "y"),
+        )
+    )
+    assert await asyncio.to_thread(started.wait, 10)
+    await store_write_and_apply(client, a)
+    release.set()
+    assert b'"Failed"' in await first and b'"Stopped"' not in await first
+    monkeypatch.setattr(inventories, "_select", real)
+    assert await cache.cached(("x", "y")) is None
+    assert await _status(client, a) == "Stopped"
+    await _agrees(client, params)
+
+
+async def store_write_and_apply(c: Client, uuid: str) -> None:
+    await _store(c).run(SyncStore.set_status, uuid, TaskStatus.STOPPED, "y", expect=None)
+    await c.server.app[INVENTORIES].current()
+
+
 def test_the_change_feed_names_the_tasks_written(tmp_path: Path) -> None:
     s = SyncStore(tmp_path / "db")
     try:
