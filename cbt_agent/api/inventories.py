@@ -3,10 +3,12 @@ makes no thread hop.
 
 Each task is held three ways (`Inventory`): its query item (Python values, what conditions and
 sorts read), its wire form (what `fields=` cuts down) and its JSON text (a page is a join).
-Before each answer they are brought up to date: a connection of the store's own tells in a few
-microseconds whether anyone committed since they were read (`Store.data_version`); only then
-does one hop to the store thread read back the tasks its triggers saw written (every task, when
-another process wrote). Nothing committed before a query starts is missed by its answer.
+Before each answer they are brought up to date: the store's triggers name every task written
+through it from the write's statement on, before its commit (`Store.tasks_written`: a read of
+memory); writes by another process show in SQLite's data_version, asked on a connection of its
+own at most every millisecond. Only then does one hop to the store thread read back the tasks
+written (every task, when another process wrote). Nothing the agent committed before a query
+starts is missed by its answer; another process's commit, by any answer starting 1 ms after it.
 
 The common query (no condition, default order) is a slice of the ordered list and a join:
 O(limit) on the event loop. `GET /cbt-task/{uuid}` and `q=uuid=...` look the task up. Anything
@@ -21,6 +23,7 @@ import asyncio
 import bisect
 import functools
 import json
+import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -36,6 +39,9 @@ from cbt_agent.store import Store, SyncStore, TaskChanges, TaskRow
 INLINE_ITEMS: Final = 200  # a general query over more items than this runs in a thread
 KEEP_REPLIES: Final = 1024  # replies kept for repeated queries, at most (and in bytes:)
 KEEP_BYTES: Final = 32 << 20
+# Writes by another process (the agent's own CLI opens the database read-only; tests write
+# directly) show in any answer starting this long after their commit; the agent's own, at once.
+EXTERNAL_CHECK: Final = 0.001
 
 _TASK_CLASS: Final = json.dumps(REPLY_SCHEMA_CLASSES["inventories[]"])
 _REF_CLASS: Final = json.dumps(REPLY_SCHEMA_CLASSES["inventories[].resourceRefs[]"])
@@ -112,6 +118,7 @@ class Inventories:
         self._keys: list[tuple[tuple[str, int], str]] = []  # sorted; (order, uuid)
         self._listed: list[Inventory] = []  # in the order of _keys
         self._version: int | None = None  # data_version when the last refresh began
+        self._checked = 0.0  # when data_version was last asked (time.monotonic)
         self._need_full = True
         self._refresh: asyncio.Future[None] | None = None
         self._started = 0  # refreshes started
@@ -123,11 +130,16 @@ class Inventories:
         self._replies_bytes = 0
 
     async def current(self) -> None:
-        """Bring the inventories up to date with every commit made before this call."""
-        version = self._store.data_version()
-        if version is not None and version == self._version and not self._need_full:
+        """Bring the inventories up to date with every commit this agent made before this
+        call, and with every commit of another process made `EXTERNAL_CHECK` seconds before."""
+        if self._need_full or self._store.tasks_written():
+            need = self._started + 1  # a refresh starting from now on covers this call
+        elif self._refresh is not None:
+            need = self._started  # every write so far was taken by the refresh under way
+        elif self._written_elsewhere():
+            need = self._started + 1
+        else:
             return
-        need = self._started + 1  # a refresh starting from now on covers this call
         while self._completed < need:
             if self._refresh is None:
                 self._started += 1
@@ -135,6 +147,18 @@ class Inventories:
             # shielded: a caller that goes away does not cancel a refresh that has already
             # taken the store's list of changes
             await asyncio.shield(self._refresh)
+
+    def _written_elsewhere(self) -> bool:
+        """Whether the database may have changed other than through this agent's store (whose
+        writes its triggers announce at once): SQLite's data_version, asked at most every
+        `EXTERNAL_CHECK` seconds (its read lock costs two system calls: per query, a tenth of
+        the time of a page of 100)."""
+        now = time.monotonic()
+        if now - self._checked < EXTERNAL_CHECK:
+            return False
+        self._checked = now
+        version = self._store.data_version()
+        return version is None or version != self._version
 
     async def _reload(self, seq: int) -> None:
         try:

@@ -80,12 +80,18 @@ class Store:
         loop = asyncio.get_running_loop()
         self.sync = await loop.run_in_executor(self._executor, open_store)
 
+    def tasks_written(self) -> bool:
+        """A task's listed columns or refs were written by this store since its change feed was
+        last read (`SyncStore.task_changes`): a plain read of memory, no SQL, no thread hop."""
+        sync = self.sync
+        return sync is not None and sync.has_changed_tasks()
+
     def data_version(self) -> int | None:
         """A number that changes whenever anyone (this store or another process) commits to
         the database: SQLite's `data_version`, read on a connection of its own that never
-        writes. Costs a few microseconds and no thread hop, so the event loop asks it to know
-        whether what it keeps in memory may be out of date. None: it could not tell (take it
-        as a change)."""
+        writes. No thread hop, but two system calls (SQLite's read lock): the event loop asks
+        it to learn of writes by other processes. None: it could not tell (take it as a
+        change)."""
         if self._watch is None or self._watch_cursor is None:
             return None
         try:

@@ -99,6 +99,11 @@ class Rows:
             conn.execute(statement)
         self._tracking = True
 
+    def has_changed_tasks(self) -> bool:
+        """A task was written through this connection since the last `take_changed_tasks`
+        (true from the write's statement on, before its commit). Safe to ask from any thread."""
+        return bool(self._changed_tasks)
+
     def take_changed_tasks(self) -> tuple[bool, set[str]]:
         """(everything, tasks): the tasks written through this connection since the last call
         (committed: calls run between transactions), and whether anything may have changed

@@ -293,24 +293,32 @@ async def test_a_rolled_back_write_and_writes_of_other_columns(client: Client) -
 
 
 async def test_a_write_by_another_process_shows(client: Client) -> None:
+    """Another process's commits show in any answer that starts EXTERNAL_CHECK after them
+    (the agent's own, in the very next one: the other tests)."""
     await _add(client, "mine")
     assert await _names(client) == ["mine"]
     other = SyncStore(_store(client).path)  # another connection: no triggers of ours on it
+    later = inventories.EXTERNAL_CHECK * 2
     try:
         theirs = new_uuid()
         other.create_task(theirs, "theirs", None, new_uuid(), [new_uuid()])
+        await asyncio.sleep(later)
         assert await _names(client) == ["mine", "theirs"]
         other.set_status(theirs, TaskStatus.FAILED, "elsewhere")
+        await asyncio.sleep(later)
         assert await _status(client, theirs) == "Failed"
         other.db.execute("UPDATE tasks SET name = 'renamed' WHERE uuid = ?", (theirs,))
+        await asyncio.sleep(later)
         assert await _names(client) == ["mine", "renamed"]
         # the default order: create date, then the order written (rowid)
         other.db.execute("UPDATE tasks SET create_date = '2020-01-01T00:00:00.000000+00:00'")
+        await asyncio.sleep(later)
         assert await _names(client) == ["mine", "renamed"]
         other.db.execute(
             "UPDATE tasks SET create_date = '2019-01-01T00:00:00.000000+00:00' WHERE uuid = ?",
             (theirs,),
         )
+        await asyncio.sleep(later)
         assert await _names(client) == ["renamed", "mine"]
         await _agrees(client, {"sort": "createDate"})
     finally:
@@ -412,9 +420,12 @@ def test_the_change_feed_names_the_tasks_written(tmp_path: Path) -> None:
         s.track_task_changes()
         assert s.take_changed_tasks() == (True, set())  # the first call: read everything
         a, b = new_uuid(), new_uuid()
+        assert not s.has_changed_tasks()
         s.create_task(a, "a", None, new_uuid(), [new_uuid()])
         s.create_task(b, "b", None, new_uuid(), [])
+        assert s.has_changed_tasks()
         assert s.take_changed_tasks() == (False, {a, b})
+        assert not s.has_changed_tasks()
         s.set_operation(a, "enable")  # not a column an inventory shows
         s.add_checkpoint(a, 1, "cbt-1", [], {})
         assert s.take_changed_tasks() == (False, set())
