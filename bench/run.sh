@@ -8,7 +8,7 @@ status=0
 for b in bench_enable bench_extents bench_quiesce bench_guest bench_api; do
     echo "=== $b ==="
     limit=170
-    [ "$b" = bench_api ] && limit=450  # three agent starts and 15 wrk runs
+    [ "$b" = bench_api ] && limit=600  # three agent starts and 30 wrk runs
     timeout "$limit" "$PY" -m "bench.$b" || status=1
     echo
 done
