@@ -5,9 +5,12 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 status=0
-for b in bench_enable bench_extents bench_quiesce bench_guest bench_dirtymap; do
+for b in bench_enable bench_extents bench_quiesce bench_guest bench_dirtymap bench_api bench_backup; do
     echo "=== $b ==="
-    timeout 170 "$PY" -m "bench.$b" || status=1
+    limit=170
+    [ "$b" = bench_api ] && limit=600  # three agent starts and 30 wrk runs
+    [ "$b" = bench_backup ] && limit=960  # fulls, restores and incrementals, three parties
+    timeout "$limit" "$PY" -m "bench.$b" || status=1
     echo
 done
 # 100 VMs: starting and removing them alone takes a minute or two (its own budget: 540 s)

@@ -12,10 +12,10 @@ LOG_TAG=setup
 . scripts/lib.sh
 
 # the agent's own packages, and what the tests need: QEMU to run VMs, libvirtd, openssl for
-# test certificates, debootstrap and e2fsprogs for the guest image
+# test certificates, debootstrap and e2fsprogs for the guest image, wrk for bench/bench_api
 ensure_packages qemu-system-x86 qemu-utils python3-libnbd libnbd-bin openssl \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config \
-  debootstrap e2fsprogs python3-venv
+  debootstrap e2fsprogs python3-venv wrk
 
 # libvirtd without systemd: a user it can parse, and a qemu.conf that needs no virtlogd,
 # no cgroups, no namespaces and no relabelling (see shared ENVIRONMENT.md).

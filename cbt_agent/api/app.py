@@ -17,8 +17,18 @@ from aiohttp import web
 
 from cbt_agent.api import webhooks, zstack
 from cbt_agent.api.handlers import _PUBLIC, _error, _plain, add_routes, job_reply
+from cbt_agent.api.inventories import Inventories
 from cbt_agent.api.jobs import Jobs
-from cbt_agent.api.keys import CONFIG, HYPERVISOR, JOBS, METRICS, ROUTER, SERVICE, STORE
+from cbt_agent.api.keys import (
+    CONFIG,
+    HYPERVISOR,
+    INVENTORIES,
+    JOBS,
+    METRICS,
+    ROUTER,
+    SERVICE,
+    STORE,
+)
 from cbt_agent.config import Config
 from cbt_agent.engine.checkpoints import StepHook
 from cbt_agent.engine.reconcile import reconcile
@@ -32,6 +42,7 @@ from cbt_agent.store import ApiJob, Store
 __all__ = [
     "CONFIG",
     "HYPERVISOR",
+    "INVENTORIES",
     "JOBS",
     "METRICS",
     "ROUTER",
@@ -120,6 +131,7 @@ def make_app(
     async def store(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = Store(config.db_path, figures)
         await app[STORE].open()
+        app[INVENTORIES] = Inventories(app[STORE])
         yield
         await app[STORE].close()
 
@@ -147,6 +159,7 @@ def make_app(
             await jobs.fail_unfinished()
             await reconcile(service)
             await app[HYPERVISOR].watch(service.on_vm_event)
+            await app[INVENTORIES].current()  # read once here, not by the first query
             # what startup loaded lives as long as the process: full garbage collections (which
             # hold the GIL, and so the event loop) need not scan it again
             gc.collect()

@@ -8,7 +8,6 @@ location, then 202/200/503 on the location.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -21,10 +20,11 @@ from aiohttp import web
 
 from cbt_agent import __version__
 from cbt_agent.api import openapi, query, replies, validate, webhooks, zstack
-from cbt_agent.api.keys import CONFIG, JOBS, METRICS, SERVICE
-from cbt_agent.contract.constants import QUERY_FIELDS, QUERY_LIMIT, UUID_PATTERN
-from cbt_agent.contract.replies import INVENTORY_FIELDS, Health, JobLocation
-from cbt_agent.errors import CbtError, InvalidArgument, OperationError
+from cbt_agent.api.inventories import TaskQuery
+from cbt_agent.api.keys import CONFIG, INVENTORIES, JOBS, METRICS, SERVICE
+from cbt_agent.contract.constants import QUERY_LIMIT, UUID_PATTERN
+from cbt_agent.contract.replies import Health, JobLocation
+from cbt_agent.errors import CbtError, OperationError
 from cbt_agent.metrics import CONTENT_TYPE
 from cbt_agent.store import ApiJob, SyncStore
 
@@ -48,12 +48,10 @@ def _plain(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/plain")
 
 
-def _with_schema(request: web.Request, body: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    if force or "X-JSON-Schema" in request.headers:
-        schema = zstack.schema_map(body, zstack.REPLY_SCHEMA_CLASSES)
-        if schema:
-            return {**body, "schema": schema}
-    return body
+def _with_schema_map(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with ZStack's schema map (when it holds any typed object)."""
+    schema = zstack.schema_map(body, zstack.REPLY_SCHEMA_CLASSES)
+    return {**body, "schema": schema} if schema else body
 
 
 def _location(request: web.Request, job_uuid: str) -> str:
@@ -152,11 +150,7 @@ def job_reply(job: ApiJob) -> tuple[int, dict[str, Any]]:
     if job.error is not None:
         return 503, {"error": job.error}
     result = job.result or {}
-    if job.want_schema:
-        schema = zstack.schema_map(result, zstack.REPLY_SCHEMA_CLASSES)
-        if schema:
-            result = {**result, "schema": schema}
-    return 200, result
+    return 200, _with_schema_map(result) if job.want_schema else result
 
 
 async def create_task(request: web.Request) -> web.Response:
@@ -210,51 +204,36 @@ async def delete_task(request: web.Request) -> web.Response:
 
 
 async def query_tasks(request: web.Request) -> web.Response:
-    """QueryCbtTask. Building the inventories, filtering, sorting and serializing run in a
-    thread, never on the event loop: a query over 10,000 tasks costs the loop only the
-    hand-over."""
+    """QueryCbtTask, answered from the inventories kept in memory (`api.inventories`): the
+    same query again is a lookup, the default query a slice and a join on the event loop; a
+    query with conditions or a sort over many tasks runs in a thread."""
+    inventories = request.app[INVENTORIES]
+    uuid = request.match_info.get("uuid")
+    asked = (uuid, request.query_string)
+    body = await inventories.cached(asked)
+    if body is not None:
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
     try:
         conditions = query.parse_conditions(request.query.getall("q", []))
     except query.QuerySyntaxError as e:
         return _plain(400, str(e))
     try:
-        uuid = request.match_info.get("uuid")
         if uuid is not None:
             conditions.append(query.Condition("uuid", "=", uuid))
         q = request.query
-        limit = query.parse_int_param("limit", q.get("limit"), QUERY_LIMIT)
-        start = query.parse_int_param("start", q.get("start"), 0)
-        count = query.parse_bool_param("count", q.get("count"), False)
-        with_count = query.parse_bool_param("replyWithCount", q.get("replyWithCount"), False)
-        fields = [f for f in (q.get("fields") or "").split(",") if f.strip()]
-        sort = q.get("sort")
-        views = await request.app[SERVICE].task_views()
-
-        def answer() -> str:
-            # the query runs over the inventories as Python values (dates as datetimes); only
-            # the page is built as wire models
-            items = [replies.query_item(v) for v in views]
-            view_of = {id(item): v for item, v in zip(items, views, strict=True)}
-            page, total = query.apply_query(
-                items, conditions, fields=QUERY_FIELDS, sort=sort, start=start or 0, limit=limit
-            )
-            if count:
-                return json.dumps({"total": total})
-            replied = [replies.inventory(view_of[id(item)]).wire() for item in page]
-            if fields:
-                unknown = [f for f in fields if f not in INVENTORY_FIELDS]
-                if unknown:
-                    raise InvalidArgument(f"unknown field {unknown[0]!r} in fields", field="fields")
-                replied = [{k: v for k, v in inv.items() if k in fields} for inv in replied]
-            body: dict[str, Any] = {"inventories": replied}
-            if with_count:
-                body["total"] = total
-            return json.dumps(_with_schema(request, body, force=True))
-
-        text = await asyncio.to_thread(answer)
+        wanted = TaskQuery(
+            conditions=conditions,
+            sort=q.get("sort"),
+            start=query.parse_int_param("start", q.get("start"), 0) or 0,
+            limit=query.parse_int_param("limit", q.get("limit"), QUERY_LIMIT),
+            count=query.parse_bool_param("count", q.get("count"), False),
+            with_count=query.parse_bool_param("replyWithCount", q.get("replyWithCount"), False),
+            fields=tuple(f for f in (q.get("fields") or "").split(",") if f.strip()),
+        )
+        body = await inventories.answer(wanted, asked)
     except CbtError as e:
         return _error(e)
-    return web.Response(text=text, content_type="application/json")
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 MAX_AREAS = 10_000  # changed areas in one reply: a 1 TiB disk never builds a giant body
@@ -280,19 +259,34 @@ async def changed_areas(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="application/json")
 
 
+def poll_reply(job: ApiJob, schema: bool) -> tuple[int, bytes]:
+    """Status and JSON body of a poll of `job`; `schema`: the poll sent X-JSON-Schema."""
+    status, body = job_reply(job)
+    if status == 200 and schema:
+        body = _with_schema_map(body)
+    return status, json.dumps(body).encode()
+
+
 async def api_job(request: web.Request) -> web.Response:
     # a result holds NBD endpoints: only known callers may read it (ZStack's SDK sends the
     # session on polls too)
     job_uuid = request.match_info["uuid"]
     if not JOB_UUID.fullmatch(job_uuid):
         return _plain(404, f"no job[uuid: {job_uuid[:64]}]")
-    job = await request.app[SERVICE].store.run(SyncStore.get_job, job_uuid.lower())
-    if job is None:
-        return _plain(404, f"no job[uuid: {job_uuid}]")
-    status, body = job_reply(job)
-    if status == 200:
-        body = _with_schema(request, body)
-    return _json(body, status)
+    jobs = request.app[JOBS]
+    schema = "X-JSON-Schema" in request.headers
+    # a finished job's reply, or a job of this process still running: no database read
+    reply = jobs.finished.reply(job_uuid.lower(), schema, poll_reply)
+    if reply is None and jobs.is_running(job_uuid.lower()):
+        return _json({}, 202)
+    if reply is None:
+        job = await request.app[SERVICE].store.run(SyncStore.get_job, job_uuid.lower())
+        if job is None:
+            return _plain(404, f"no job[uuid: {job_uuid}]")
+        jobs.finished.add(job)
+        reply = poll_reply(job, schema)
+    status, body = reply
+    return web.Response(status=status, body=body, content_type="application/json", charset="utf-8")
 
 
 async def export_volumes(request: web.Request) -> web.Response:

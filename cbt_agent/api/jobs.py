@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +30,76 @@ Result = dict[str, Any]  # a reply in ZStack's JSON form, as the API built it
 RESTART_ERROR = "the agent restarted before this job finished; see the task's status history"
 
 
+Render = Callable[[ApiJob, bool], tuple[int, bytes]]  # (job, schema asked) -> status, body
+
+
+@dataclass
+class _Finished:
+    job: ApiJob
+    bodies: dict[bool, tuple[int, bytes]]  # by "the poll asked for the schema"
+    size: int
+
+
+class FinishedJobs:
+    """The poll replies of finished jobs, kept in memory: a finished job never changes, it is
+    only forgotten when it expires (a job finished longer ago than `keep_seconds` is never
+    answered from here). The least recently polled go first past `max_bytes`."""
+
+    def __init__(self, keep_seconds: float, max_bytes: int = 64 << 20) -> None:
+        self.keep = timedelta(seconds=keep_seconds)
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[str, _Finished] = collections.OrderedDict()
+        self._bytes = 0
+
+    def add(self, job: ApiJob) -> None:
+        if job.state == "Running" or job.finished is None:
+            return
+        self._drop(job.uuid)
+        size = 512 + len(json.dumps(job.result)) + len(json.dumps(job.error))
+        if size > self.max_bytes // 8:
+            return  # a huge result is read from the database each time
+        self._entries[job.uuid] = _Finished(job, {}, size)
+        self._bytes += size
+        self._trim()
+
+    def reply(self, uuid: str, schema: bool, render: Render) -> tuple[int, bytes] | None:
+        """The poll reply of a finished job kept here (rendered once per variant), or None."""
+        entry = self._entries.get(uuid)
+        if entry is None:
+            return None
+        assert entry.job.finished is not None
+        if entry.job.finished < datetime.now(UTC) - self.keep:
+            self._drop(uuid)
+            return None
+        self._entries.move_to_end(uuid)
+        got = entry.bodies.get(schema)
+        if got is None:
+            got = entry.bodies[schema] = render(entry.job, schema)
+            entry.size += len(got[1])
+            self._bytes += len(got[1])
+            self._trim()
+        return got
+
+    def forget_older(self, cutoff: datetime) -> None:
+        for uuid in [
+            u for u, e in self._entries.items() if e.job.finished and e.job.finished < cutoff
+        ]:
+            self._drop(uuid)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop(self, uuid: str) -> None:
+        entry = self._entries.pop(uuid, None)
+        if entry is not None:
+            self._bytes -= entry.size
+
+    def _trim(self) -> None:
+        while self._bytes > self.max_bytes and self._entries:
+            _uuid, entry = self._entries.popitem(last=False)
+            self._bytes -= entry.size
+
+
 class Jobs:
     """Runs operations as api jobs in the background and records how each ended."""
 
@@ -35,6 +107,8 @@ class Jobs:
         self.config = config
         self.store = store
         self.metrics = metrics
+        self.finished = FinishedJobs(config.jobs.keep_seconds)
+        self._running_uuids: set[str] = set()  # jobs of this process not finished yet
         # called with each finished job (the app delivers X-Web-Hook results with it)
         self.on_done: Callable[[ApiJob], Awaitable[None]] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -60,6 +134,7 @@ class Jobs:
             self._run(job_uuid, api, operation, task_uuid), name=f"job-{job_uuid}"
         )
         self._running.add(job)
+        self._running_uuids.add(job_uuid)
         self._per_caller[caller] += 1
 
         def done(task: asyncio.Task[None]) -> None:
@@ -70,6 +145,10 @@ class Jobs:
 
         job.add_done_callback(done)
         return True
+
+    def is_running(self, job_uuid: str) -> bool:
+        """The job runs in this process and has not recorded its end yet."""
+        return job_uuid in self._running_uuids
 
     def running_for(self, caller: str) -> int:
         """Jobs of `caller` not finished yet."""
@@ -87,28 +166,34 @@ class Jobs:
         logctx.TASK.set(task_uuid)
         started = time.monotonic()
         try:
-            result = await operation()
-        except CbtError as e:
-            log.info("job %s %s failed: %s", job_uuid, api, e.message)
-            outcome = "failed"
-            await self.store.run(
-                SyncStore.finish_job, job_uuid, error=zstack.error_from_exception(e)
-            )
-        except Exception as e:
-            log.exception("job %s %s failed unexpectedly", job_uuid, api)
-            outcome = "internal_error"
-            error = zstack.error_code(
-                zstack.SYS_INTERNAL, "An internal error happened", f"{type(e).__name__}: {e}"
-            )
-            await self.store.run(SyncStore.finish_job, job_uuid, error=error)
-        else:
-            outcome = "succeeded"
-            await self.store.run(SyncStore.finish_job, job_uuid, result=result)
+            try:
+                result = await operation()
+            except CbtError as e:
+                log.info("job %s %s failed: %s", job_uuid, api, e.message)
+                outcome = "failed"
+                await self.store.run(
+                    SyncStore.finish_job, job_uuid, error=zstack.error_from_exception(e)
+                )
+            except Exception as e:
+                log.exception("job %s %s failed unexpectedly", job_uuid, api)
+                outcome = "internal_error"
+                error = zstack.error_code(
+                    zstack.SYS_INTERNAL, "An internal error happened", f"{type(e).__name__}: {e}"
+                )
+                await self.store.run(SyncStore.finish_job, job_uuid, error=error)
+            else:
+                outcome = "succeeded"
+                await self.store.run(SyncStore.finish_job, job_uuid, result=result)
+        finally:
+            # recorded (or the job was cancelled): polls read the database from now on
+            self._running_uuids.discard(job_uuid)
         if self.metrics is not None:
             self.metrics.job_done(api, outcome, time.monotonic() - started)
-        if self.on_done is not None:
-            job = await self.store.run(SyncStore.get_job, job_uuid)
-            if job is not None:
+        # what was recorded, read back: polls are answered from it, the webhook gets it
+        job = await self.store.run(SyncStore.get_job, job_uuid)
+        if job is not None:
+            self.finished.add(job)
+            if self.on_done is not None:
                 await self.on_done(job)
 
     async def fail_unfinished(self) -> int:
@@ -126,6 +211,7 @@ class Jobs:
     async def expire(self) -> int:
         """Forget finished jobs older than `[jobs] keep_seconds`; returns how many."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.config.jobs.keep_seconds)
+        self.finished.forget_older(cutoff)
         return await self.store.run(SyncStore.expire_jobs, cutoff)
 
     async def expire_forever(self) -> None:

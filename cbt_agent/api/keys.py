@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from cbt_agent.api.inventories import Inventories
 from cbt_agent.api.jobs import Jobs
 from cbt_agent.config import Config
 from cbt_agent.engine.service import CbtService
@@ -19,3 +20,4 @@ ROUTER: web.AppKey[QmpRouter] = web.AppKey("qmp_router", QmpRouter)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 SERVICE: web.AppKey[CbtService] = web.AppKey("service", CbtService)
 JOBS: web.AppKey[Jobs] = web.AppKey("jobs", Jobs)
+INVENTORIES: web.AppKey[Inventories] = web.AppKey("inventories", Inventories)

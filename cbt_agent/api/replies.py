@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
+from cbt_agent.contract.dates import format_date
 from cbt_agent.contract.replies import (
     CbtTaskInventory,
     CbtTaskResourceRefInventory,
@@ -28,6 +30,7 @@ __all__ = [
     "export_reply",
     "inventory",
     "inventory_reply",
+    "inventory_wire",
     "query_item",
     "unexport_reply",
 ]
@@ -54,6 +57,38 @@ def inventory(view: TaskView) -> CbtTaskInventory:
             for r in view.refs
         ],
     )
+
+
+def inventory_wire(view: TaskView) -> dict[str, Any]:
+    """`inventory(view).wire()` built without the model (~15x faster): QueryCbtTask keeps every
+    task's inventory in this form. A unit test holds the two equal, key order included."""
+    task = view.task
+    dates: dict[datetime, str] = {}  # a task's dates repeat in its refs: each formatted once
+
+    def date(dt: datetime) -> str:
+        text = dates.get(dt)
+        if text is None:
+            text = dates[dt] = format_date(dt)
+        return text
+
+    wire: dict[str, Any] = {"uuid": task.uuid.lower(), "name": task.name}
+    if task.description is not None:  # Gson drops a null
+        wire["description"] = task.description
+    wire["status"] = task.status.value
+    wire["createDate"] = date(task.create_date)
+    wire["lastOpDate"] = date(task.last_op_date)
+    wire["resourceRefs"] = [
+        {
+            "id": r.id,
+            "taskUuid": r.task_uuid.lower(),
+            "resourceUuid": r.resource_uuid.lower(),
+            "resourceType": r.resource_type,
+            "createDate": date(r.create_date),
+            "lastOpDate": date(r.last_op_date),
+        }
+        for r in view.refs
+    ]
+    return wire
 
 
 def query_item(view: TaskView) -> dict[str, Any]:

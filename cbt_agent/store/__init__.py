@@ -9,6 +9,7 @@ shared across threads, and serialising writes there keeps every operation one tr
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cbt_agent.store.daemons import DaemonExport, DaemonRows, StorageDaemon
 from cbt_agent.store.jobs import JobRows
-from cbt_agent.store.records import ApiJob, NbdServer, ResourceRef, VolumeExport, utcnow
+from cbt_agent.store.records import (
+    ApiJob,
+    NbdServer,
+    ResourceRef,
+    TaskChanges,
+    TaskRow,
+    VolumeExport,
+    utcnow,
+)
 from cbt_agent.store.schema import SCHEMA_VERSION
 from cbt_agent.store.tasks import TaskRows
 
@@ -32,6 +41,8 @@ __all__ = [
     "StorageDaemon",
     "Store",
     "SyncStore",
+    "TaskChanges",
+    "TaskRow",
     "VolumeExport",
     "utcnow",
 ]
@@ -51,10 +62,16 @@ class Store:
         self.path = path
         self.metrics = metrics
         self.sync: SyncStore | None = None
+        self._watch: sqlite3.Connection | None = None
+        self._watch_cursor: sqlite3.Cursor | None = None
 
     async def open(self) -> None:
         def open_store() -> SyncStore:
             sync = SyncStore(self.path)
+            sync.track_task_changes()
+            self._watch = sqlite3.connect(self.path, check_same_thread=False, timeout=0)
+            self._watch.execute("PRAGMA query_only = ON")
+            self._watch_cursor = self._watch.cursor()
             if self.metrics is not None:
                 sync.metrics = self.metrics
                 self.metrics.tasks_counted(sync.counts()[0])  # then kept current by commits
@@ -63,10 +80,33 @@ class Store:
         loop = asyncio.get_running_loop()
         self.sync = await loop.run_in_executor(self._executor, open_store)
 
+    def tasks_written(self) -> bool:
+        """A task's listed columns or refs were written by this store since its change feed was
+        last read (`SyncStore.task_changes`): a plain read of memory, no SQL, no thread hop."""
+        sync = self.sync
+        return sync is not None and sync.has_changed_tasks()
+
+    def data_version(self) -> int | None:
+        """A number that changes whenever anyone (this store or another process) commits to
+        the database: SQLite's `data_version`, read on a connection of its own that never
+        writes. No thread hop, but two system calls (SQLite's read lock): the event loop asks
+        it to learn of writes by other processes. None: it could not tell (take it as a
+        change)."""
+        if self._watch is None or self._watch_cursor is None:
+            return None
+        try:
+            # fetchall: the statement runs to its end, so no read transaction stays open
+            return int(self._watch_cursor.execute("PRAGMA data_version").fetchall()[0][0])
+        except sqlite3.Error:
+            return None
+
     async def close(self) -> None:
         if self.sync is not None:
             await self.run(SyncStore.close)
             self.sync = None
+        if self._watch is not None:
+            watch, self._watch, self._watch_cursor = self._watch, None, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, watch.close)
         self._executor.shutdown(wait=True)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cbt_agent.model import CbtTask
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -28,6 +30,28 @@ class ResourceRef:
     resource_type: str
     create_date: datetime
     last_op_date: datetime
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """A task as QueryCbtTask lists it: the task, its resource refs, and its place in the default
+    order (`create_date` as written, then rowid: insertion order among equal dates)."""
+
+    task: CbtTask
+    refs: list[ResourceRef]
+    order: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class TaskChanges:
+    """What changed in the tasks and their refs since the last `task_changes()` call.
+    `full`: anything may have changed (the first call, or another connection committed):
+    `rows` is then every task in the default order, else the changed tasks that still exist,
+    and `gone` the changed ones that no longer do."""
+
+    full: bool
+    rows: list[TaskRow]
+    gone: frozenset[str]
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any
 
 from cbt_agent.errors import NotFound, OperationError
 from cbt_agent.model import CbtTask, Checkpoint, TaskStatus, check_transition
 from cbt_agent.store.checkpoints import CheckpointRows
-from cbt_agent.store.records import ResourceRef, _dt, _ts, utcnow
+from cbt_agent.store.records import ResourceRef, TaskChanges, TaskRow, _dt, _ts, utcnow
 
 
 class TaskRows(CheckpointRows):
@@ -29,7 +30,41 @@ class TaskRows(CheckpointRows):
         return self._task(row) if row else None
 
     def list_tasks(self) -> list[CbtTask]:
-        return [self._task(r) for r in self._rows("SELECT * FROM tasks ORDER BY create_date")]
+        """Every task, oldest first (equal dates in the order they were written)."""
+        return [
+            self._task(r) for r in self._rows("SELECT * FROM tasks ORDER BY create_date, rowid")
+        ]
+
+    def task_rows(self, uuids: Collection[str] | None = None) -> list[TaskRow]:
+        """Tasks with their refs and their place in `list_tasks`' order: all of them (in that
+        order), or those of `uuids` that exist (in no particular order)."""
+        select = "SELECT rowid AS _rowid, * FROM tasks"
+        if uuids is None:
+            rows = self._rows(f"{select} ORDER BY create_date, rowid")
+            refs = self.all_resource_refs()
+        else:
+            rows, refs = [], {}
+            wanted = list(uuids)
+            for at in range(0, len(wanted), 500):  # SQLite's bound on parameters
+                chunk = tuple(wanted[at : at + 500])
+                marks = ", ".join("?" * len(chunk))
+                rows += self._rows(f"{select} WHERE uuid IN ({marks})", chunk)
+                for r in self._rows(
+                    f"SELECT * FROM resource_refs WHERE task_uuid IN ({marks}) ORDER BY id", chunk
+                ):
+                    refs.setdefault(r["task_uuid"], []).append(self._ref(r))
+        return [
+            TaskRow(self._task(r), refs.get(r["uuid"], []), (r["create_date"], r["_rowid"]))
+            for r in rows
+        ]
+
+    def task_changes(self) -> TaskChanges:
+        """The tasks changed since the last call (see `take_changed_tasks`), read back."""
+        everything, changed = self.take_changed_tasks()
+        if everything:
+            return TaskChanges(True, self.task_rows(), frozenset())
+        rows = self.task_rows(changed) if changed else []
+        return TaskChanges(False, rows, frozenset(changed - {r.task.uuid for r in rows}))
 
     def counts(self) -> tuple[dict[str, int], int]:
         """Tasks by status, and how many tasks have exports open (a running VM's or a shut-off
