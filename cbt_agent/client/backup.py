@@ -66,7 +66,6 @@ from cbt_agent.client.errors import ApiError, BackupError, CopyFailed
 from cbt_agent.client.manifest import load_manifest, save_manifest
 from cbt_agent.client.names import UUID_FORM, is_uuid
 from cbt_agent.client.progress import MIB, Progress
-from cbt_agent.client.qcow2 import Qcow2Writer
 from cbt_agent.client.target import (
     cluster_size,
     fsync_dir,
@@ -74,6 +73,7 @@ from cbt_agent.client.target import (
     path_in,
     publish,
 )
+from cbt_agent.qcow2 import Qcow2Writer
 from cbt_agent.qemu import nbd as nbdio
 
 PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"  # tests: stop mid-copy, to be killed

@@ -21,7 +21,7 @@ import nbd
 from cbt_agent.client.chain import FULL
 from cbt_agent.client.errors import BackupError
 from cbt_agent.client.extents import cluster_runs
-from cbt_agent.client.qcow2 import Qcow2Writer
+from cbt_agent.qcow2 import Qcow2Writer
 from cbt_agent.qemu import nbd as nbdio
 
 MAX_IN_FLIGHT = 16  # QEMU's NBD server serves 16 requests of a client at a time

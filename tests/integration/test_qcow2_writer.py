@@ -1,4 +1,4 @@
-"""The client's own qcow2 writer (cbt_agent/client/qcow2.py) against the real qemu-img: the
+"""The client's own qcow2 writer (cbt_agent/qcow2.py) against the real qemu-img: the
 images it writes pass `qemu-img check`, read back (alone and as a chain) exactly the bytes
 given, map the clusters it says, and hash to the sha256 it returns."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import stack
 
-from cbt_agent.client.qcow2 import Layout, Qcow2Writer
+from cbt_agent.qcow2 import Layout, Qcow2Writer
 
 CS = 64 << 10
 

@@ -15,6 +15,7 @@ BELOW_THE_API = [
     "sdnotify.py",
     "secretfiles.py",
     "units.py",
+    "qcow2.py",
     "engine",
     "qemu",
     "hypervisor",

@@ -1,5 +1,5 @@
-"""A backup file written as a qcow2 image in one sequential pass, its sha256 taken as it is
-written.
+"""A qcow2 image written in one sequential pass, its sha256 taken as it is written: the
+reference client's backup files, and the agent's empty scratch images (no data at all).
 
 A backup knows, before it copies anything, which guest clusters it will store (its read
 requests, in guest offset order) and which it will mark zero, so the whole layout is fixed up
@@ -243,9 +243,9 @@ class Qcow2Writer:
             elif zero_entry:
                 yield guest, count, zero_entry
 
-    def finish(self) -> str:
-        """Write the L2 tables, the L1 table and the refcounts after the data, sync the file;
-        the file's sha256 (hex)."""
+    def finish(self, sync: bool = True) -> str:
+        """Write the L2 tables, the L1 table and the refcounts after the data and (`sync`)
+        sync the file; the file's sha256 (hex)."""
         if self._next != len(self.requests):
             raise ValueError(f"{self.pending} requests were never stored")
         lay, cs, per = self.layout, self.cs, self._l2_entries
@@ -269,7 +269,8 @@ class Qcow2Writer:
         self._emit(self._reftable(), lay.reftable_start)
         for k, block in enumerate(self._refblocks()):
             self._emit(block, lay.refblock_start + k)
-        os.fdatasync(self.fd)
+        if sync:
+            os.fdatasync(self.fd)
         return self._sha.hexdigest()
 
     def _reftable(self) -> bytearray:
