@@ -53,8 +53,8 @@ from cbt_agent.client.chain import (
 )
 from cbt_agent.client.copy import (
     ALLOCATION,
+    GAP_TRIM_STEP,
     MAX_TRIM,
-    TRIM_STEP,
     ZERO_PROBE_MIN,
     copy_into,
     open_source,
@@ -363,7 +363,7 @@ async def _backup_disk(run: _Run, info: VolumeBackupInfo, target: DiskTarget) ->
             # block-status queries above are done: a trimmed range no longer answers them); the
             # rest is trimmed behind the copy
             skip = extents.largest(
-                extents.gaps(data_runs, size), extents.total(data_runs) // TRIM_STEP
+                extents.gaps(data_runs, size), extents.total(data_runs) // GAP_TRIM_STEP
             )
             if skip:
                 await run.in_thread(
