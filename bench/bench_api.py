@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +42,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.agentproc import AgentProcess
 from bench.stats import run_guarded
 from cbt_agent.api import replies
 from cbt_agent.engine.results import TaskView
@@ -58,7 +56,8 @@ QUERY_P99_MS = 20.0
 CONNECTIONS = 64
 THREADS = 2
 TOKEN = "bench-api-token-0123456789abcdef"
-LIBVIRT_URI = "qemu:///system"
+NBD_PORTS = "13100:13199"
+AGENT_START = 120.0  # seconds for /healthz: at 10,000 tasks the agent takes ~40 s to come up
 TIME_BUDGET = 540.0  # seconds: the whole benchmark, populating and agent starts included
 
 # wrk's summary in one parseable line (latencies in microseconds)
@@ -88,91 +87,6 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int = 0
-
-
-class Agent:
-    """`cbt-agent serve` as a process of its own, started here and stopped by its pid."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.config = work / "agent.toml"
-        self.log = work / "agent.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.config.write_text(
-            f'[api]\nlisten = "127.0.0.1:{self.port}"\ntokens = ["{TOKEN}"]\n'
-            f'[state]\ndir = "{work / "state"}"\n[libvirt]\nuri = "{LIBVIRT_URI}"\n'
-            f'[qmp]\nsocket_template = "{work}/{{vm_uuid}}.sock"\n'
-            '[nbd]\nlisten = "127.0.0.1"\nport_range = "13100:13199"\n'
-        )
-        self.config.chmod(0o600)
-
-    @property
-    def db(self) -> Path:
-        return self.work / "state" / "cbt-agent.db"
-
-    async def start(self) -> float:
-        """Start it and wait until /healthz answers; returns the seconds that took."""
-        started = time.monotonic()
-        with self.log.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "cbt_agent",
-                "serve",
-                "--config",
-                str(self.config),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
-            )
-        while time.monotonic() - started < 120:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"the agent exited at start:\n{self._log_tail()}")
-            if await _healthz(self.port):
-                return time.monotonic() - started
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"the agent did not answer /healthz in 120 s:\n{self._log_tail()}")
-
-    async def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
-
-    def _log_tail(self) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-        except OSError:
-            return "(no log)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _healthz(port: int) -> bool:
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        status = await asyncio.wait_for(reader.readline(), 5)
-        return status.startswith(b"HTTP/1.1 200")
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 def populate(db: Path, total: int) -> str | None:
@@ -275,7 +189,7 @@ async def run(args: argparse.Namespace) -> int:
     script = work / "summary.lua"
     script.write_text(WRK_SCRIPT)
     (work / "pages.lua").write_text(WRK_PAGES + WRK_SCRIPT)
-    agent = Agent(work)
+    agent = AgentProcess(work, TOKEN, NBD_PORTS)
     try:
         async with asyncio.timeout(TIME_BUDGET):
             return await _measure(agent, work, script, args)
@@ -284,7 +198,7 @@ async def run(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def _measure(agent: Agent, work: Path, script: Path, args: argparse.Namespace) -> int:
+async def _measure(agent: AgentProcess, work: Path, script: Path, args: argparse.Namespace) -> int:
     seconds, short = args.duration, max(2.0, args.duration / 2)
     job: str | None = None
     growth: dict[int, tuple[Load, Load]] = {}
@@ -299,7 +213,7 @@ async def _measure(agent: Agent, work: Path, script: Path, args: argparse.Namesp
         job = await asyncio.to_thread(populate, agent.db, total) or job
         assert job is not None
         filled = time.monotonic() - t0
-        up = await agent.start()
+        up = await agent.start(AGENT_START)
         print(f"{total:,} tasks (written in {filled:.1f} s; agent up in {up:.1f} s)", flush=True)
         urls = {
             "health": (f"{agent.base}/healthz", False),

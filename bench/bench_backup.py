@@ -40,7 +40,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ import libvirt_qemu
 import nbd
 
 import cbt_agent.qemu.nbd as nbdio
+from bench.agentproc import AgentProcess
 from bench.peer import DEFAULT_PEERS, Peer, ensure_peer
 from bench.stats import run_guarded
 from cbt_agent.client import extents
@@ -135,8 +135,13 @@ class Bench:
         self.agent_vm = Vm(name, root / "agent.qcow2", root / f"{name}-qmp.sock")
         self.peer_vm = Vm(uuid.uuid4().hex, root / "peer.qcow2", None)
         self.volume = uuid.uuid4().hex
-        self.agent: subprocess.Popen[bytes] | None = None
-        self.url = ""
+        self.agent = AgentProcess(
+            root,
+            TOKEN,
+            PORTS,
+            qmp_socket="{vm_uuid}-qmp.sock",
+            extra={"checkpoints": {"quiesce": "never"}},
+        )
         self.env = {**os.environ, "CBT_AGENT_TOKEN": TOKEN}
         self.task_uuid = ""
 
@@ -189,52 +194,6 @@ class Bench:
         await asyncio.to_thread(remove)
         vm.defined = False
 
-    def start_agent(self) -> None:
-        port = _free_port()
-        state = self.root / "state"
-        state.mkdir()
-        config = self.root / "agent.toml"
-        config.write_text(
-            f'[api]\nlisten = "127.0.0.1:{port}"\ntokens = ["{TOKEN}"]\n'
-            f'[state]\ndir = "{state}"\n[libvirt]\nuri = "{URI}"\n'
-            f'[qmp]\nsocket_template = "{self.root}/{{vm_uuid}}-qmp.sock"\n'
-            f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{PORTS}"\n'
-            '[checkpoints]\nquiesce = "never"\n'
-        )
-        config.chmod(0o600)
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "cbt_agent", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.root / "agent.log", "wb"),  # noqa: SIM115 - closed with the process
-        )
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        import urllib.request
-
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.agent.poll() is not None or time.monotonic() > deadline:
-                log = (self.root / "agent.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the agent did not start:\n{log}")
-            time.sleep(0.05)
-
-    def stop_agent(self) -> None:
-        if self.agent is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.agent.pid, signal.SIGTERM)
-        try:
-            self.agent.wait(30)
-        except subprocess.TimeoutExpired:
-            os.kill(self.agent.pid, signal.SIGKILL)
-            self.agent.wait()
-        self.agent = None
-
     # ---- guest writes -------------------------------------------------------------------
     async def write_both(self, offsets: list[int], pattern: int) -> None:
         conn = await self.hv.connection()
@@ -266,7 +225,7 @@ class Bench:
                 "cbt_agent",
                 "backup",
                 "--url",
-                self.url,
+                self.agent.base,
                 "--vm",
                 self.agent_vm.name,
                 "--dest",
@@ -306,7 +265,7 @@ class Bench:
         fsync + Disable: the least any client must do for an incremental."""
         target = self.root / "limit-inc.raw"
         target.unlink(missing_ok=True)
-        async with CbtApi(self.url, TOKEN) as api:
+        async with CbtApi(self.agent.base, TOKEN) as api:
             t0 = time.perf_counter()
             infos = await self.limit_enable(api, since)
             copied = await asyncio.to_thread(_read_dirty, infos[0], target)
@@ -322,7 +281,7 @@ class Bench:
         target = self.root / "limit-full.qcow2"
         sock = self.root / "limit-full.sock"
         target.unlink(missing_ok=True)
-        async with CbtApi(self.url, TOKEN) as api:
+        async with CbtApi(self.agent.base, TOKEN) as api:
             t0 = time.perf_counter()
             infos = await self.limit_enable(api, None)
             await asyncio.to_thread(_nbdcopy, infos[0], target, sock)
@@ -331,14 +290,6 @@ class Bench:
         target.unlink()
         sock.unlink(missing_ok=True)
         return seconds
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _read_dirty(info: VolumeBackupInfo, target: Path) -> int:
@@ -510,7 +461,7 @@ async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: 
         await asyncio.to_thread(b.make_image)
         await b.start_vm(b.agent_vm)
         await b.start_vm(b.peer_vm)
-        await asyncio.to_thread(b.start_agent)
+        await b.agent.start()
         full_a, full_p, full_l = Series(), Series(), Series()
         dest_a = dest_p = root
         for i in range(runs):
@@ -603,7 +554,8 @@ async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: 
             flush=True,
         )
     finally:
-        b.stop_agent()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(b.agent.stop())
         for vm in (b.agent_vm, b.peer_vm):
             with contextlib.suppress(Exception):
                 await asyncio.shield(b.remove_vm(vm))

@@ -42,9 +42,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -58,6 +55,7 @@ import libvirt_qemu
 import nbd
 
 from bench import baseline
+from bench.agentproc import AgentProcess
 from bench.stats import median_ms, row, run_guarded, verdict
 from cbt_agent.dirtymap import bitmap_base64
 from cbt_agent.engine.exports import read_changes
@@ -75,7 +73,6 @@ AGENT_PORTS = "13000:13099"
 TOKEN = "bench-token-0123456789abcdef"
 IN_FLIGHT = 64  # zero writes in flight on the writable export
 TIME_BUDGET = 115.0  # seconds: the whole run, setup and cleanup included
-REPO = Path(__file__).resolve().parent.parent
 # tests/stack.py reaps domains with this mark whose creating pid is gone (a killed run)
 VM_MARK = "cbt-agent test VM"
 
@@ -201,74 +198,18 @@ def bitmap_count(vm: BenchVm, name: str) -> int:
 # ---- the agent as a real process, driven over HTTP --------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class AgentApi:
+    """The agent's ZStack API as a client calls it over HTTP, with the bench's token."""
 
+    def __init__(self, base: str, token: str) -> None:
+        self.base = f"{base}/zstack/v1"
+        self.session = aiohttp.ClientSession(headers={"Authorization": f"OAuth {token}"})
 
-class AgentProcess:
-    """`cbt-agent serve` of this tree, started here and stopped by its pid."""
-
-    def __init__(self, work: Path, qmp_template: str) -> None:
-        self.work = work
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}/zstack/v1"
-        self.config = work / "agent.toml"
-        self.log = work / "agent.log"
-        self.config.write_text(
-            f'[api]\nlisten = "127.0.0.1:{self.port}"\ntokens = ["{TOKEN}"]\n'
-            f'[state]\ndir = "{work / "state"}"\n[libvirt]\nuri = "{URI}"\n'
-            f'[qmp]\nsocket_template = "{qmp_template}"\n'
-            f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{AGENT_PORTS}"\n'
-            # the guest writes nothing while exported: a 1 TiB disk's default budget (25 %)
-            # would not fit on this machine's filesystem
-            '[checkpoints]\nscratch_budget = "1G"\n'
-        )
-        self.config.chmod(0o600)  # it holds the token: the agent refuses a file others read
-        self.proc: asyncio.subprocess.Process | None = None
-        self.session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}  # this tree's agent, not an installed one
-        with self.log.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cbt_agent", "serve", "--config", str(self.config),
-                stdout=log, stderr=log, env=env, cwd=str(REPO),
-            )  # fmt: skip
-        self.session = aiohttp.ClientSession(headers={"Authorization": f"OAuth {TOKEN}"})
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with self.session.get(f"http://127.0.0.1:{self.port}/healthz") as r:
-                    if r.status == 200:
-                        return
-            if self.proc.returncode is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the agent did not start: {self.log_tail()}")
-            await asyncio.sleep(0.05)
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log.read_text(errors="replace")[-2000:]
-        return ""
-
-    async def stop(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # by the pid we started, never by name
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+    async def close(self) -> None:
+        await self.session.close()
 
     async def call(self, method: str, path: str, body: Any) -> Any:
         """An asynchronous API, polled to its end; the reply body (fails unless 200)."""
-        assert self.session is not None
         async with self.session.request(method, f"{self.base}{path}", json=body) as r:
             if r.status != 202:
                 raise RuntimeError(f"{method} {path}: {r.status} {await r.text()}")
@@ -283,7 +224,6 @@ class AgentProcess:
 
     async def listing(self, task: str, volume: str) -> tuple[list[tuple[int, int]], int]:
         """The whole changed-areas answer, page by page: (runs, pages)."""
-        assert self.session is not None
         url = f"{self.base}/cbt-task/{task}/volumes/{volume}/changed-areas"
         runs: list[tuple[int, int]] = []
         offset: int | None = 0
@@ -354,12 +294,12 @@ def check_bitmap(b64: str, offsets: list[int], what: str) -> None:
 
 
 async def measure_level(
-    agent: AgentProcess, task: str, vm: BenchVm, since: str, offsets: list[int], reps: int
+    api: AgentApi, task: str, vm: BenchVm, since: str, offsets: list[int], reps: int
 ) -> Level:
     level = Level(len(offsets))
     want = [(o, CLUSTER) for o in sorted(offsets)]
     t0 = time.perf_counter()
-    reply = await agent.call("POST", f"/cbt-task/enable/{task}", {"params": {"bitmapName": since}})
+    reply = await api.call("POST", f"/cbt-task/enable/{task}", {"params": {"bitmapName": since}})
     level.enable_api = time.perf_counter() - t0
     (info,) = reply["volumeCbtBackupInfos"]
     level.checkpoint = info["bitmapName"]
@@ -376,7 +316,7 @@ async def measure_level(
         address = nbdio.NbdAddress(info["nbdServer"], port, None, export)
 
         # correctness first: both sides see exactly the written clusters, one run each
-        listed, level.pages = await agent.listing(task, vm.volume_uuid)
+        listed, level.pages = await api.listing(task, vm.volume_uuid)
         raw = await asyncio.to_thread(baseline.read_extents, context, export, port=port)
         if listed != want or raw_runs(raw) != want:
             raise RuntimeError(
@@ -392,7 +332,7 @@ async def measure_level(
         # interleaved, order flipped each round, so background load hits both sides alike
         async def agent_side() -> None:
             t = time.perf_counter()
-            await agent.listing(task, vm.volume_uuid)
+            await api.listing(task, vm.volume_uuid)
             level.agent.append(time.perf_counter() - t)
 
         async def raw_side() -> None:
@@ -410,7 +350,7 @@ async def measure_level(
             level.bitmap.append(time.perf_counter() - t)
             level.bitmap_parts.append(parts)
     finally:
-        await agent.call("POST", f"/cbt-task/disable/{task}", {"params": {}})
+        await api.call("POST", f"/cbt-task/disable/{task}", {"params": {}})
     return level
 
 
@@ -459,28 +399,33 @@ async def main_async(reps: int) -> int:
     work = Path(tempfile.mkdtemp(prefix="cbtbd-", dir="/tmp"))  # short: unix socket paths
     vm: BenchVm | None = None
     agent: AgentProcess | None = None
+    api: AgentApi | None = None
     levels: list[Level] = []
     try:
         async with asyncio.timeout(TIME_BUDGET):
             t0 = time.monotonic()
             vm = await asyncio.to_thread(start_vm, work)
-            agent = AgentProcess(work, f"{work}/{{vm_uuid}}.sock")
+            # the guest writes nothing while exported: a 1 TiB disk's default budget (25 %)
+            # would not fit on this machine's filesystem
+            agent = AgentProcess(
+                work, TOKEN, AGENT_PORTS, extra={"checkpoints": {"scratch_budget": "1G"}}
+            )
             await agent.start()
-            created = await agent.call(
+            api = AgentApi(agent.base, TOKEN)
+            created = await api.call(
                 "POST",
                 "/cbt-task/create",
                 {"params": {"name": "bench-dirtymap", "vmInstanceUuid": vm.vm_uuid}},
             )
             task = created["inventory"]["uuid"]
-            full = await agent.call("POST", f"/cbt-task/enable/{task}", {"params": {}})
+            full = await api.call("POST", f"/cbt-task/enable/{task}", {"params": {}})
             (info,) = full["volumeCbtBackupInfos"]
             if info["mode"] != "full":
                 raise RuntimeError(f"first Enable: mode {info['mode']}")
             since = info["bitmapName"]
-            await agent.call("POST", f"/cbt-task/disable/{task}", {"params": {}})
+            await api.call("POST", f"/cbt-task/disable/{task}", {"params": {}})
             print(
-                f"bench_dirtymap: VM {vm.vm_uuid[:8]}, agent pid "
-                f"{agent.proc.pid if agent.proc else '?'} on port {agent.port}, "
+                f"bench_dirtymap: VM {vm.vm_uuid[:8]}, agent pid {agent.pid} on port {agent.port}, "
                 f"full checkpoint {since}; setup {time.monotonic() - t0:.1f} s",
                 flush=True,
             )
@@ -503,15 +448,17 @@ async def main_async(reps: int) -> int:
                 )
                 done = n
                 offsets = [c * 2 * CLUSTER for c in order[:n]]
-                level = await measure_level(agent, task, vm, since, offsets, reps)
+                level = await measure_level(api, task, vm, since, offsets, reps)
                 levels.append(level)
                 recording = level.checkpoint
             ok = report(levels)
     finally:
+        if api is not None:
+            await api.close()
         if agent is not None:
-            if agent.proc is not None and agent.proc.returncode is not None:
+            if agent.returncode is not None:
                 print(f"agent exited early: {agent.log_tail()}")
-            await asyncio.shield(agent.stop())
+            await asyncio.shield(agent.stop(grace=15))
         if vm is not None:
             await asyncio.shield(asyncio.to_thread(remove_vm, vm))
         shutil.rmtree(work, ignore_errors=True)

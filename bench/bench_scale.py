@@ -34,10 +34,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -49,6 +46,7 @@ from typing import Any, TypeVar
 import aiohttp
 import libvirt
 
+from bench.agentproc import AgentProcess
 from bench.stats import run_guarded
 from cbt_agent.hypervisor.libvirt import Hypervisor
 from testbed.domain import throwaway_domain_xml
@@ -91,84 +89,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class ScaleAgent(AgentProcess):
+    """The agent process, its memory read from /proc while it works."""
 
-
-class Agent:
-    """`cbt-agent serve` as a child process, started and stopped by its pid."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.config = work / "agent.toml"
-        self.log = work / "agent.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.peak_rss_kb = 0
-
-    def write_config(self) -> None:
-        self.config.write_text(
-            f'[api]\nlisten = "127.0.0.1:{self.port}"\ntokens = ["{TOKEN}"]\n'
-            "max_jobs_per_caller = 256\n"
-            f'[state]\ndir = "{self.work / "state"}"\n[libvirt]\nuri = "{URI}"\n'
-            f'[qmp]\nsocket_template = "{self.work}/{{vm_uuid}}.sock"\n'
-            f'[nbd]\nlisten = "127.0.0.1"\nport_range = "{PORT_RANGE}"\n'
-        )
-        self.config.chmod(0o600)  # it holds the token
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        self.write_config()
-        with self.log.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "cbt_agent",
-                "serve",
-                "--config",
-                str(self.config),
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{self.base}/healthz") as r:
-                    if r.status == 200:
-                        return
-            if self.proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"the agent did not come up; its log:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    peak_rss_kb = 0
 
     def rss_kb(self) -> int:
         return proc_status_kb(self.pid, "VmRSS")
 
     def hwm_kb(self) -> int:
         return proc_status_kb(self.pid, "VmHWM")
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 30 s; by pid."""
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), 30)
-        except TimeoutError:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
 
     @contextlib.asynccontextmanager
     async def rss_sampler(self, period: float = 0.1) -> Any:
@@ -232,7 +162,7 @@ class Round:
 
 
 async def all_at_once(
-    agent: Agent,
+    agent: ScaleAgent,
     session: aiohttp.ClientSession,
     label: str,
     requests: Sequence[tuple[str, str, Any]],
@@ -397,7 +327,7 @@ def verdict(label: str, value: float, goal: float, unit: str) -> bool:
     return ok
 
 
-async def idle_cpu(agent: Agent, window: float) -> float:
+async def idle_cpu(agent: ScaleAgent, window: float) -> float:
     """The agent's CPU over `window` seconds with nobody calling it, as a fraction of a core."""
     c0, t0 = cpu_seconds(agent.pid), time.perf_counter()
     await asyncio.sleep(window)
@@ -405,7 +335,7 @@ async def idle_cpu(agent: Agent, window: float) -> float:
 
 
 async def scenario(
-    fleet: Fleet, agent: Agent, session: aiohttp.ClientSession, args: argparse.Namespace
+    fleet: Fleet, agent: ScaleAgent, session: aiohttp.ClientSession, args: argparse.Namespace
 ) -> bool:
     vms, poll, disks = fleet.vms, args.poll, args.disks
     results: list[bool] = []
@@ -510,7 +440,8 @@ async def main_async(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="cbtbs-", dir="/tmp"))  # short: unix socket paths
     hv = Hypervisor(URI)
     fleet = Fleet(hv, root, paused=not args.running)
-    agent = Agent(root)
+    # the default max_jobs_per_caller (64) would refuse the 65th concurrent call of one token
+    agent = ScaleAgent(root, TOKEN, PORT_RANGE, extra={"api": {"max_jobs_per_caller": 256}})
     ok = False
     connector = aiohttp.TCPConnector(limit=0)
     session = aiohttp.ClientSession(
@@ -529,7 +460,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 f"({state}) in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-            await agent.start(session)
+            await agent.start()
             try:
                 ok = await scenario(fleet, agent, session, args)
             except Exception:
