@@ -491,6 +491,7 @@ async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: 
         agent = [sys.executable, "-m", "cbt_agent"]
         for i in range(runs):
             out = root / f"restore-{i}"
+            out.mkdir()
             peer_sock = str(root / "peer-restore.sock")
             await in_turn(
                 i,
