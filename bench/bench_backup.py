@@ -526,6 +526,7 @@ async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: 
                 ),
             )
             shutil.rmtree(out)
+        for i in range(runs):  # after the restores, which all read the files from the cache
             # verify as a backup store is verified: from the disk (the page cache dropped first)
             await in_turn(
                 i,
