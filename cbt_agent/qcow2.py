@@ -40,6 +40,11 @@ MIN_CLUSTER = 512
 _ZEROES = bytes(1 << 20)
 
 
+def cluster_size(granularity: int) -> int:
+    """The qcow2 cluster size matching a tracking granularity (within qcow2's limits)."""
+    return min(max(granularity, MIN_CLUSTER), MAX_CLUSTER)
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 

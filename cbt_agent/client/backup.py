@@ -67,13 +67,12 @@ from cbt_agent.client.manifest import load_manifest, save_manifest
 from cbt_agent.client.names import UUID_FORM, is_uuid
 from cbt_agent.client.progress import MIB, Progress
 from cbt_agent.client.target import (
-    cluster_size,
     fsync_dir,
     open_exclusive,
     path_in,
     publish,
 )
-from cbt_agent.qcow2 import Qcow2Writer
+from cbt_agent.qcow2 import Qcow2Writer, cluster_size
 from cbt_agent.qemu import nbd as nbdio
 
 PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"  # tests: stop mid-copy, to be killed

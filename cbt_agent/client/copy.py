@@ -67,13 +67,12 @@ def open_source(address: nbdio.NbdAddress, *contexts: str) -> Any:
     return nbdio.connect(address, contexts)
 
 
-def zero_ranges(h: Any, within: Iterable[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
-    """The export's ranges that read as zero (`base:allocation`), merged: over the whole
-    export, or only within the sorted ranges `within`."""
+def zero_ranges(h: Any, within: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The export's ranges inside the sorted ranges `within` that read as zero
+    (`base:allocation`), merged."""
     out: list[tuple[int, int]] = []
-    spans = [(0, None)] if within is None else list(within)
     try:
-        for start, length in spans:
+        for start, length in within:
             for pos, n, flags in nbdio.iter_extents(h, ALLOCATION, start, length):
                 if not flags & nbdio.STATE_ZERO:
                     continue

@@ -12,9 +12,6 @@ from pathlib import Path
 from cbt_agent.client.errors import BackupError
 from cbt_agent.client.names import is_plain_name
 
-QCOW2_MIN_CLUSTER = 512
-QCOW2_MAX_CLUSTER = 2 << 20
-
 
 async def run_tool(*cmd: str) -> str:
     """Run qemu-img & co.; BackupError with its stderr when it fails."""
@@ -29,11 +26,6 @@ async def run_tool(*cmd: str) -> str:
         text = (err or out).decode(errors="replace").strip()
         raise BackupError(f"{cmd[0]} {cmd[1]} failed: {text}")
     return out.decode(errors="replace")
-
-
-def cluster_size(granularity: int) -> int:
-    """The qcow2 cluster size matching the tracking granularity (within qcow2's limits)."""
-    return min(max(granularity, QCOW2_MIN_CLUSTER), QCOW2_MAX_CLUSTER)
 
 
 def path_in(directory: Path, name: str) -> Path:
