@@ -71,6 +71,10 @@ def connect_tcp_quickly(h: Any, host: str, port: int, timeout: float = CONNECT_T
         h.aio_connect_socket(fd)
         deadline = time.monotonic() + timeout
         while h.aio_is_connecting():
+            # libnbd reads whatever has arrived in any of its calls (aio_connect_socket and
+            # aio_notify_write too, when QEMU answered quickly): ask for the ACK after each
+            with contextlib.suppress(OSError):
+                view.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise nbd.Error(f"NBD handshake with {host}:{port} timed out", 110)
@@ -83,8 +87,6 @@ def connect_tcp_quickly(h: Any, host: str, port: int, timeout: float = CONNECT_T
             )
             if readable:
                 h.aio_notify_read()
-                with contextlib.suppress(OSError):
-                    view.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             if writable:
                 h.aio_notify_write()
         if not h.aio_is_ready():
