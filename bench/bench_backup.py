@@ -253,24 +253,28 @@ class Bench:
             )
         )
 
-    async def limit_enable(self, api: CbtApi, since: str | None) -> list[VolumeBackupInfo]:
+    def limit_enable(self, api: CbtApi, since: str | None) -> list[VolumeBackupInfo]:
         if not self.task_uuid:
-            task = await api.find_task(self.agent_vm.name)
+            task = api.find_task(self.agent_vm.name)
             assert task is not None
             self.task_uuid = task.uuid
-        return await api.enable(self.task_uuid, since, quiesce=False)
+        return api.enable(self.task_uuid, since, quiesce=False)
 
     async def limit_incremental(self, since: str, expect: int) -> float:
         """Enable + one NBD connect + the dirty clusters read 16 in flight into a raw file +
         fsync + Disable: the least any client must do for an incremental."""
         target = self.root / "limit-inc.raw"
         target.unlink(missing_ok=True)
-        async with CbtApi(self.agent.base, TOKEN) as api:
-            t0 = time.perf_counter()
-            infos = await self.limit_enable(api, since)
-            copied = await asyncio.to_thread(_read_dirty, infos[0], target)
-            await api.disable(self.task_uuid, force=False)
-            seconds = time.perf_counter() - t0
+
+        def limit() -> tuple[float, int]:
+            with CbtApi(self.agent.base, TOKEN) as api:
+                t0 = time.perf_counter()
+                infos = self.limit_enable(api, since)
+                copied = _read_dirty(infos[0], target)
+                api.disable(self.task_uuid, force=False)
+                return time.perf_counter() - t0, copied
+
+        seconds, copied = await asyncio.to_thread(limit)
         if copied != expect:
             raise RuntimeError(f"limit copied {copied} bytes, expected {expect}")
         target.unlink()
@@ -281,12 +285,16 @@ class Bench:
         target = self.root / "limit-full.qcow2"
         sock = self.root / "limit-full.sock"
         target.unlink(missing_ok=True)
-        async with CbtApi(self.agent.base, TOKEN) as api:
-            t0 = time.perf_counter()
-            infos = await self.limit_enable(api, None)
-            await asyncio.to_thread(_nbdcopy, infos[0], target, sock)
-            await api.disable(self.task_uuid, force=False)
-            seconds = time.perf_counter() - t0
+
+        def limit() -> float:
+            with CbtApi(self.agent.base, TOKEN) as api:
+                t0 = time.perf_counter()
+                infos = self.limit_enable(api, None)
+                _nbdcopy(infos[0], target, sock)
+                api.disable(self.task_uuid, force=False)
+                return time.perf_counter() - t0
+
+        seconds = await asyncio.to_thread(limit)
         target.unlink()
         sock.unlink(missing_ok=True)
         return seconds

@@ -1,32 +1,40 @@
-"""`cbt-agent serve | status | tasks | checkpoints | sweep | backup | restore | verify`."""
+"""`cbt-agent serve | status | tasks | checkpoints | sweep | backup | restore | verify`.
+
+Each command imports what it needs when it runs: `backup` starts once per backup, and the
+event loop, the configuration's TLS and address parsing and the logging it does not use would
+cost it more than an Enable.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
-import logging
 import signal
-import sqlite3
-import ssl
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from cbt_agent import __version__
-from cbt_agent.config import Config, load_config
 from cbt_agent.errors import CbtError, ConfigError
 
 if TYPE_CHECKING:
+    from cbt_agent.config import Config
     from cbt_agent.engine.steps import StepHook
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from cbt_agent.config import load_config
+
     return load_config(Path(args.config) if args.config else None)
 
 
 async def _serve(config: Config, step: StepHook | None) -> None:
+    import asyncio
+    import contextlib
+    import logging
+    import ssl
+
     from aiohttp import web
 
     from cbt_agent.api import server
@@ -102,6 +110,8 @@ def serve(config: Config, *, step: StepHook | None = None) -> int:
     steps of Enable, Disable and Delete (fault-injection tests install one; the product none).
     The state directory's lock is held throughout: one agent per database, and the operator
     commands can tell that an agent runs."""
+    import asyncio
+
     from cbt_agent import logctx
     from cbt_agent.ops.presence import serving
 
@@ -156,6 +166,8 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     config = _config(args)
     store = _open_store(config)
     try:
+        import asyncio
+
         report = asyncio.run(checkpoints.inspect_checkpoints(config, store, args.vm_uuid))
     finally:
         if store is not None:
@@ -196,6 +208,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return sweep.planned(found), found.problems
 
     try:
+        import asyncio
+
         outcomes, problems = asyncio.run(run())
     finally:
         if store is not None:
@@ -316,7 +330,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         quiesce=args.quiesce,
     )
     try:
-        asyncio.run(_cancel_on_sigterm(run_backup(opts, Progress(quiet=args.quiet))))
+        with _sigterm_raises():
+            run_backup(opts, Progress(quiet=args.quiet))
     except _Terminated:
         print(
             "cbt-agent: backup stopped by SIGTERM: its partial files were removed and the "
@@ -327,27 +342,25 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM, raised where the command is (as Ctrl-C raises KeyboardInterrupt), so its
+    cleanup runs; a BaseException, so that no `except Exception` swallows it."""
 
 
-async def _cancel_on_sigterm(coro: Any) -> Any:
-    """Run `coro`; SIGTERM cancels it (as Ctrl-C does), so its cleanup runs."""
-    task = asyncio.ensure_future(coro)
-    terminated = False
+class _sigterm_raises:
+    """While inside: the first SIGTERM raises _Terminated; later ones are ignored, so the
+    cleanup it started (files removed, the task disabled) is not cut short."""
 
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
+    def __enter__(self) -> None:
+        self._old = signal.signal(signal.SIGTERM, self._raise)
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if terminated:
-            raise _Terminated from None
-        raise
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+    @staticmethod
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -356,7 +369,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from cbt_agent.client.restore import run_restore
 
     progress = Progress(quiet=args.quiet)
-    asyncio.run(run_restore(Path(args.dest), args.checkpoint, Path(args.out), progress))
+    run_restore(Path(args.dest), args.checkpoint, Path(args.out), progress)
     return 0
 
 
@@ -475,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if look else 1
     except KeyboardInterrupt:
         return 130
-    except (OSError, sqlite3.Error) as e:
-        if not look:
+    except Exception as e:
+        import sqlite3
+
+        if not look or not isinstance(e, OSError | sqlite3.Error):
             raise
         print(f"cbt-agent: {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

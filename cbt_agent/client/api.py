@@ -1,31 +1,33 @@
 """The agent's CBT task API as the backup client sees it (ZStack conventions).
 
 Create, Enable and Disable answer 202 with a `location` that is polled until 200 (the result)
-or 503 (`{"error": ErrorCode}`); queries answer 200 at once.
+or 503 (`{"error": ErrorCode}`); queries answer 200 at once. Blocking: the client is one
+short-lived command doing one thing at a time, and what it imports is paid on every backup
+(no event loop, no pydantic: loading them cost more than the whole Enable).
 
-Nothing a reply says is taken on trust: every reply is parsed through the contract's models,
-the names that become file names (volume uuids, checkpoints) must have the agent's own form,
-and the token goes only to the agent's origin (the scheme, host and port of `--url`): a job
-`location` anywhere else is refused before it is asked, and redirects are not followed.
+Nothing a reply says is taken on trust: every reply is checked against the contract's JSON
+Schema (generated from its models: `contract/reply_schema.py`), the names that become file
+names (volume uuids, checkpoints) must have the agent's own form, and the token goes only
+to the agent's origin (the scheme, host and port of `--url`): a job `location` anywhere else
+is refused before it is asked, and redirects are not followed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from cbt_agent.client.errors import ApiError, BackupError
 from cbt_agent.client.names import CHECKPOINT_FORM, UUID_FORM, is_checkpoint_name, is_uuid
 from cbt_agent.client.transport import Connection, has_credentials, join, origin
-from cbt_agent.contract.replies import CbtTaskInventory, VolumeCbtBackupInfo
+from cbt_agent.contract.jsoncheck import SchemaMismatch, check
+from cbt_agent.contract.reply_schema import SCHEMAS
 from cbt_agent.errors import SYS_OPERATION
-from cbt_agent.qemu.psk import Psk
+
+if TYPE_CHECKING:
+    from cbt_agent.qemu.psk import Psk
 
 API_PREFIX = "/zstack/v1"
 # a job is polled every POLL_FIRST seconds for its first POLL_QUICK seconds (an Enable or a
@@ -44,13 +46,10 @@ class TaskRef:
     @classmethod
     def from_reply(cls, d: object) -> TaskRef:
         """From a CbtTaskInventory as the agent writes it."""
-        try:
-            inv = CbtTaskInventory.model_validate(d)
-        except ValidationError as e:
-            raise BackupError(f"malformed CbtTaskInventory from the agent: {one_line(e)}") from None
-        if not is_uuid(inv.uuid):
-            raise BackupError(f"the agent's task uuid {inv.uuid!r} is not {UUID_FORM}: refused")
-        return cls(inv.uuid, inv.status.value)
+        inv = checked("CbtTaskInventory", d)
+        if not is_uuid(inv["uuid"]):
+            raise BackupError(f"the agent's task uuid {inv['uuid']!r} is not {UUID_FORM}: refused")
+        return cls(inv["uuid"], inv["status"])
 
 
 @dataclass(frozen=True)
@@ -78,67 +77,70 @@ class VolumeBackupInfo:
     @classmethod
     def from_reply(cls, d: object) -> VolumeBackupInfo:
         """From a VolumeCbtBackupInfo as the agent writes it."""
-        try:
-            info = VolumeCbtBackupInfo.model_validate(d)
-        except ValidationError as e:
-            raise BackupError(
-                f"malformed VolumeCbtBackupInfo from the agent: {one_line(e)}"
-            ) from None
+        info = checked("VolumeCbtBackupInfo", d)
         # these become file names and manifest entries: only the agent's own forms pass
-        vol = info.volume.volume_uuid
+        vol = info["volume"]["volumeUuid"]
         if not is_uuid(vol):
             raise BackupError(
                 f"VolumeCbtBackupInfo.volume.volumeUuid {vol!r} is not {UUID_FORM}: refused"
             )
-        for key, name in (
-            ("bitmapName", info.bitmap_name),
-            ("sinceBitmapName", info.since_bitmap_name),
-        ):
+        for key in ("bitmapName", "sinceBitmapName"):
+            name = info[key]
             if name is not None and not is_checkpoint_name(name):
                 raise BackupError(
                     f"VolumeCbtBackupInfo.{key} {name!r} of disk {vol} is not {CHECKPOINT_FORM}: "
                     "refused"
                 )
+        port = info["nbdPort"]
         return cls(
-            volume_uuid=info.volume.volume_uuid,
-            mode=info.mode,
-            bitmap_name=info.bitmap_name,
-            since=info.since_bitmap_name,
-            reason=info.reason,
-            nbd_server=info.nbd_server,
-            nbd_port=int(info.nbd_port) if info.nbd_port is not None else None,
-            nbd_socket=info.nbd_socket,
-            export_name=info.export_name,
-            dirty_context=info.dirty_bitmap_context,
-            granularity=info.granularity,
-            size=info.size,
-            changed_bytes=info.changed_bytes,
-            bitmap_b64=info.bitmap_base64,
-            nbd_tls=bool(info.nbd_tls),
+            volume_uuid=vol,
+            mode=info["mode"],
+            bitmap_name=info["bitmapName"],
+            since=info["sinceBitmapName"],
+            reason=info["reason"],
+            nbd_server=info["nbdServer"],
+            nbd_port=int(port) if port is not None else None,
+            nbd_socket=info["nbdSocket"],
+            export_name=info["exportName"],
+            dirty_context=info["dirtyBitmapContext"],
+            granularity=info["granularity"],
+            size=info["size"],
+            changed_bytes=info["changedBytes"],
+            bitmap_b64=info["bitmapBase64"],
+            nbd_tls=bool(info["nbdTls"]),
             nbd_psk=_psk(info),
         )
 
 
-def one_line(e: ValidationError) -> str:
-    """A pydantic error on one line: each field's path, the problem and (short) what came."""
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "reply"
-        got = repr(err.get("input"))
-        parts.append(f"{where}: {err['msg']} (got {got[:80]}{'…' if len(got) > 80 else ''})")
-    return " ".join("; ".join(parts).split())
+def checked(component: str, value: object) -> dict[str, Any]:
+    """`value` as the contract's `component` (an object), its absent optional fields filled
+    with their defaults; BackupError naming the field when it is not one."""
+    schema = SCHEMAS[component]
+    try:
+        check(schema, value, SCHEMAS)
+    except SchemaMismatch as e:
+        raise BackupError(f"malformed {component} from the agent: {e}") from None
+    assert isinstance(value, dict)  # the schema says "object"
+    out = dict(value)
+    for key, prop in schema["properties"].items():
+        if key not in out and "default" in prop:
+            out[key] = prop["default"]
+    return out
 
 
-def _psk(info: VolumeCbtBackupInfo) -> Psk | None:
+def _psk(info: dict[str, Any]) -> Psk | None:
     """The reply's pre-shared key: both fields or neither (the patterns are checked already)."""
-    if info.nbd_tls_psk_identity is None and info.nbd_tls_psk is None:
+    identity, key = info["nbdTlsPskIdentity"], info["nbdTlsPsk"]
+    if identity is None and key is None:
         return None
-    if info.nbd_tls_psk_identity is None or info.nbd_tls_psk is None or not info.nbd_tls:
+    if identity is None or key is None or not info["nbdTls"]:
         raise BackupError(
-            f"disk {info.volume.volume_uuid}: the agent sent half a pre-shared key "
+            f"disk {info['volume']['volumeUuid']}: the agent sent half a pre-shared key "
             "(nbdTlsPskIdentity, nbdTlsPsk and nbdTls go together)"
         )
-    return Psk(info.nbd_tls_psk_identity, info.nbd_tls_psk)
+    from cbt_agent.qemu.psk import Psk  # only for an export that requires one
+
+    return Psk(identity, key)
 
 
 def _base_url(url: str) -> str:
@@ -166,7 +168,7 @@ def _error_message(what: str, status: int, body: Any) -> ApiError:
 
 
 class CbtApi:
-    """A session on one agent. Use as `async with CbtApi(url, token) as api:`."""
+    """A session on one agent. Use as `with CbtApi(url, token) as api:`."""
 
     def __init__(
         self,
@@ -188,9 +190,11 @@ class CbtApi:
         self.cafile = cafile  # CA that signed an https agent's certificate (default: system's)
         self._conn: Connection | None = None
 
-    async def __aenter__(self) -> CbtApi:
+    def __enter__(self) -> CbtApi:
         context = None
         if self.origin[0] == "https":
+            import ssl
+
             try:
                 context = ssl.create_default_context(cafile=self.cafile)
             except (OSError, ssl.SSLError) as e:
@@ -199,7 +203,7 @@ class CbtApi:
         self._conn = Connection(self.base, context)
         return self
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -212,7 +216,7 @@ class CbtApi:
     @property
     def conn(self) -> Connection:
         if self._conn is None:
-            raise RuntimeError("CbtApi used outside `async with`")
+            raise RuntimeError("CbtApi used outside `with`")
         return self._conn
 
     def on_agent(self, what: str, location: str) -> str:
@@ -232,29 +236,29 @@ class CbtApi:
             )
         return url
 
-    async def _request(
+    def _request(
         self, method: str, url: str, body: Any = None, params: dict[str, str] | None = None
     ) -> tuple[int, Any]:
         """One call with the token, to a URL `on_agent` accepted (or built from --url)."""
         if origin(url) != self.origin:  # every caller checks first; this keeps it so
             raise BackupError(f"refused to send the token to {url}: not {self.base}")
-        return await self.conn.request(
+        return self.conn.request(
             method, url, body, params, headers={"Authorization": f"OAuth {self.token}"}
         )
 
     def _api_url(self, path: str) -> str:
         return f"{self.base}{API_PREFIX}{path}"
 
-    async def call(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def call(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """An asynchronous API: 202 + location, polled until 200 (returned) or an error."""
-        status, reply = await self._request(method, self._api_url(path), body)
+        status, reply = self._request(method, self._api_url(path), body)
         if status != 202 or not isinstance(reply, dict) or "location" not in reply:
             raise _error_message(what, status, reply)
         location = self.on_agent(what, str(reply["location"]))
         began = time.monotonic()
         deadline = began + self.job_timeout
         while True:
-            status, result = await self._request("GET", location)
+            status, result = self._request("GET", location)
             if status == 200 and isinstance(result, dict):
                 return result
             if status != 202:
@@ -262,12 +266,12 @@ class CbtApi:
             if time.monotonic() > deadline:
                 raise ApiError(f"{what}: no result after {self.job_timeout:.0f} s", status=202)
             quick = time.monotonic() - began < POLL_QUICK
-            await asyncio.sleep(POLL_FIRST if quick else POLL_INTERVAL)
+            time.sleep(POLL_FIRST if quick else POLL_INTERVAL)
 
-    async def find_task(self, vm_uuid: str) -> TaskRef | None:
+    def find_task(self, vm_uuid: str) -> TaskRef | None:
         """The CBT task of the VM (one per VM), or None."""
         params = {"q": f"resourceRefs.resourceUuid={vm_uuid}"}
-        status, reply = await self._request("GET", self._api_url("/cbt-task"), params=params)
+        status, reply = self._request("GET", self._api_url("/cbt-task"), params=params)
         if status != 200 or not isinstance(reply, dict):
             raise _error_message("QueryCbtTask", status, reply)
         tasks = reply.get("inventories") or []
@@ -277,19 +281,17 @@ class CbtApi:
             return None
         return TaskRef.from_reply(tasks[0])
 
-    async def create_task(
-        self, vm_uuid: str, name: str, resource_uuid: str | None = None
-    ) -> TaskRef:
+    def create_task(self, vm_uuid: str, name: str, resource_uuid: str | None = None) -> TaskRef:
         """CreateCbtTask; with `resource_uuid` the agent adopts that task's checkpoints where
         the VM's disks carry them (the VM came from another host, or the agent lost its
         database)."""
         params = {"name": name, "vmInstanceUuid": vm_uuid}
         if resource_uuid is not None:
             params["resourceUuid"] = resource_uuid
-        reply = await self.call("CreateCbtTask", "POST", "/cbt-task/create", {"params": params})
+        reply = self.call("CreateCbtTask", "POST", "/cbt-task/create", {"params": params})
         return TaskRef.from_reply(reply.get("inventory"))
 
-    async def enable(
+    def enable(
         self, task_uuid: str, bitmap_name: str | None, quiesce: bool | None = None
     ) -> list[VolumeBackupInfo]:
         """EnableCbtTask; `quiesce` True asks for a frozen guest (the agent fails without a
@@ -298,14 +300,14 @@ class CbtApi:
         body: dict[str, Any] = {"params": params}
         if quiesce is not None:
             body["systemTags"] = [f"quiesce::{'true' if quiesce else 'false'}"]
-        reply = await self.call("EnableCbtTask", "POST", f"/cbt-task/enable/{task_uuid}", body)
+        reply = self.call("EnableCbtTask", "POST", f"/cbt-task/enable/{task_uuid}", body)
         infos = reply.get("volumeCbtBackupInfos")
         if not isinstance(infos, list) or not infos:
             raise BackupError(f"EnableCbtTask returned no volumeCbtBackupInfos: {reply}")
         return [VolumeBackupInfo.from_reply(i) for i in infos]
 
-    async def disable(self, task_uuid: str, *, force: bool) -> TaskRef:
-        reply = await self.call(
+    def disable(self, task_uuid: str, *, force: bool) -> TaskRef:
+        reply = self.call(
             "DisableCbtTask",
             "POST",
             f"/cbt-task/disable/{task_uuid}",
@@ -313,23 +315,21 @@ class CbtApi:
         )
         return TaskRef.from_reply(reply.get("inventory"))
 
-    async def export_volumes(self, vm_uuid: str, bitmap_name: str | None) -> list[VolumeBackupInfo]:
+    def export_volumes(self, vm_uuid: str, bitmap_name: str | None) -> list[VolumeBackupInfo]:
         """ExportNbdVolumes of a VM that is not running: every disk, with a checkpoint cut
         offline and the changes since `bitmap_name` (the latest handed out when None)."""
         params: dict[str, Any] = {"vmInstanceUuid": vm_uuid}
         if bitmap_name is not None:
             params["bitmapName"] = bitmap_name
-        reply = await self.call(
-            "ExportNbdVolumes", "POST", "/cbt-task/exportvolume", {"params": params}
-        )
+        reply = self.call("ExportNbdVolumes", "POST", "/cbt-task/exportvolume", {"params": params})
         infos = reply.get("volumeInfos")
         if not isinstance(infos, list) or not infos:
             raise BackupError(f"ExportNbdVolumes returned no volumeInfos: {reply}")
         return [VolumeBackupInfo.from_reply(i) for i in infos]
 
-    async def unexport_volumes(self, vm_uuid: str) -> dict[str, Any]:
+    def unexport_volumes(self, vm_uuid: str) -> dict[str, Any]:
         """UnexportNbdVolumes: the VM's offline export ends, its images' locks released."""
-        return await self.call(
+        return self.call(
             "UnexportNbdVolumes",
             "POST",
             "/cbt-task/unexportvolume",

@@ -20,21 +20,17 @@ published without replacing anything, and a refused reply leaves the directory a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
-import functools
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
-
-import nbd
+from typing import Any
 
 from cbt_agent.client import extents
 from cbt_agent.client.api import CbtApi, TaskRef, VolumeBackupInfo, vm_not_running
@@ -51,17 +47,6 @@ from cbt_agent.client.chain import (
     plan_target,
     with_checkpoint,
 )
-from cbt_agent.client.copy import (
-    ALLOCATION,
-    GAP_TRIM_STEP,
-    MAX_TRIM,
-    ZERO_PROBE_MIN,
-    copy_into,
-    open_source,
-    source_runs,
-    trim_ranges,
-    zero_ranges,
-)
 from cbt_agent.client.errors import ApiError, BackupError, CopyFailed
 from cbt_agent.client.manifest import load_manifest, save_manifest
 from cbt_agent.client.names import UUID_FORM, is_uuid
@@ -73,13 +58,11 @@ from cbt_agent.client.target import (
     publish,
 )
 from cbt_agent.qcow2 import Qcow2Writer, cluster_size
-from cbt_agent.qemu import nbd as nbdio
 
 PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"  # tests: stop mid-copy, to be killed
 BUSY = ("Running", "Starting")
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
-
-T = TypeVar("T")
+ALLOCATION = "base:allocation"
 
 
 @dataclass(frozen=True)
@@ -103,7 +86,7 @@ class DiskResult:
 
 @dataclass
 class _Run:
-    """One backup in progress: what it made, and how to stop its copy thread."""
+    """One backup in progress: what it made (removed again on failure)."""
 
     dest: Path
     progress: Progress
@@ -111,12 +94,12 @@ class _Run:
     nbd_tls_dir: str | None = None
     quiesce: bool | None = None
     offline: bool = False  # the VM is shut off: its disks came through ExportNbdVolumes
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # never set: see copy_into
     made: list[Path] = field(default_factory=list)  # removed again on failure
     requests_done: int = 0
 
     def on_request_done(self, length: int) -> None:
-        """Called in the copy thread after each request is stored."""
+        """Called after each request is stored."""
         self.progress.add(length)
         self.requests_done += 1
         if self.pause_after is not None and self.requests_done == self.pause_after:
@@ -126,20 +109,9 @@ class _Run:
                 file=sys.stderr,
                 flush=True,
             )
-            self.stop.wait()  # until the process is killed or the backup cancelled
-
-    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run blocking libnbd work in a thread; on cancellation tell it to stop and wait."""
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(fn, *args, **kwargs)
-        )
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            self.stop.set()
-            with contextlib.suppress(BaseException):
-                await fut
-            raise
+            # until the process is killed, or SIGTERM / Ctrl-C raise here and the backup is
+            # cleaned up as any failed one
+            threading.Event().wait()
 
 
 def pause_after_from_env() -> int | None:
@@ -183,7 +155,7 @@ def remove_leftovers(dest: Path) -> list[str]:
     return removed
 
 
-async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> Manifest:
+def run_backup(opts: BackupOptions, progress: Progress | None = None) -> Manifest:
     """Back up every disk of the VM into `opts.dest`; returns the new manifest.
 
     Raises BackupError (ApiError for the agent's refusals) with the directory unchanged (a
@@ -194,7 +166,7 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
     created = not dest.exists()
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        return await _run_backup_locked(opts, dest, progress)
+        return _run_backup_locked(opts, dest, progress)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -202,9 +174,7 @@ async def run_backup(opts: BackupOptions, progress: Progress | None = None) -> M
         raise
 
 
-async def _run_backup_locked(
-    opts: BackupOptions, dest: Path, progress: Progress | None
-) -> Manifest:
+def _run_backup_locked(opts: BackupOptions, dest: Path, progress: Progress | None) -> Manifest:
     with _locked(dest):
         manifest = load_manifest(dest) or Manifest(vm_uuid=opts.vm_uuid)
         if manifest.vm_uuid != opts.vm_uuid:
@@ -212,13 +182,13 @@ async def _run_backup_locked(
         for name in remove_leftovers(dest):
             note(f"removed {name}, left by an interrupted backup")
         run = _Run(dest, progress or Progress(), opts.pause_after, opts.nbd_tls_dir, opts.quiesce)
-        async with CbtApi(opts.url, opts.token, cafile=opts.cafile) as api:
-            task = await api.find_task(opts.vm_uuid)
+        with CbtApi(opts.url, opts.token, cafile=opts.cafile) as api:
+            task = api.find_task(opts.vm_uuid)
             if task is None:
                 # the backups so far were made with the manifest's task: on a host that does not
                 # know it (the VM migrated here, or the agent lost its database) asking for that
                 # uuid lets the agent adopt the checkpoints the disks still carry
-                task = await api.create_task(
+                task = api.create_task(
                     opts.vm_uuid, opts.task_name or "cbt-backup", manifest.task_uuid
                 )
                 note(f"created CBT task {task.uuid} for VM {opts.vm_uuid}")
@@ -227,36 +197,36 @@ async def _run_backup_locked(
                     f"task {task.uuid} is {task.status} (a previous backup did not finish): "
                     "disabling it (force)"
                 )
-                await api.disable(task.uuid, force=True)
+                api.disable(task.uuid, force=True)
             try:
-                new, results = await _backup(api, task, manifest, run)
+                new, results = _backup(api, task, manifest, run)
             except BaseException as e:
                 if isinstance(e, CopyFailed):
-                    await _explain_break(api, opts.vm_uuid, e)
+                    _explain_break(api, opts.vm_uuid, e)
                 for p in run.made:
                     p.unlink(missing_ok=True)
                 try:
-                    await asyncio.shield(api.disable(task.uuid, force=True))
+                    api.disable(task.uuid, force=True)
                 except Exception as e:  # the agent may be what failed; the next run retries
                     note(f"warning: could not disable task {task.uuid}: {e}")
                 raise
             try:
                 if run.offline:
-                    await api.unexport_volumes(opts.vm_uuid)
+                    api.unexport_volumes(opts.vm_uuid)
                 else:
-                    await api.disable(task.uuid, force=False)
+                    api.disable(task.uuid, force=False)
             except BackupError as e:  # the backup is complete and recorded; the next run recovers
                 note(f"warning: {e.message}")
     _summary(dest, new.checkpoints[-1], results)
     return new
 
 
-async def _explain_break(api: CbtApi, vm_uuid: str, e: CopyFailed) -> None:
+def _explain_break(api: CbtApi, vm_uuid: str, e: CopyFailed) -> None:
     """A copy that failed because the agent ended the export (its scratch budget or its
     scratch filesystem: an export breaks before the guest would pay) says so; the rest of the
     failure path (files removed, task disabled) runs as for any failure."""
     with contextlib.suppress(Exception):
-        now = await api.find_task(vm_uuid)
+        now = api.find_task(vm_uuid)
         if now is not None and now.status == "Stopped":
             e.message += (
                 " — the agent ended the export (task Stopped): `cbt-agent status` on the host "
@@ -266,18 +236,18 @@ async def _explain_break(api: CbtApi, vm_uuid: str, e: CopyFailed) -> None:
             )
 
 
-async def _backup(
+def _backup(
     api: CbtApi, task: TaskRef, manifest: Manifest, run: _Run
 ) -> tuple[Manifest, list[DiskResult]]:
     since = next_bitmap_name(manifest)
     try:
-        infos = await api.enable(task.uuid, since, run.quiesce)
+        infos = api.enable(task.uuid, since, run.quiesce)
     except ApiError as e:
         if not vm_not_running(e, manifest.vm_uuid):
             raise
         note(f"VM {manifest.vm_uuid} is not running: exporting its disks offline")
         run.offline = True
-        infos = await api.export_volumes(manifest.vm_uuid, since)
+        infos = api.export_volumes(manifest.vm_uuid, since)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     names = {i.bitmap_name for i in infos}
     if len(names) != 1:
@@ -296,7 +266,7 @@ async def _backup(
         target = plan_target(
             manifest, checkpoint, info.volume_uuid, info.mode, info.since, info.reason
         )
-        results.append(await _backup_disk(run, info, target))
+        results.append(_backup_disk(run, info, target))
     for r in results:  # every file complete: give them their names, then record them
         part = path_in(run.dest, r.disk.file + PART_SUFFIX)
         final = path_in(run.dest, r.disk.file)
@@ -310,7 +280,7 @@ async def _backup(
     return new, results
 
 
-async def _backup_disk(run: _Run, info: VolumeBackupInfo, target: DiskTarget) -> DiskResult:
+def _backup_disk(run: _Run, info: VolumeBackupInfo, target: DiskTarget) -> DiskResult:
     began = time.monotonic()
     gran = info.granularity
     context = ALLOCATION if target.mode == FULL else info.dirty_context
@@ -321,82 +291,21 @@ async def _backup_disk(run: _Run, info: VolumeBackupInfo, target: DiskTarget) ->
             f"disk {info.volume_uuid}: the export requires TLS (nbdTls): pass --nbd-tls-dir, a "
             "directory with the ca-cert.pem that signed the agent's NBD certificate"
         )
-    address = nbdio.NbdAddress(
-        info.nbd_server,
-        info.nbd_port,
-        info.nbd_socket,
-        info.export_name,
-        run.nbd_tls_dir if info.nbd_tls and info.nbd_psk is None else None,
-        psk=info.nbd_psk,  # the Enable's own key (TLS-PSK): nothing to configure
-    )
     part = path_in(run.dest, target.file + PART_SUFFIX)
-    # an incremental also asks for base:allocation: dirty clusters that read as zero (trimmed,
-    # discarded) are stored as zero clusters without reading them
-    contexts = (context,) if target.mode == FULL else (context, ALLOCATION)
-    src = await run.in_thread(open_source, address, *contexts)
-    try:
-        size = int(src.get_size())
-        if size != info.size:
-            raise BackupError(
-                f"disk {info.volume_uuid}: export has {size} bytes, Enable said {info.size}"
-            )
-        if target.mode == INCREMENTAL and info.bitmap_b64 is not None:
-            # the Enable's own dirty map: the same bitmap the export serves, already here, so
-            # the export is not walked a second time
-            runs = extents.bitmap_runs(info.bitmap_b64, gran, size)
-        else:
-            runs = await run.in_thread(source_runs, src, target.mode, context, gran)
-        zero_runs: list[tuple[int, int]] = []
-        data_runs = runs
-        if target.backing is not None:
-            # long dirty runs that read as zero (trimmed, discarded in the guest) are stored as
-            # zero clusters without reading them; a short run costs less to read than to ask
-            probe = [r for r in runs if r[1] >= ZERO_PROBE_MIN]
-            if probe:
-                zero = await run.in_thread(zero_ranges, src, probe)
-                data_runs, zero_runs = extents.split_zero(runs, zero, gran)
-        reqs = list(extents.requests(data_runs, gran))
-        trim = bool(src.can_trim())
-        if trim:
-            # what this backup never reads costs the agent's scratch nothing from now on (the
-            # block-status queries above are done: a trimmed range no longer answers them); the
-            # rest is trimmed behind the copy
-            skip = extents.largest(
-                extents.gaps(data_runs, size), extents.total(data_runs) // GAP_TRIM_STEP
-            )
-            if skip:
-                await run.in_thread(
-                    trim_ranges, src, extents.requests(skip, gran, max_request=MAX_TRIM)
-                )
-        backing = target.backing.file if target.backing is not None else None
-        fd = open_exclusive(part)  # raises with nothing made when a file is already there
-        run.made.append(part)
-        try:
-            image = Qcow2Writer(fd, size, cluster_size(gran), reqs, zero_runs, backing)
-            run.progress.start(f"disk {info.volume_uuid[:8]} {target.mode}", extents.total(runs))
-            run.progress.add(extents.total(zero_runs))  # stored as zero clusters, never read
-            try:
-                await run.in_thread(
-                    copy_into,
-                    src,
-                    image,
-                    on_done=run.on_request_done,
-                    stop=run.stop,
-                    trim=trim,
-                )
-                digest = await run.in_thread(image.finish)
-            except nbd.Error as e:
-                raise CopyFailed(f"disk {info.volume_uuid}: NBD copy failed: {e}") from None
-            finally:
-                run.progress.finish()
-        finally:
-            os.close(fd)
-    finally:
-        nbdio.close(src)
+    size = info.size
+    runs: list[tuple[int, int]] | None = None
+    if target.mode == INCREMENTAL and info.bitmap_b64 is not None:
+        # the Enable's own dirty map: the same bitmap the export serves, already here, so
+        # the export is not walked a second time (and not even opened when nothing changed)
+        runs = extents.bitmap_runs(info.bitmap_b64, gran, size)
+    if runs == []:  # nothing changed: an image of no clusters over the previous one
+        digest = _store(run, part, size, gran, target, [], [], None)
+    else:
+        digest, runs = _copy_disk(run, info, target, context, part, runs)
     disk = DiskBackup(
         volume_uuid=info.volume_uuid,
         file=target.file,
-        backing_file=backing,
+        backing_file=target.backing.file if target.backing is not None else None,
         mode=target.mode,
         size=size,
         granularity=gran,
@@ -406,6 +315,117 @@ async def _backup_disk(run: _Run, info: VolumeBackupInfo, target: DiskTarget) ->
         since=info.since if target.backing is not None else None,
     )
     return DiskResult(disk, time.monotonic() - began)
+
+
+def _copy_disk(
+    run: _Run,
+    info: VolumeBackupInfo,
+    target: DiskTarget,
+    context: str,
+    part: Path,
+    runs: list[tuple[int, int]] | None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Copy `runs` (None: what the export's `context` says) of the export into `part`:
+    (its sha256, the runs)."""
+    import nbd  # libnbd is loaded only when there is something to read
+
+    from cbt_agent.client.copy import (
+        GAP_TRIM_STEP,
+        MAX_TRIM,
+        ZERO_PROBE_MIN,
+        open_source,
+        source_runs,
+        trim_ranges,
+        zero_ranges,
+    )
+    from cbt_agent.qemu import nbd as nbdio
+
+    gran = info.granularity
+    address = nbdio.NbdAddress(
+        info.nbd_server,
+        info.nbd_port,
+        info.nbd_socket,
+        info.export_name,
+        run.nbd_tls_dir if info.nbd_tls and info.nbd_psk is None else None,
+        psk=info.nbd_psk,  # the Enable's own key (TLS-PSK): nothing to configure
+    )
+    # an incremental also asks for base:allocation: dirty clusters that read as zero (trimmed,
+    # discarded) are stored as zero clusters without reading them
+    contexts = (context,) if target.mode == FULL else (context, ALLOCATION)
+    src = open_source(address, *contexts)
+    try:
+        size = int(src.get_size())
+        if size != info.size:
+            raise BackupError(
+                f"disk {info.volume_uuid}: export has {size} bytes, Enable said {info.size}"
+            )
+        if runs is None:
+            runs = source_runs(src, target.mode, context, gran)
+        zero_runs: list[tuple[int, int]] = []
+        data_runs = runs
+        if target.backing is not None:
+            # long dirty runs that read as zero (trimmed, discarded in the guest) are stored as
+            # zero clusters without reading them; a short run costs less to read than to ask
+            probe = [r for r in runs if r[1] >= ZERO_PROBE_MIN]
+            if probe:
+                zero = zero_ranges(src, probe)
+                data_runs, zero_runs = extents.split_zero(runs, zero, gran)
+        trim = bool(src.can_trim())
+        if trim:
+            # what this backup never reads costs the agent's scratch nothing from now on (the
+            # block-status queries above are done: a trimmed range no longer answers them); the
+            # rest is trimmed behind the copy
+            skip = extents.largest(
+                extents.gaps(data_runs, size), extents.total(data_runs) // GAP_TRIM_STEP
+            )
+            if skip:
+                trim_ranges(src, extents.requests(skip, gran, max_request=MAX_TRIM))
+        try:
+            digest = _store(run, part, size, gran, target, data_runs, zero_runs, (src, trim))
+        except nbd.Error as e:
+            raise CopyFailed(f"disk {info.volume_uuid}: NBD copy failed: {e}") from None
+    finally:
+        nbdio.close(src)
+    return digest, runs
+
+
+def _store(
+    run: _Run,
+    part: Path,
+    size: int,
+    gran: int,
+    target: DiskTarget,
+    data_runs: list[tuple[int, int]],
+    zero_runs: list[tuple[int, int]],
+    source: tuple[Any, bool] | None,
+) -> str:
+    """Write `part`: the qcow2 of `data_runs` read from `source` (the export's handle, and
+    whether to trim behind the copy) and of `zero_runs` as zero clusters; its sha256."""
+    reqs = list(extents.requests(data_runs, gran))
+    backing = target.backing.file if target.backing is not None else None
+    fd = open_exclusive(part)  # raises with nothing made when a file is already there
+    run.made.append(part)
+    try:
+        image = Qcow2Writer(fd, size, cluster_size(gran), reqs, zero_runs, backing)
+        total = extents.total(data_runs) + extents.total(zero_runs)
+        run.progress.start(f"disk {target.file[:8]} {target.mode}", total)
+        run.progress.add(extents.total(zero_runs))  # stored as zero clusters, never read
+        try:
+            if source is not None:
+                from cbt_agent.client.copy import copy_into
+
+                copy_into(
+                    source[0],
+                    image,
+                    on_done=run.on_request_done,
+                    stop=run.stop,
+                    trim=source[1],
+                )
+            return image.finish()
+        finally:
+            run.progress.finish()
+    finally:
+        os.close(fd)
 
 
 def _summary(dest: Path, cp: CheckpointBackup, results: list[DiskResult]) -> None:

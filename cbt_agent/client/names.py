@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from cbt_agent.contract.constants import CHECKPOINT_PATTERN, UUID_PATTERN
+from cbt_agent.contract.patterns import CHECKPOINT_PATTERN, UUID_PATTERN
 
 _UUID = re.compile(UUID_PATTERN)
 _CHECKPOINT = re.compile(CHECKPOINT_PATTERN)

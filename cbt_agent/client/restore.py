@@ -11,10 +11,10 @@ restore from a corrupt backup.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
+import subprocess
+import threading
 from pathlib import Path
 
 from cbt_agent.client.chain import PART_SUFFIX, chain_of, find_checkpoint
@@ -25,49 +25,78 @@ from cbt_agent.client.progress import Progress
 from cbt_agent.client.target import create_exclusive, path_in, publish, sha256_file
 
 
-async def check_chain_files(dest: Path, chain_files: list[tuple[str, str]]) -> None:
+def check_chain_files(dest: Path, chain_files: list[tuple[str, str]]) -> None:
     """BackupError naming the first file that is missing or does not match its sha256."""
     for name, expected in chain_files:
         path = path_in(dest, name)
         if not path.is_file():
             raise BackupError(f"{path} is missing")
-        digest = await asyncio.to_thread(sha256_file, path)
-        if digest != expected:
+        if sha256_file(path) != expected:
             raise BackupError(f"{path} does not match its sha256 in the manifest (corrupt)")
 
 
-async def convert_with_progress(source: Path, target: Path, progress: Progress) -> None:
+class _Checksums(threading.Thread):
+    """`check_chain_files` in a thread (hashlib lets go of the GIL): `result()` waits for it
+    and raises what it found."""
+
+    def __init__(self, dest: Path, chain_files: list[tuple[str, str]]) -> None:
+        super().__init__(name="restore-checksums", daemon=True)
+        self.dest, self.chain_files = dest, chain_files
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            check_chain_files(self.dest, self.chain_files)
+        except BaseException as e:
+            self.error = e
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def convert_with_progress(source: Path, target: Path, progress: Progress) -> None:
     """`qemu-img convert` of a chain into one qcow2, its `-p` percentages fed to `progress`."""
     cmd = ["qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", str(source), str(target)]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
         raise BackupError(f"cannot run qemu-img: {e}") from None
-    assert proc.stdout is not None and proc.stderr is not None
-    errors = asyncio.create_task(proc.stderr.read())
-    pending = b""
-    while chunk := await proc.stdout.read(256):
-        pending += chunk
-        *done, pending = re.split(rb"[\r\n]", pending)
-        for piece in reversed(done):
-            m = _PERCENT.search(piece)
-            if m:
-                progress.set(int(progress.total * float(m.group(1)) / 100))
-                break
-    code = await proc.wait()
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
+    reader.start()
+    try:
+        pending = b""
+        while chunk := os.read(stdout.fileno(), 256):
+            pending += chunk
+            *done, pending = re.split(rb"[\r\n]", pending)
+            for piece in reversed(done):
+                m = _PERCENT.search(piece)
+                if m:
+                    progress.set(int(progress.total * float(m.group(1)) / 100))
+                    break
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        reader.join()
+        stdout.close()
+        stderr.close()
     if code != 0:
-        text = (await errors).decode(errors="replace").strip()
+        text = b"".join(errors).decode(errors="replace").strip()
         raise BackupError(f"qemu-img convert failed: {text}")
-    await errors
     progress.set(progress.total)
 
 
 _PERCENT = re.compile(rb"\(([0-9.]+)/100%\)")
 
 
-async def run_restore(
+def run_restore(
     dest: Path, checkpoint: str | None, out: Path, progress: Progress | None = None
 ) -> list[Path]:
     """Restore every disk present at `checkpoint` (None: the latest) into `out`.
@@ -90,32 +119,27 @@ async def run_restore(
             if not path.is_file():
                 raise BackupError(f"{path} is missing")
             files[d.file] = d.sha256
-        await asyncio.to_thread(check_chain, dest, chain)
-    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
-    # the checksums, beside the converts; awaited before the first image is published
-    checked = asyncio.create_task(check_chain_files(dest, list(files.items())))
+        check_chain(dest, chain)
+    out.mkdir(parents=True, exist_ok=True)
+    # the checksums, beside the converts; waited for before the first image is published
+    checked = _Checksums(dest, list(files.items()))
+    checked.start()
     progress = progress or Progress()
     written: list[Path] = []
-    try:
-        for vol, chain in chains.items():
-            final = outputs[vol]
-            part = path_in(out, final.name + PART_SUFFIX)
-            create_exclusive(part)  # raises with nothing made when a file is already there
-            try:
-                progress.start(f"disk {vol[:8]}", chain[-1].size)
-                await convert_with_progress(dest / chain[-1].file, part, progress)
-                progress.finish()
-                os.chmod(part, 0o600)
-                await checked
-                publish(part, final)
-            except BaseException:
-                part.unlink(missing_ok=True)
-                raise
-            written.append(final)
-            print(f"restored disk {vol} as of {cp.name} ({len(chain)} file(s)) -> {final}")
-    finally:
-        if not checked.done():
-            checked.cancel()
-        with contextlib.suppress(BaseException):
-            await checked
+    for vol, chain in chains.items():
+        final = outputs[vol]
+        part = path_in(out, final.name + PART_SUFFIX)
+        create_exclusive(part)  # raises with nothing made when a file is already there
+        try:
+            progress.start(f"disk {vol[:8]}", chain[-1].size)
+            convert_with_progress(dest / chain[-1].file, part, progress)
+            progress.finish()
+            os.chmod(part, 0o600)
+            checked.result()
+            publish(part, final)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        written.append(final)
+        print(f"restored disk {vol} as of {cp.name} ({len(chain)} file(s)) -> {final}")
     return written

@@ -255,7 +255,6 @@ def test_split_zero_reads_only_what_is_not_zero() -> None:
 
 def test_restore_progress_follows_qemu_img(tmp_path: Path) -> None:
     """`qemu-img convert -p` percentages drive the restore's progress line to 100 %."""
-    import asyncio
     import shutil
     import subprocess
 
@@ -275,7 +274,7 @@ def test_restore_progress_follows_qemu_img(tmp_path: Path) -> None:
     tty = Tty()
     p = Progress(tty, interval=0)
     p.start("disk aaaa", 8 << 20)
-    asyncio.run(convert_with_progress(src, tmp_path / "out.qcow2", p))
+    convert_with_progress(src, tmp_path / "out.qcow2", p)
     p.finish()
     assert p.done == 8 << 20
     assert "disk aaaa:       8.0 / 8.0 MiB (100.0 %)" in tty.getvalue()
@@ -284,7 +283,7 @@ def test_restore_progress_follows_qemu_img(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out
     with pytest.raises(BackupError, match=r"qemu-img convert failed: .*nope"):
-        asyncio.run(convert_with_progress(tmp_path / "nope", tmp_path / "x.qcow2", p))
+        convert_with_progress(tmp_path / "nope", tmp_path / "x.qcow2", p)
 
 
 def test_gaps_are_what_a_backup_never_reads() -> None:

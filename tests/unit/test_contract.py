@@ -191,3 +191,86 @@ def test_error_code_drops_absent_fields_and_nests() -> None:
     err = ErrorCode(code="SYS.1006", description="d", details="x").wire()
     assert err == {"code": "SYS.1006", "description": "d", "details": "x"}
     assert OAS31Validator(_doc_schema("ErrorReply")).is_valid({"error": err})
+
+
+def test_the_clients_reply_schema_is_generated_from_the_models() -> None:
+    """The client checks replies against `reply_schema.SCHEMAS` (it never loads pydantic):
+    those are the models' own OpenAPI components, regenerated with
+    `python -m cbt_agent.contract.openapi` whenever a reply model changes."""
+    from cbt_agent.contract import jsoncheck, reply_schema
+
+    assert contract_openapi.client_reply_schemas() == reply_schema.SCHEMAS, (
+        "cbt_agent/contract/reply_schema.py is stale: run `python -m cbt_agent.contract.openapi`"
+    )
+    components = contract_openapi.component_schemas()
+    for name, schema in reply_schema.SCHEMAS.items():
+        assert schema.get("properties", {}).keys() == components[name].get("properties", {}).keys()
+    used: set[str] = set()
+
+    def keywords(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                used.add(key)
+                for child in value.values() if key == "properties" else [value]:
+                    keywords(child)
+        elif isinstance(node, list):
+            for child in node:
+                keywords(child)
+
+    for schema in reply_schema.SCHEMAS.values():
+        keywords(schema)
+    assert used <= jsoncheck.KEYWORDS, used - jsoncheck.KEYWORDS
+
+
+def _wire_backup_info() -> dict[str, Any]:
+    return replies.backup_info(_backup(NbdServer("127.0.0.1", 10501))).wire()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("size"), r"VolumeCbtBackupInfo from the agent: size: missing"),
+        (lambda d: d.update(size="1048576"), r"size: not integer \(got '1048576'\)"),
+        (lambda d: d.update(size=True), r"size: not integer \(got True\)"),
+        (lambda d: d.update(size=-1), r"size: less than 0 \(got -1\)"),
+        (lambda d: d.update(granularity=0), r"granularity: less than 1"),
+        (lambda d: d.update(mode="differential"), r"mode: not one of \['full', 'incremental'\]"),
+        (lambda d: d.update(nbdPort="0"), r"nbdPort: does not match"),
+        (lambda d: d.update(nbdPort=10501), r"nbdPort: not string"),
+        (lambda d: d.update(nbdTls=False), r"nbdTls: must be True \(got False\)"),
+        (lambda d: d["volume"].update(volumeUuid="../../etc"), r"volume\.volumeUuid: does not"),
+        (lambda d: d["volume"].pop("useVirtio"), r"volume\.useVirtio: missing"),
+        (lambda d: d.update(bitmapName="a/b"), r"bitmapName: does not match"),
+        (lambda d: d.update(nbdTlsPsk="XYZ"), r"nbdTlsPsk: does not match"),
+    ],
+)
+def test_the_client_refuses_what_the_model_refuses(change: Any, message: str) -> None:
+    """Each break of the contract is refused by the client, naming the field, as the
+    published OpenAPI schema refuses it (a full JSON Schema validator). The client is as strict
+    as that schema: a number sent as a string, which the models' lax parsing would take, is
+    not what the agent writes and is refused."""
+    published = OAS31Validator(_doc_schema("VolumeCbtBackupInfo"))
+    info = _wire_backup_info()
+    assert published.is_valid(info)  # the unchanged reply passes both
+    VolumeBackupInfo.from_reply(info)
+    change(info)
+    assert not published.is_valid(info)
+    with pytest.raises(BackupError, match=message):
+        VolumeBackupInfo.from_reply(info)
+
+
+def test_the_client_refuses_a_bad_inventory() -> None:
+    inv = replies.inventory_reply(_view())["inventory"]
+    for key, value, message in (
+        ("status", "Paused", r"status: not one of \['Created', 'Starting', 'Running'"),
+        ("createDate", "yesterday", r"createDate: does not match"),
+        ("resourceRefs", [{"id": 1}], r"resourceRefs\.0\.taskUuid: missing"),
+        ("uuid", None, r"uuid: not string \(got None\)"),
+    ):
+        bad = {**inv, key: value}
+        with pytest.raises(BackupError, match=r"malformed CbtTaskInventory from the agent: "):
+            TaskRef.from_reply(bad)
+        with pytest.raises(BackupError, match=message):
+            TaskRef.from_reply(bad)
+    with pytest.raises(BackupError, match=r"malformed CbtTaskInventory from the agent: reply: not"):
+        TaskRef.from_reply(["not", "an", "object"])
