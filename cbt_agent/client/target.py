@@ -61,34 +61,11 @@ def publish(part: Path, final: Path) -> None:
     os.unlink(part)
 
 
-HASH_CHUNK = 8 << 20  # bytes hashed per read
-READ_AHEAD = 4  # chunks the kernel is asked to fetch ahead of the hashing
-
-
 def sha256_file(path: Path) -> str:
-    """The file's sha256. Reading and hashing overlap: the kernel is asked (WILLNEED) for the
-    chunks ahead while one is hashed, so a file that is not in the page cache costs about the
-    longer of reading it and hashing it, not their sum."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        os.posix_fadvise(fd, 0, HASH_CHUNK * READ_AHEAD, os.POSIX_FADV_WILLNEED)
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
-        offset = 0
-        while True:
-            ahead = offset + HASH_CHUNK * READ_AHEAD
-            if ahead < size:
-                os.posix_fadvise(fd, ahead, HASH_CHUNK, os.POSIX_FADV_WILLNEED)
-            n = os.readv(fd, [buf])
-            if n == 0:
-                break
-            h.update(view[:n])
-            offset += n
-    finally:
-        os.close(fd)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 
