@@ -335,7 +335,6 @@ def _copy_disk(
         ZERO_PROBE_MIN,
         open_source,
         source_runs,
-        trim_ranges,
         zero_ranges,
     )
     from cbt_agent.qemu import nbd as nbdio
@@ -371,17 +370,17 @@ def _copy_disk(
                 zero = zero_ranges(src, probe)
                 data_runs, zero_runs = extents.split_zero(runs, zero, gran)
         trim = bool(src.can_trim())
+        first: list[tuple[int, int]] = []
         if trim:
             # what this backup never reads costs the agent's scratch nothing from now on (the
-            # block-status queries above are done: a trimmed range no longer answers them); the
-            # rest is trimmed behind the copy
+            # block-status queries above are done: a trimmed range no longer answers them),
+            # sent ahead of the first read and not waited for; the rest is trimmed behind the copy
             skip = extents.largest(
                 extents.gaps(data_runs, size), extents.total(data_runs) // GAP_TRIM_STEP
             )
-            if skip:
-                trim_ranges(src, extents.requests(skip, gran, max_request=MAX_TRIM))
+            first = list(extents.requests(skip, gran, max_request=MAX_TRIM))
         try:
-            digest = _store(run, part, size, gran, target, data_runs, zero_runs, (src, trim))
+            digest = _store(run, part, size, gran, target, data_runs, zero_runs, (src, trim, first))
         except nbd.Error as e:
             raise CopyFailed(f"disk {info.volume_uuid}: NBD copy failed: {e}") from None
     finally:
@@ -397,10 +396,11 @@ def _store(
     target: DiskTarget,
     data_runs: list[tuple[int, int]],
     zero_runs: list[tuple[int, int]],
-    source: tuple[Any, bool] | None,
+    source: tuple[Any, bool, list[tuple[int, int]]] | None,
 ) -> str:
-    """Write `part`: the qcow2 of `data_runs` read from `source` (the export's handle, and
-    whether to trim behind the copy) and of `zero_runs` as zero clusters; its sha256."""
+    """Write `part`: the qcow2 of `data_runs` read from `source` (the export's handle, whether
+    to trim behind the copy, what to trim before it) and of `zero_runs` as zero clusters; its
+    sha256."""
     reqs = list(extents.requests(data_runs, gran))
     backing = target.backing.file if target.backing is not None else None
     fd = open_exclusive(part)  # raises with nothing made when a file is already there
@@ -420,6 +420,7 @@ def _store(
                     on_done=run.on_request_done,
                     stop=run.stop,
                     trim=source[1],
+                    trim_first=source[2],
                 )
             return image.finish()
         finally:

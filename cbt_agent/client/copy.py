@@ -141,6 +141,7 @@ def copy_into(
     max_in_flight: int = MAX_IN_FLIGHT,
     trim: bool = False,
     trim_step: int = TRIM_STEP,
+    trim_first: Iterable[tuple[int, int]] = (),
 ) -> None:
     """Read every request of `image` from `src` and store each, in order, in `image`.
 
@@ -151,12 +152,13 @@ def copy_into(
     With `trim`, everything below the last stored request is trimmed on `src`, one request per
     `trim_step` bytes stored: on the agent's export that frees its scratch and ends the copies
     the guest's writes there would cost (best effort: a refused trim changes nothing read).
-    `on_done(length)` runs after each request is stored. Raises CopyInterrupted when `stop` is
-    set, nbd.Error when a read fails."""
+    `trim_first`: (offset, length) trims sent before the first read, not waited for (ranges
+    the copy never reads). `on_done(length)` runs after each request is stored. Raises
+    CopyInterrupted when `stop` is set, nbd.Error when a read fails."""
     pending = iter(image.requests)
     window: deque[_Read] = deque()  # issued, in request order
     outstanding: list[_Read] = []  # issued, not completed
-    trims: deque[int] = deque()
+    trims: deque[int] = deque(src.aio_trim(n, off) for off, n in trim_first)
     trimmed = stored_to = since_trim = 0
     exhausted = False
     while True:
@@ -206,30 +208,6 @@ def _pieces(start: int, end: int) -> Iterator[tuple[int, int]]:
         n = min(MAX_TRIM, end - start)
         yield start, n
         start += n
-
-
-def trim_ranges(
-    src: Any, ranges: Iterable[tuple[int, int]], max_in_flight: int = MAX_IN_FLIGHT
-) -> None:
-    """Trim `ranges` on `src`, `max_in_flight` at a time (best effort: refusals are ignored).
-    On the agent's export: the ranges a backup will never read cost no scratch from now on,
-    whatever the guest writes there."""
-    pending = iter(ranges)
-    cookies: deque[int] = deque()
-    exhausted = False
-    while True:
-        while not exhausted and len(cookies) < max_in_flight:
-            r = next(pending, None)
-            if r is None:
-                exhausted = True
-                break
-            cookies.append(src.aio_trim(r[1], r[0]))
-        while cookies and _trimmed(src, cookies[0]):
-            cookies.popleft()
-        if exhausted and not cookies:
-            return
-        if cookies:
-            _wait([src])
 
 
 def _trimmed(src: Any, cookie: int) -> bool:

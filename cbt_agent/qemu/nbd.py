@@ -10,13 +10,17 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nbd
 
 from cbt_agent.dirtymap import DirtyExtent, DirtyMap
 from cbt_agent.errors import HypervisorError
-from cbt_agent.qemu.psk import Psk, client_file
+
+if TYPE_CHECKING:
+    # the key's module loads the QEMU process tools (asyncio, QMP): ~70 ms the backup client
+    # pays only for an export that requires a key
+    from cbt_agent.qemu.psk import Psk
 
 # libnbd (and QEMU) refuse a block-status length of 2^32 or more: ask for just under 4 GiB.
 BLOCK_STATUS_CHUNK = (4 << 30) - (64 << 10)
@@ -114,7 +118,11 @@ def connect(address: NbdAddress, contexts: tuple[str, ...] = ()) -> Any:
         h.set_tls(nbd.TLS_REQUIRE)
         h.set_tls_certificates(address.tls_dir)
         h.set_tls_verify_peer(True)
-    keys = client_file(address.psk) if address.psk is not None else contextlib.nullcontext()
+    keys: Any = contextlib.nullcontext()
+    if address.psk is not None:
+        from cbt_agent.qemu.psk import client_file
+
+        keys = client_file(address.psk)
     try:
         # libnbd reads the keys file during the handshake, inside connect: it goes right after
         with keys as keys_file:
