@@ -559,3 +559,38 @@ async def test_a_disk_whose_serial_is_not_a_volume_uuid_is_refused_at_create_and
     r = await cli(*backup_args(agent, other, tmp_path / "other"))
     assert r.code == 1 and "CreateCbtTask failed" in r.err and said in r.err, r.err
     assert not (tmp_path / "other").exists()
+
+
+async def test_an_unchanged_disk_is_an_empty_incremental_that_restores_exactly(
+    vm_factory: Callable[..., stack.TestVm], agent: AgentProcess, tmp_path: Path
+) -> None:
+    """A disk with nothing dirty since the last backup gets an incremental of no clusters,
+    written without opening its export; it restores to exactly the disk, beside a changed one
+    in the same checkpoint and alone in the next."""
+    vm = vm_factory(disks_mib=[16, 8])
+    models = models_of(vm)
+    dest = tmp_path / "backup"
+    await models[1].write(vm, 2 * MIB, 3 * MIB, 0x61)
+    first = await backup(agent, vm, dest)
+    for m in models:
+        m.touched.clear()
+    await models[0].write(vm, 5 * MIB + 17, 200_000, 0x62)  # only the first disk changes
+    second = await backup(agent, vm, dest)
+    third = await backup(agent, vm, dest)  # nothing changed anywhere
+    expected_copied = [(models[0].changed_bytes(), 0), (0, 0)]
+    assert models[0].changed_bytes() == 4 * G  # 200,000 bytes from 5 MiB + 17: 4 clusters
+    for cp, copied in zip((second, third), expected_copied, strict=True):
+        disks = checkpoint_disks(cp)
+        assert [disks[m.volume_uuid]["copiedBytes"] for m in models] == list(copied), cp
+        for m in models:
+            d = disks[m.volume_uuid]
+            assert d["mode"] == "incremental" and (dest / d["file"]).is_file(), d
+    prev = checkpoint_disks(second)
+    for m in models:
+        assert checkpoint_disks(third)[m.volume_uuid]["backingFile"] == prev[m.volume_uuid]["file"]
+    now = {m.volume_uuid: m.digest() for m in models}
+    assert await restored_hashes(dest, third["name"], tmp_path / "r3") == now
+    assert await restored_hashes(dest, second["name"], tmp_path / "r2") == now
+    assert first["name"] != second["name"] != third["name"]
+    r = await cli("verify", str(dest))
+    assert r.code == 0, r.out + r.err

@@ -98,3 +98,26 @@ def test_test_modules_have_unique_names() -> None:
     one name in different folders break collection of the whole suite."""
     names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
     assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+def test_the_backup_clients_path_loads_nothing_heavy() -> None:
+    """`cbt-agent backup` starts once per backup: what its path imports is paid each time
+    (pydantic and the models ~0.2 s, asyncio ~0.05 s, http.client ~0.04 s, the QEMU process
+    tools behind libnbd's PSK module ~0.07 s). They stay off it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cbt_agent import cli\n"
+        "from cbt_agent.client import auth, backup, progress, restore, verify\n"
+        "from cbt_agent.client import copy\n"  # loaded once there is something to read
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    heavy = {"pydantic", "pydantic_core", "asyncio", "http.client", "aiohttp", "qemu.qmp"}
+    heavy |= {"cbt_agent.config", "cbt_agent.contract.replies", "cbt_agent.qemu.psk"}
+    assert heavy.isdisjoint(out), sorted(heavy.intersection(out))
+    assert {"cbt_agent.contract.jsoncheck", "nbd"} <= set(out)
