@@ -48,6 +48,7 @@ from cbt_agent.client.chain import (
     with_checkpoint,
 )
 from cbt_agent.client.errors import ApiError, BackupError, CopyFailed
+from cbt_agent.client.extents import ALLOCATION
 from cbt_agent.client.manifest import load_manifest, save_manifest
 from cbt_agent.client.names import UUID_FORM, is_uuid
 from cbt_agent.client.progress import MIB, Progress
@@ -62,7 +63,6 @@ from cbt_agent.qcow2 import Qcow2Writer, cluster_size
 PAUSE_ENV = "CBT_CLIENT_TEST_PAUSE_AFTER_EXTENTS"  # tests: stop mid-copy, to be killed
 BUSY = ("Running", "Starting")
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
-ALLOCATION = "base:allocation"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import nbd
 
 from cbt_agent.client.chain import FULL
 from cbt_agent.client.errors import BackupError
-from cbt_agent.client.extents import cluster_runs
+from cbt_agent.client.extents import ALLOCATION, cluster_runs
 from cbt_agent.qcow2 import Qcow2Writer
 from cbt_agent.qemu import nbd as nbdio
 
@@ -33,7 +33,6 @@ TRIM_STEP = 8 << 20
 GAP_TRIM_STEP = 128 << 20
 MAX_TRIM = 1 << 30  # bytes per trim request
 ZERO_PROBE_MIN = 1 << 20  # dirty runs this long are asked whether they read as zero
-ALLOCATION = "base:allocation"
 WAIT_SLICE = 0.5  # seconds: how often a blocked loop looks at the stop flag
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Iterator
 
+ALLOCATION = "base:allocation"  # the NBD meta context of what is allocated / reads as zero
+
 MAX_REQUEST = 1 << 20  # bytes per NBD request; 256 KiB-1 MiB measured best here
 
 
