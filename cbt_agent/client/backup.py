@@ -94,7 +94,6 @@ class _Run:
     nbd_tls_dir: str | None = None
     quiesce: bool | None = None
     offline: bool = False  # the VM is shut off: its disks came through ExportNbdVolumes
-    stop: threading.Event = field(default_factory=threading.Event)  # never set: see copy_into
     made: list[Path] = field(default_factory=list)  # removed again on failure
     requests_done: int = 0
 
@@ -418,7 +417,6 @@ def _store(
                     source[0],
                     image,
                     on_done=run.on_request_done,
-                    stop=run.stop,
                     trim=source[1],
                     trim_first=source[2],
                 )

@@ -10,7 +10,6 @@ dropped.
 from __future__ import annotations
 
 import select
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,11 +32,7 @@ TRIM_STEP = 8 << 20
 GAP_TRIM_STEP = 128 << 20
 MAX_TRIM = 1 << 30  # bytes per trim request
 ZERO_PROBE_MIN = 1 << 20  # dirty runs this long are asked whether they read as zero
-WAIT_SLICE = 0.5  # seconds: how often a blocked loop looks at the stop flag
-
-
-class CopyInterrupted(BackupError):
-    """The copy was asked to stop (the backup is being cancelled)."""
+WAIT_SLICE = 0.5  # seconds a wait for the export lasts at most before the loop looks again
 
 
 class BufferPool:
@@ -135,7 +130,6 @@ def copy_into(
     image: Qcow2Writer,
     *,
     on_done: Callable[[int], None],
-    stop: threading.Event,
     pool: BufferPool = POOL,
     max_in_flight: int = MAX_IN_FLIGHT,
     trim: bool = False,
@@ -153,7 +147,7 @@ def copy_into(
     the guest's writes there would cost (best effort: a refused trim changes nothing read).
     `trim_first`: (offset, length) trims sent before the first read, not waited for (ranges
     the copy never reads). `on_done(length)` runs after each request is stored. Raises
-    CopyInterrupted when `stop` is set, nbd.Error when a read fails."""
+    nbd.Error when a read fails (SIGTERM and Ctrl-C raise where the loop is)."""
     pending = iter(image.requests)
     window: deque[_Read] = deque()  # issued, in request order
     outstanding: list[_Read] = []  # issued, not completed
@@ -161,8 +155,6 @@ def copy_into(
     trimmed = stored_to = since_trim = 0
     exhausted = False
     while True:
-        if stop.is_set():
-            raise CopyInterrupted("copy interrupted")
         while not exhausted and len(outstanding) < max_in_flight:
             req = next(pending, None)
             if req is None:
