@@ -453,7 +453,9 @@ def _report(
     return ok
 
 
-async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: int) -> int:
+async def run(
+    peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: int, keep: bool = False
+) -> int:
     peer = await asyncio.to_thread(ensure_peer, peer_path)
     root = Path(tempfile.mkdtemp(prefix="cbtbb-", dir="/var/tmp"))
     os.chmod(root, 0o755)  # QEMU (another user under libvirt) opens the images in it
@@ -575,7 +577,10 @@ async def run(peer_path: Path, runs: int, data_gib: int, disk_gib: int, writes: 
                 await asyncio.shield(b.remove_vm(vm))
         with contextlib.suppress(Exception):
             await b.hv.close()
-        shutil.rmtree(root, ignore_errors=True)
+        if keep:
+            print(f"[bench] kept {root} (the backup stores, for measuring by hand)", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
 
 
@@ -614,12 +619,15 @@ def main(argv: Callable[[], list[str]] | None = None) -> None:
     p.add_argument("--data-gib", type=int, default=2)
     p.add_argument("--disk-gib", type=int, default=20)
     p.add_argument("--writes", type=int, default=3200)
+    p.add_argument(
+        "--keep", action="store_true", help="keep the work directory (its backup stores) at the end"
+    )
     a = p.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
 
     async def go() -> int:
         return await asyncio.wait_for(
-            run(a.peer, a.runs, a.data_gib, a.disk_gib, a.writes), TIME_BUDGET
+            run(a.peer, a.runs, a.data_gib, a.disk_gib, a.writes, a.keep), TIME_BUDGET
         )
 
     run_guarded("bench_backup", go)

@@ -16,12 +16,12 @@ from cbt_agent.client import target
 
 
 @pytest.mark.parametrize("direct", [False, True])
-@pytest.mark.parametrize("chunks", [0, 1, 3, 5])
+@pytest.mark.parametrize("chunks", [0, 1, 3, 5, 9])
 @pytest.mark.parametrize("extra", [0, 1, 4095])
 def test_digest_is_hashlibs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: int, extra: int, direct: bool
 ) -> None:
-    monkeypatch.setattr(target, "HASH_CHUNK", 4096)  # 5 chunks: more than its 4 reads ahead
+    monkeypatch.setattr(target, "HASH_CHUNK", 4096)  # 5, 9 chunks: more than its 4 (8) reads ahead
     data = os.urandom(chunks * 4096 + extra)
     path = tmp_path / "f"
     path.write_bytes(data)
