@@ -410,6 +410,27 @@ async def _add_async(series: Series, fn: Callable[..., Awaitable[float]], *args:
     series.add(await fn(*args))
 
 
+CLIENT_IMPORTS = "import cbt_agent.cli, cbt_agent.client.backup"
+# the two halves of `cbt-agent restore`, timed apart: its convert (client/restore.py) and the
+# checksums of every file of the chain (client/target.py), one file after another
+RESTORE_CONVERT = ["qemu-img", "convert", "-m", "16", "-W", "-f", "qcow2", "-O", "qcow2"]
+CHAIN_SUMS = (
+    "import sys, pathlib\n"
+    "from cbt_agent.client.target import sha256_file\n"
+    "for p in sys.argv[1:]: sha256_file(pathlib.Path(p))"
+)
+
+
+def _report_process_floor(agent: Series, limit: Series, bare: Series, loaded: Series) -> None:
+    floor = limit.median + loaded.median
+    print(
+        f"  (a process: interpreter start {bare.median:.3f} s, with the client's modules "
+        f"loaded {loaded.median:.3f} s; LIMIT + that {floor:.3f} s, agent/that "
+        f"{agent.median / floor:.2f}x)",
+        flush=True,
+    )
+
+
 def _read_files(paths: Sequence[Path]) -> None:
     for p in paths:
         with p.open("rb", buffering=0) as f:
@@ -496,9 +517,11 @@ async def run(
             )
             _check_copied(dest_a, writes * CLUSTER)
         rest_a, rest_p, rest_l = Series(), Series(), Series()
+        rest_conv, rest_sums = Series(), Series()  # the agent's restore in its two parts
         ver_a, ver_l, ver_warm = Series(), Series(), Series()
         top = _chain_top(dest_a)
         files = sorted(p for p in dest_a.iterdir() if p.suffix == ".qcow2")
+        chain_files = [str(p) for p in files if p.name <= top.name]  # full + 3 incrementals
         agent = [sys.executable, "-m", "cbt_agent"]
         for i in range(runs):
             out = root / f"restore-{i}"
@@ -538,6 +561,20 @@ async def run(
                     ],
                     cold=True,
                 ),
+                partial(
+                    _add,
+                    rest_conv,
+                    run_proc,
+                    [*RESTORE_CONVERT, str(top), str(out / "w.qcow2")],
+                    cold=True,
+                ),
+                partial(
+                    _add,
+                    rest_sums,
+                    run_proc,
+                    [sys.executable, "-c", CHAIN_SUMS, *chain_files],
+                    cold=True,
+                ),
             )
             shutil.rmtree(out)
         for i in range(runs):  # after the restores, which all read the files from the cache
@@ -558,11 +595,24 @@ async def run(
                 partial(_add_async, none_l, b.limit_incremental, since, 0),
             )
             _check_copied(dest_a, 0)
+        # what any process pays that the in-process LIMIT does not: the interpreter's start,
+        # and the client's modules loaded before its first request
+        bare, loaded = Series(), Series()
+        for _ in range(runs):
+            await _add(bare, run_proc, [sys.executable, "-c", "pass"])
+            await _add(loaded, run_proc, [sys.executable, "-c", CLIENT_IMPORTS])
         print(flush=True)
         ok &= _report(f"incremental, {writes * CLUSTER // MIB} MiB", inc_a, inc_l, 1.3, inc_p, 2.8)
         ok &= _report("incremental, nothing changed", none_a, none_l, 1.2, none_p)
+        _report_process_floor(none_a, none_l, bare, loaded)
         ok &= _report(f"full, {data_gib} GiB", full_a, full_l, 1.0, full_p)
         ok &= _report("restore full + 3 incrementals", rest_a, rest_l, 1.0, rest_p, 2.0)
+        print(
+            f"  (its parts, each alone: the convert {rest_conv.median:.3f} s = "
+            f"{rest_conv.median / rest_l.median:.2f}x LIMIT; the chain's sha256 "
+            f"{rest_sums.median:.3f} s = {rest_sums.median / rest_l.median:.2f}x LIMIT)",
+            flush=True,
+        )
         ok &= _report("verify, cold cache (4 files)", ver_a, ver_l, 1.0)
         print(
             f"  (verify with the files in the page cache: {ver_warm.median:.3f} s; hashing, "
