@@ -174,3 +174,23 @@ def test_a_map_too_large_is_not_kept_and_says_so() -> None:
     assert not maps.too_large(_export("cbt-0123456789ab-000003"))
     maps.drop(e.task_uuid)
     assert not maps.too_large(e)
+
+
+def test_maps_past_the_total_are_not_kept_until_room_is_made() -> None:
+    """A host exporting many disks at once keeps at most `max_total_runs` runs: a map that
+    does not fit beside the others is paged from its export (`too_large`)."""
+    maps = ExportMaps(max_runs=3, max_total_runs=4)
+    a, b = _export(), _export(volume="w" * 32)
+    c = replace(_export(), task_uuid="u" * 32)
+    three = DirtyMap.from_runs([(0, G), (2 * G, G), (4 * G, G)])
+    one = DirtyMap.from_runs([(0, G)])
+    assert maps.put(a, three) and maps.put(b, one) and maps.runs == 4
+    assert not maps.put(c, one)  # no room beside a and b
+    assert maps.get(c) is None and maps.too_large(c) and maps.runs == 4
+    assert maps.put(a, one) and maps.runs == 2  # a's own new map replaces its old one
+    assert not maps.put(a, DirtyMap.from_runs([(0, G), (2 * G, G), (4 * G, G), (6 * G, G)]))
+    assert maps.get(a) is None and maps.too_large(a) and maps.runs == 1  # a's old map is gone
+    maps.drop(a.task_uuid)  # a's and b's exports end
+    assert maps.runs == 0 and len(maps) == 0 and not maps.too_large(a)
+    assert maps.put(c, three) and maps.get(c) is three and not maps.too_large(c)
+    assert maps.runs == 3
