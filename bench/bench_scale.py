@@ -5,8 +5,8 @@ started **paused** (an idle no-OS TCG guest burns ~1 % of a core in SeaBIOS' boo
 of them would take half of this 2-core machine from the agent; paused, QEMU still serves QMP,
 the block layer, bitmaps and NBD exports: the agent skips its own stop/cont for the cut). One
 `cbt-agent serve` process (this checkout's code; config with a token, NBD ports 13200:13399,
-`api.max_jobs_per_caller = 256`: the default 64 would refuse the 65th concurrent call of one
-token). A task per VM (CreateCbtTask), then, all VMs at once, each call as ZStack makes it:
+`api.max_jobs_per_caller` left at its default, 512: ZStack calls with one token). A task per
+VM (CreateCbtTask), then, all VMs at once, each call as ZStack makes it:
 POST, HTTP 202 with a job location, the job polled every `--poll` seconds until 200:
 
 - Enable all (the first: full), the wall time until every task is Running; goal < 20 s;
@@ -440,8 +440,7 @@ async def main_async(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="cbtbs-", dir="/tmp"))  # short: unix socket paths
     hv = Hypervisor(URI)
     fleet = Fleet(hv, root, paused=not args.running)
-    # the default max_jobs_per_caller (64) would refuse the 65th concurrent call of one token
-    agent = ScaleAgent(root, TOKEN, PORT_RANGE, extra={"api": {"max_jobs_per_caller": 256}})
+    agent = ScaleAgent(root, TOKEN, PORT_RANGE)
     ok = False
     connector = aiohttp.TCPConnector(limit=0)
     session = aiohttp.ClientSession(

@@ -30,7 +30,7 @@ class ApiConfig:
     tls_key: Path | None = None  # its private key
     max_connections: int = 512  # open connections; more get a bare 503 (see api/server.py)
     keepalive_timeout: int = 15  # seconds an idle connection, or a request's headers, may take
-    max_jobs_per_caller: int = 64  # api jobs one token may have running at once
+    max_jobs_per_caller: int = 512  # api jobs one token may have running at once
 
 
 # Files QEMU's tls-creds-x509 (endpoint server) reads from [nbd] tls_cert_dir; libnbd, as the
@@ -459,7 +459,7 @@ def parse_config(
         tls_key=tls_key,
         max_connections=_int(api, "api", "max_connections", 512, 8, 100_000),
         keepalive_timeout=_int(api, "api", "keepalive_timeout", 15, 1, 3600),
-        max_jobs_per_caller=_int(api, "api", "max_jobs_per_caller", 64, 1, 100_000),
+        max_jobs_per_caller=_int(api, "api", "max_jobs_per_caller", 512, 1, 100_000),
     )
 
     state = _table(doc, "state")
