@@ -133,19 +133,24 @@ def test_trims_follow_the_copy_and_never_run_ahead_of_it(
     assert tail < STEP  # all but less than one step of what was read is trimmed
 
     # the backup holds the bytes from before any trim
-    raw = tmp_path / "backup.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(out), str(raw)], check=True
-    )
-    got = raw.read_bytes()
-    for off, n in REQUESTS:
-        assert got[off : off + n] == data[off : off + n], f"request at {off} differs"
+    assert_holds_requests(out, data, tmp_path)
     # and the export lost what was trimmed (holes read as zero), nothing else
     after = path.read_bytes()
     trimmed = [(off, n) for off, n, _c, _r in src.trims]
     for off, n in trimmed:
         assert after[off : off + n] == bytes(n), f"[{off}, {off + n}) was not trimmed"
     assert after[pos:] == _zeroed(data, [(o, n) for o, n in trimmed if o >= pos])[pos:]
+
+
+def assert_holds_requests(image: Path, data: bytes, tmp_path: Path) -> None:
+    """The qcow2 `image` reads back the export's bytes of every request."""
+    raw = tmp_path / "backup.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], check=True
+    )
+    got = raw.read_bytes()
+    for off, n in REQUESTS:
+        assert got[off : off + n] == data[off : off + n], f"request at {off} differs"
 
 
 def _zeroed(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
@@ -191,10 +196,4 @@ def test_a_refused_trim_changes_nothing_read(
         os.close(fd)
         nbdio.close(h)
     assert len(src.trim_cookies) >= 3  # the two gaps and at least one behind the copy
-    raw = tmp_path / "backup.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(out), str(raw)], check=True
-    )
-    got = raw.read_bytes()
-    for off, n in REQUESTS:
-        assert got[off : off + n] == data[off : off + n], f"request at {off} differs"
+    assert_holds_requests(out, data, tmp_path)
