@@ -62,6 +62,7 @@ from bench.peer import DEFAULT_PEERS, Peer, ensure_peer
 from bench.stats import run_guarded
 from cbt_agent.client import extents
 from cbt_agent.client.api import CbtApi, VolumeBackupInfo
+from cbt_agent.client.restore import CONVERT_FLAGS
 from cbt_agent.hypervisor.libvirt import Hypervisor
 from testbed.domain import throwaway_domain_xml
 
@@ -413,7 +414,7 @@ async def _add_async(series: Series, fn: Callable[..., Awaitable[float]], *args:
 CLIENT_IMPORTS = "import cbt_agent.cli, cbt_agent.client.backup"
 # the two halves of `cbt-agent restore`, timed apart: its convert (client/restore.py) and the
 # checksums of every file of the chain (client/target.py), one file after another
-RESTORE_CONVERT = ["qemu-img", "convert", "-m", "16", "-W", "-f", "qcow2", "-O", "qcow2"]
+RESTORE_CONVERT = ["qemu-img", "convert", *CONVERT_FLAGS]
 CHAIN_SUMS = (
     "import sys, pathlib\n"
     "from cbt_agent.client.target import sha256_file\n"
@@ -521,7 +522,6 @@ async def run(
         ver_a, ver_l, ver_warm = Series(), Series(), Series()
         top = _chain_top(dest_a)
         files = sorted(p for p in dest_a.iterdir() if p.suffix == ".qcow2")
-        chain_files = [str(p) for p in files if p.name <= top.name]  # full + 3 incrementals
         agent = [sys.executable, "-m", "cbt_agent"]
         for i in range(runs):
             out = root / f"restore-{i}"
@@ -572,7 +572,7 @@ async def run(
                     _add,
                     rest_sums,
                     run_proc,
-                    [sys.executable, "-c", CHAIN_SUMS, *chain_files],
+                    [sys.executable, "-c", CHAIN_SUMS, *map(str, files)],  # full + 3 inc
                     cold=True,
                 ),
             )

@@ -71,7 +71,7 @@ class Recording:
 
     def aio_pread(self, buf: Any, offset: int) -> int:
         cookie = int(self.h.aio_pread(buf, offset))
-        self.reads[cookie] = (offset, len(buf.to_bytearray()))
+        self.reads[cookie] = (offset, int(buf.size()))
         return cookie
 
     def aio_command_completed(self, cookie: int) -> bool:
